@@ -1,0 +1,37 @@
+# Two commands for a newcomer on a fresh Debian machine:
+#   make run    install, create ./var if needed, serve DICOM on port 11112
+#   make test   install what the tests need, run them
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+HOME_DIR ?= var
+DEBIAN_PACKAGES := dcmtk rsync
+
+.PHONY: run test bench deps venv
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages the tests drive (dcmtk's DICOM clients, rsync), installed when missing.
+deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: venv
+	@[ -f $(HOME_DIR)/appliance.yaml ] || $(VENV)/bin/appliance --home $(HOME_DIR) init
+	$(VENV)/bin/appliance --home $(HOME_DIR) serve --port 11112
+
+test: deps venv
+	$(PY) -m pytest -q
+
+bench: deps venv
+	$(PY) benchmarks/import_vs_cp.py

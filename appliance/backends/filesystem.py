@@ -1,0 +1,109 @@
+"""Filesystem backend: hot RAID, or any mounted disk used as a tier.
+
+Layout under the tier root: `ab/cd/abcd...` (two levels of 256 fan-out
+directories by the first four hex digits of the name), and `.incoming/` for
+objects being written (`<name>.<pid>.tmp`). A put writes the temp file, fsyncs
+it, renames it into place and fsyncs the directory, so an object is either
+absent or whole and durable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from appliance.errors import BlobMissing
+from appliance.fsutil import fsync_dir, raise_if_out_of_space
+
+_NAME = re.compile(r"^[0-9a-f]{8,64}$")
+_INCOMING = ".incoming"
+
+
+class FilesystemBackend:
+    def __init__(self, name: str, root: Path):
+        self.name = name
+        self.root = Path(root)
+        self._incoming = self.root / _INCOMING
+        self._incoming.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise ValueError(f"invalid object name {name!r}")
+        return self.root / name[:2] / name[2:4] / name
+
+    @contextmanager
+    def create(self, name: str) -> Iterator[BinaryIO]:
+        final = self.path(name)
+        tmp = self._incoming / f"{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as fp:
+                yield fp
+                fp.flush()
+                os.fsync(fp.fileno())
+            if not final.parent.exists():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                fsync_dir(final.parent.parent)
+                fsync_dir(self.root)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise_if_out_of_space(exc)
+            raise
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def open(self, name: str) -> BinaryIO:
+        try:
+            return open(self.path(name), "rb")
+        except FileNotFoundError:
+            raise BlobMissing(f"object {name} is missing from tier {self.name}") from None
+
+    def size(self, name: str) -> int:
+        try:
+            return self.path(name).stat().st_size
+        except FileNotFoundError:
+            raise BlobMissing(f"object {name} is missing from tier {self.name}") from None
+
+    def delete(self, name: str) -> None:
+        path = self.path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
+
+    def list(self) -> Iterator[str]:
+        for first in sorted(os.listdir(self.root)):
+            if first == _INCOMING or len(first) != 2:
+                continue
+            for second in sorted(os.listdir(self.root / first)):
+                for name in os.listdir(self.root / first / second):
+                    if _NAME.match(name):
+                        yield name
+
+    def sweep_incoming(self) -> int:
+        """Remove temp files of writers that are no longer running (killed mid-put)."""
+        removed = 0
+        for entry in os.listdir(self._incoming):
+            parts = entry.split(".")
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            if pid is not None and (pid == os.getpid() or _alive(pid)):
+                continue
+            (self._incoming / entry).unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

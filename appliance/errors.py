@@ -1,0 +1,76 @@
+"""Typed errors. Each knows the exit code the CLI returns and, where it can
+reach the wire, the DICOM status a C-STORE answers with.
+
+Messages are for a human and never carry key material or patient data.
+"""
+
+
+class ApplianceError(Exception):
+    """Base class: one clear line for a human."""
+
+    exit_code = 1
+    dicom_status = 0xC000  # "Error: cannot understand"
+
+
+class ConfigError(ApplianceError):
+    """A configuration file is missing, unparsable or invalid (names file and line)."""
+
+    exit_code = 78  # EX_CONFIG
+
+
+class KeyFileError(ApplianceError):
+    """The key-encryption key file is missing, unreadable, too open or not the one the keyring needs."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class KeyMissing(ApplianceError):
+    """A data key is gone: its study was deleted (crypto-shredded) or the keyring lost it."""
+
+    exit_code = 77
+
+
+class HomeLocked(ApplianceError):
+    """Another process holds the lock this operation needs."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class NotInitialised(ApplianceError):
+    """The home directory has no appliance.yaml."""
+
+    exit_code = 78
+
+
+class InvalidInstance(ApplianceError):
+    """Input is not a complete DICOM instance the archive can index."""
+
+    exit_code = 65  # EX_DATAERR
+    dicom_status = 0xC000
+
+
+class IntegrityError(ApplianceError):
+    """Stored bytes do not verify: tampered, truncated, extended, swapped or rotten.
+
+    The bytes are never served."""
+
+    exit_code = 90
+
+
+class BlobMissing(IntegrityError):
+    """A copy the index lists is not in its tier."""
+
+    exit_code = 91
+
+
+class OutOfSpace(ApplianceError):
+    """The data volume is full; nothing was half-written."""
+
+    exit_code = 74  # EX_IOERR
+    dicom_status = 0xA700
+
+
+class NotFound(ApplianceError):
+    """No such study, series or instance in the index."""
+
+    exit_code = 66  # EX_NOINPUT

@@ -1,0 +1,67 @@
+"""Durable file-system primitives: the only place that knows fsync ordering."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from appliance.errors import HomeLocked, OutOfSpace
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write temp, fsync, rename, fsync the directory: the file is old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise_if_out_of_space(exc)
+        raise
+    fsync_dir(path.parent)
+
+
+def raise_if_out_of_space(exc: OSError) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise OutOfSpace(f"out of space on the data volume ({exc.filename or 'write'})") from None
+
+
+class HomeLock:
+    """flock on HOME/.lock: shared for everyday writers (serve, import), exclusive for
+    maintenance that must be alone (fsck repair, rebuild, key rotation)."""
+
+    def __init__(self, home: Path, *, exclusive: bool):
+        self._path = home / ".lock"
+        self._exclusive = exclusive
+        self._fd: int | None = None
+
+    def __enter__(self) -> "HomeLock":
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if self._exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            what = "this needs the home to itself" if self._exclusive else "a maintenance command is running"
+            raise HomeLocked(f"{self._path.parent} is in use by another appliance process ({what})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,75 @@
+"""Creating an appliance home: `appliance init`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from appliance import config as cfg
+from appliance.errors import ApplianceError
+from appliance.fsutil import HomeLock, fsync_dir, write_file_atomic
+from appliance.store.archive import Archive
+
+# The repository's example tiers, copied into every new home.
+EXAMPLES = Path(__file__).resolve().parent.parent
+
+APPLIANCE_YAML = """\
+# pacs-vault appliance configuration. Paths are relative to this home unless
+# absolute. `appliance --home DIR status` shows what the appliance holds.
+
+# The key-encryption key. Keep it outside the data directories and back it up
+# apart from the data: without it nothing can be read, with it alone nothing
+# can be read either (the data stays where it is).
+key_file: kek.key
+# Wrapped data keys, one per study (LMDB).
+keyring: keyring
+# One YAML file per storage tier.
+tiers_dir: tiers
+
+index:
+  path: index
+  # The LMDB map starts at this size and doubles by itself when full.
+  initial_map_size_mb: 256
+
+store:
+  # The tier every new instance lands on (a name from tiers_dir).
+  hot_tier: hot
+  # zstd level, 0 turns compression off. Compression is skipped per instance
+  # when the pixel data is already compressed or it saves less than 5%.
+  compression_level: 3
+  # Encryption segment size: memory per stream is a few segments.
+  segment_size_kb: 1024
+  # A different object under an existing SOP Instance UID becomes the current
+  # version; keep the previous versions (true) or drop them once it is stored.
+  keep_previous_versions: true
+
+imports:
+  # Files sealed in parallel by `appliance import`.
+  workers: 2
+
+dicom:
+  ae_title: ARCHIVE
+  port: 11112
+"""
+
+
+def init(home: Path) -> cfg.Config:
+    """Create the home; appliance.yaml is written last, so a home that has one is complete."""
+    home = Path(home)
+    final = home / cfg.CONFIG_FILE
+    if final.exists():
+        raise ApplianceError(f"{home} is already an appliance home")
+    home.mkdir(parents=True, exist_ok=True)
+    with HomeLock(home, exclusive=True):
+        tiers = home / "tiers"
+        tiers.mkdir(exist_ok=True)
+        for example in sorted((EXAMPLES / "tiers").glob("*.yaml")):
+            shutil.copyfile(example, tiers / example.name)
+        draft = home / (cfg.CONFIG_FILE + ".init")
+        write_file_atomic(draft, APPLIANCE_YAML.encode())
+        config = cfg.load(home, draft)
+        config.resolve(config.hot_tier.path).mkdir(parents=True, exist_ok=True)
+        Archive(config, lock=None, create=True).close()
+        draft.rename(final)
+        fsync_dir(home)
+    return cfg.load(home)

@@ -1,0 +1,246 @@
+"""The archive facade: store, read, list and delete instances.
+
+It ties the pieces together in the order that makes a store durable before it
+is acknowledged:
+
+    inspect (hash, check framing, read attributes) -> study data key
+    -> seal into the hot tier (temp, fsync, rename, fsync dir)
+    -> index commit (synced, group commit) -> acknowledged
+
+A crash before the commit leaves at most an unreferenced sealed file (removed by
+`fsck`) or a temp file (swept when a writer opens the home); never an index
+entry without its blob.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from appliance.backends.filesystem import FilesystemBackend
+from appliance.config import Config
+from appliance.errors import ApplianceError, IntegrityError, NotFound
+from appliance.fsutil import HomeLock, raise_if_out_of_space
+from appliance.store import index as ix
+from appliance.store import p10, sealed
+from appliance.store.index import Index
+from appliance.store.keys import Keyring
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: str  # "stored", "new_version" or "duplicate"
+    info: p10.InstanceInfo
+
+
+class Archive:
+    """Open with `Archive.open(config, writer=...)`; use as a context manager."""
+
+    def __init__(self, config: Config, *, lock: HomeLock | None, create: bool = False):
+        self.config = config
+        self._lock = lock
+        settings = config.appliance
+        self.keyring = Keyring(config.keyring_path, config.key_file, create=create)
+        try:
+            self.index = Index(config.index_path, map_size=settings.index.initial_map_size_mb << 20,
+                               create=create)
+        except FileNotFoundError:
+            self.keyring.close()
+            raise NotFound(f"index {config.index_path} is missing: run `appliance fsck --rebuild-index`") from None
+        self.hot = hot_backend(config)
+        self._key_lock = threading.Lock()
+        if lock is not None:
+            self.hot.sweep_incoming()
+
+    @classmethod
+    def open(cls, config: Config, *, writer: bool = False, exclusive: bool = False) -> "Archive":
+        lock = HomeLock(config.home, exclusive=exclusive).__enter__() if writer or exclusive else None
+        try:
+            return cls(config, lock=lock)
+        except BaseException:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+            raise
+
+    def close(self) -> None:
+        self.index.close()
+        self.keyring.close()
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- storing -------------------------------------------------------------------------
+
+    def study_key(self, study_uid: str) -> bytes:
+        """The study's data key id, created (durably) on the study's first instance."""
+        with self._key_lock:
+            with self.index.read() as t:
+                key_id = t.get("study_keys", study_uid)
+            if key_id is not None:
+                return key_id
+            new_id = self.keyring.new_data_key()
+            return self.index.write(lambda t: t.get("study_keys", study_uid)
+                                    or t.put("study_keys", study_uid, new_id) or new_id)
+
+    def store_file(self, path: str | os.PathLike) -> StoreOutcome:
+        """Store one P10 file byte-exact. Returns once it is durable; raises InvalidInstance,
+        OutOfSpace or another ApplianceError and then nothing of it is stored."""
+        info = p10.inspect(path)
+        with self.index.read() as t:
+            if t.get("blobs", info.content_address) is not None:
+                return StoreOutcome("duplicate", info)
+        key_id = self.study_key(info.study_uid)
+        settings = self.config.appliance.store
+        name = os.urandom(16).hex()
+        with open(path, "rb") as src, self.hot.create(name) as dst:
+            try:
+                result = sealed.seal(src, info.length, dst, data_key=self.keyring.data_key(key_id),
+                                     key_id=key_id, content_address=info.content_address,
+                                     level=settings.compression_level, try_compression=info.compressible,
+                                     segment_size=settings.segment_size_kb << 10)
+            except OSError as exc:
+                raise_if_out_of_space(exc)
+                raise
+        blob = {"name": name, "sealed_size": result.sealed_size, "xxh3": result.sealed_xxh3,
+                "key_id": key_id, "compression": result.compression}
+        try:
+            status, superseded = self.index.write(lambda t: self._record(t, info, blob))
+        except BaseException:
+            self.hot.delete(name)
+            raise
+        if status == "duplicate":
+            self.hot.delete(name)
+        # Previous versions the config does not keep go once the new one is committed;
+        # should this fail, fsck reclaims the unreferenced files.
+        for old_name in superseded:
+            self.hot.delete(old_name)
+        return StoreOutcome(status, info)
+
+    def _record(self, t: ix.Txn, info: p10.InstanceInfo, blob: dict) -> tuple[str, list[str]]:
+        previous = t.get("instances", info.sop_uid)
+        status = ix.record_instance(t, info, blob, self.hot.name)
+        superseded = []
+        if status == "new_version" and not self.config.appliance.store.keep_previous_versions:
+            for ca in previous["versions"]:
+                copies = ix.drop_version(t, info.sop_uid, ca)
+                superseded.append(copies[self.hot.name]["name"])
+        return status, superseded
+
+    # -- reading -------------------------------------------------------------------------
+
+    def instance(self, sop_uid: str) -> dict:
+        with self.index.read() as t:
+            record = t.get("instances", sop_uid)
+        if record is None:
+            raise NotFound(f"no instance {sop_uid}")
+        return record
+
+    def open_blob(self, ca: bytes, chunk_size: int = sealed.READ_SIZE) -> Iterator[bytes]:
+        """The original bytes of a stored version, verified as they stream (see sealed.open_sealed)."""
+        with self.index.read() as t:
+            blob = t.get("blobs", ca)
+        if blob is None:
+            raise NotFound("no such stored version")
+        copy = blob["copies"].get(self.hot.name)
+        if copy is None:
+            raise NotFound("the instance has no copy on the hot tier")
+        return self._stream(copy["name"], ca, chunk_size)
+
+    def _stream(self, name: str, ca: bytes, chunk_size: int) -> Iterator[bytes]:
+        with self.hot.open(name) as fp:
+            yield from sealed.unseal(fp, key_for=self.keyring.data_key, content_address=ca,
+                                     chunk_size=chunk_size)
+
+    def open_instance(self, sop_uid: str) -> Iterator[bytes]:
+        return self.open_blob(self.instance(sop_uid)["current"])
+
+    def study(self, study_uid: str) -> dict:
+        with self.index.read() as t:
+            record = t.get("studies", study_uid)
+        if record is None:
+            raise NotFound(f"no study {study_uid}")
+        return record
+
+    def study_uids(self) -> list[str]:
+        with self.index.read() as t:
+            return [key.decode() for key, _ in t.items("studies")]
+
+    def instances_of_study(self, study_uid: str) -> list[tuple[str, dict]]:
+        with self.index.read() as t:
+            if t.get("studies", study_uid) is None:
+                raise NotFound(f"no study {study_uid}")
+            return [(sop, t.get("instances", sop))
+                    for series in t.dup_values("study_series", study_uid)
+                    for sop in t.dup_values("series_instances", series)]
+
+    def counters(self) -> dict:
+        with self.index.read() as t:
+            counters = ix._counters(t)
+            counters.update(patients=t.count("patients"), studies=t.count("studies"),
+                            series=t.count("series"))
+        return counters
+
+    def export_study(self, study_uid: str, dest: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+        """Write every current instance of a study byte-exact as DEST/<SOPInstanceUID>.dcm.
+
+        A file appears only after all of its bytes verified. Returns (written, failures)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        written, failures = [], []
+        for sop_uid, record in self.instances_of_study(study_uid):
+            target = dest / f"{sop_uid}.dcm"
+            tmp = dest / f".{sop_uid}.dcm.partial"
+            try:
+                with open(tmp, "wb") as out:
+                    for chunk in self.open_blob(record["current"]):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+                written.append(target)
+            except ApplianceError as exc:
+                tmp.unlink(missing_ok=True)
+                failures.append((sop_uid, str(exc)))
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise_if_out_of_space(exc)
+                raise
+        return written, failures
+
+    # -- deleting ------------------------------------------------------------------------
+
+    def delete_study(self, study_uid: str) -> int:
+        """Remove a study from the index, delete every copy, destroy its data keys.
+
+        The internal primitive behind expiry; callers check retention and holds.
+        Returns the number of blobs removed."""
+        removed = self.index.write(lambda t: ix.remove_study(t, study_uid))
+        if not removed["blobs"] and not removed["key_ids"]:
+            raise NotFound(f"no study {study_uid}")
+        # Shred first: from here on no copy anywhere can be read, whatever happens next.
+        self.keyring.destroy(removed["key_ids"])
+        for copies in removed["blobs"].values():
+            if self.hot.name in copies:
+                self.hot.delete(copies[self.hot.name]["name"])
+        return len(removed["blobs"])
+
+
+def hot_backend(config: Config) -> FilesystemBackend:
+    return FilesystemBackend(config.hot_tier.name, config.resolve(config.hot_tier.path))
+
+
+def verify_blob_file(backend: FilesystemBackend, name: str, blob: dict) -> None:
+    """Key-less check of one copy: size and xxh3-128 of the sealed bytes."""
+    with backend.open(name) as fp:
+        size, digest = sealed.sealed_digest(fp)
+    if size != blob["sealed_size"]:
+        raise IntegrityError(f"copy {name} on {backend.name} has {size} bytes, expected {blob['sealed_size']}")
+    if digest != blob["xxh3"]:
+        raise IntegrityError(f"copy {name} on {backend.name} does not match its sealed-bytes hash")

@@ -1,0 +1,472 @@
+"""The LMDB index: what the archive holds, where, and everything C-FIND needs.
+
+One LMDB environment (`HOME/index`), values in msgpack, keys in UTF-8 unless
+said otherwise. Every commit is synced (data then meta page) before it returns;
+writes from concurrent threads are batched into one transaction by a committer
+thread (group commit), each in a nested transaction so one failing write does
+not spoil the others. The map grows on its own when full.
+
+    db "meta"              b"schema" -> 1;  b"counters" -> {"instances", "versions",
+                           "received_bytes", "stored_bytes"} (current + previous versions)
+    db "patients"          patient key -> {PatientID, PatientName, PatientBirthDate, PatientSex,
+                           IssuerOfPatientID, "studies": n}
+                           patient key = PatientID "\\0" IssuerOfPatientID
+    db "studies"           StudyInstanceUID -> {StudyDate, StudyTime, AccessionNumber, StudyID,
+                           StudyDescription, ReferringPhysicianName, PatientAge, "patient": key,
+                           "series": n, "instances": n, "modalities": [..], "sop_classes": [..],
+                           "received_bytes", "stored_bytes", "first_stored", "last_stored"}
+    db "series"            SeriesInstanceUID -> {Modality, SeriesNumber, SeriesDescription, SeriesDate,
+                           SeriesTime, BodyPartExamined, "study": uid, "instances": n}
+    db "instances"         SOPInstanceUID -> {SOPClassUID, InstanceNumber, Rows, Columns,
+                           NumberOfFrames, ContentDate, ContentTime, "study", "series",
+                           "transfer_syntax", "charset", "current": content address,
+                           "versions": [content addresses, oldest first, current last]}
+    db "blobs"             content address (32 raw bytes) -> {"sop", "size", "sealed_size",
+                           "xxh3" (16 raw bytes), "key_id" (16 raw bytes), "compression",
+                           "stored": unix s, "copies": {tier: {"name": object name, "verified": unix s}}}
+    db "study_keys"        StudyInstanceUID -> key id (16 raw bytes) of the study's data key
+    dupsort dbs            key -> StudyInstanceUID unless said otherwise:
+      "patient_studies"    patient key
+      "study_series"       StudyInstanceUID -> SeriesInstanceUID
+      "series_instances"   SeriesInstanceUID -> SOPInstanceUID
+      "by_patient_id"      PatientID
+      "by_patient_name"    PatientName upper-cased (the standard leaves PN case-insensitive matching
+                           to the implementation; pacs-vault matches names ignoring case)
+      "by_study_date"      StudyDate (YYYYMMDD, sorts as a date)
+      "by_accession"       AccessionNumber
+      "by_modality"        Modality of every series of the study
+    The study UID itself is the primary key of "studies".
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import lmdb
+import msgpack
+
+from appliance.errors import OutOfSpace
+from appliance.store.p10 import InstanceInfo
+
+SCHEMA_VERSION = 1
+_KEY_LIMIT = 480  # LMDB keys and dupsort values stop at 511 bytes
+_PLAIN_DBS = ("meta", "patients", "studies", "series", "instances", "blobs", "study_keys")
+_DUP_DBS = ("patient_studies", "study_series", "series_instances", "by_patient_id", "by_patient_name",
+            "by_study_date", "by_accession", "by_modality")
+SECONDARY = {"PatientID": "by_patient_id", "PatientName": "by_patient_name", "StudyDate": "by_study_date",
+             "AccessionNumber": "by_accession", "Modality": "by_modality"}
+
+
+def _k(text: str) -> bytes:
+    return text.encode("utf-8")[:_KEY_LIMIT]
+
+
+def patient_key(patient: dict) -> str:
+    return f"{patient.get('PatientID', '')}\0{patient.get('IssuerOfPatientID', '')}"
+
+
+class _RWLock:
+    """Many readers or one resizer: LMDB's map may only be resized with no transaction open."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Txn:
+    """A transaction with msgpack values and named databases."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict):
+        self.raw, self._dbs = txn, dbs
+
+    def get(self, db: str, key: bytes | str) -> Any:
+        raw = self.raw.get(key if isinstance(key, bytes) else _k(key), db=self._dbs[db])
+        return None if raw is None else msgpack.unpackb(raw)
+
+    def put(self, db: str, key: bytes | str, value: Any) -> None:
+        self.raw.put(key if isinstance(key, bytes) else _k(key), msgpack.packb(value), db=self._dbs[db])
+
+    def delete(self, db: str, key: bytes | str) -> None:
+        self.raw.delete(key if isinstance(key, bytes) else _k(key), db=self._dbs[db])
+
+    def items(self, db: str) -> Iterator[tuple[bytes, Any]]:
+        for key, raw in self.raw.cursor(db=self._dbs[db]).iternext():
+            yield bytes(key), msgpack.unpackb(raw)
+
+    def count(self, db: str) -> int:
+        return self.raw.stat(self._dbs[db])["entries"]
+
+    def dup_add(self, db: str, key: str, value: str) -> None:
+        self.raw.put(_k(key), _k(value), db=self._dbs[db], dupdata=True)
+
+    def dup_remove(self, db: str, key: str, value: str) -> None:
+        self.raw.delete(_k(key), _k(value), db=self._dbs[db])
+
+    def dup_values(self, db: str, key: str) -> list[str]:
+        cursor = self.raw.cursor(db=self._dbs[db])
+        if not cursor.set_key(_k(key)):
+            return []
+        return [bytes(v).decode("utf-8") for v in cursor.iternext_dup()]
+
+    def dup_clear(self, db: str, key: str) -> None:
+        self.raw.delete(_k(key), db=self._dbs[db])
+
+    def dup_range(self, db: str, low: str, high: str | None) -> Iterator[tuple[str, str]]:
+        """(key, value) pairs with low <= key <= high (high None: to the end)."""
+        cursor = self.raw.cursor(db=self._dbs[db])
+        if not cursor.set_range(_k(low)):
+            return
+        for key, value in cursor.iternext():
+            key_text = bytes(key).decode("utf-8")
+            if high is not None and key_text > high:
+                return
+            yield key_text, bytes(value).decode("utf-8")
+
+
+class Index:
+    def __init__(self, path: Path, *, map_size: int = 256 << 20, create: bool = False):
+        path = Path(path)
+        if not create and not (path / "data.mdb").exists():
+            raise FileNotFoundError(f"index {path} is missing")
+        path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(path), map_size=map_size, max_dbs=len(_PLAIN_DBS) + len(_DUP_DBS) + 1,
+                              sync=True, metasync=True, max_readers=256)
+        self._dbs = {name: self._env.open_db(name.encode()) for name in _PLAIN_DBS}
+        self._dbs.update({name: self._env.open_db(name.encode(), dupsort=True) for name in _DUP_DBS})
+        self._rw = _RWLock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._committer = threading.Thread(target=self._commit_loop, name="index-committer", daemon=True)
+        self._committer.start()
+        if create:
+            self.write(lambda t: t.get("meta", b"schema") or t.put("meta", b"schema", SCHEMA_VERSION))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._committer.join()
+        self._env.close()
+
+    @property
+    def map_size(self) -> int:
+        return self._env.info()["map_size"]
+
+    # -- reading -------------------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[Txn]:
+        while True:
+            with self._rw.shared():
+                try:
+                    txn = self._begin(write=False)
+                except _Resized:
+                    txn = None
+                if txn is not None:
+                    try:
+                        yield Txn(txn, self._dbs)
+                    finally:
+                        txn.abort()
+                    return
+            self._grow()
+
+    def _begin(self, write: bool, parent=None) -> lmdb.Transaction:
+        try:
+            return self._env.begin(write=write, parent=parent)
+        except lmdb.MapResizedError:
+            # Another process grew the map. Adopting its size needs every transaction of this
+            # process closed, so the caller drops its shared lock and calls _grow().
+            raise _Resized() from None
+
+    # -- writing (group commit) ----------------------------------------------------------
+
+    def write(self, fn: Callable[[Txn], Any]) -> Any:
+        """Run fn in a write transaction, wait until it is durably committed, return its result."""
+        future: Future = Future()
+        self._queue.put((fn, future))
+        return future.result()
+
+    def _commit_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list) -> None:
+        while True:
+            try:
+                outcomes = self._try_batch(batch)
+            except (lmdb.MapFullError, _Resized):
+                self._grow()
+                continue
+            except lmdb.Error as exc:
+                error: Exception = exc
+                if "No space left" in str(exc) or "quota" in str(exc).lower():
+                    error = OutOfSpace("out of space on the index volume; nothing was committed")
+                for _, future in batch:
+                    future.set_exception(error)
+                return
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting writer
+                for _, future in batch:
+                    future.set_exception(exc)
+                return
+            for future, ok, value in outcomes:
+                (future.set_result if ok else future.set_exception)(value)
+            return
+
+    def _try_batch(self, batch: list) -> list:
+        outcomes = []
+        with self._rw.shared():
+            parent = self._begin(write=True)
+            try:
+                for fn, future in batch:
+                    child = self._begin(write=True, parent=parent)
+                    try:
+                        value = fn(Txn(child, self._dbs))
+                    except lmdb.MapFullError:
+                        child.abort()
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - this writer's own failure
+                        child.abort()
+                        outcomes.append((future, False, exc))
+                        continue
+                    child.commit()
+                    outcomes.append((future, True, value))
+                parent.commit()
+            except BaseException:
+                parent.abort()
+                raise
+        return outcomes
+
+    def _grow(self) -> None:
+        with self._rw.exclusive():
+            current = self._env.info()["map_size"]
+            try:
+                self._env.set_mapsize(0)  # adopt a size another process set
+            except lmdb.Error:
+                pass
+            if self._env.info()["map_size"] <= current:
+                self._env.set_mapsize(current * 2)
+
+
+class _Resized(Exception):
+    pass
+
+
+# -- mutations run inside Index.write ------------------------------------------------------
+
+def _counters(t: Txn) -> dict:
+    return t.get("meta", b"counters") or {"instances": 0, "versions": 0, "received_bytes": 0, "stored_bytes": 0}
+
+
+def _add_secondary(t: Txn, field: str, value: str, study_uid: str) -> None:
+    if value:
+        t.dup_add(SECONDARY[field], value.upper() if field == "PatientName" else value, study_uid)
+
+
+def _remove_secondary(t: Txn, field: str, value: str, study_uid: str) -> None:
+    if value:
+        t.dup_remove(SECONDARY[field], value.upper() if field == "PatientName" else value, study_uid)
+
+
+def record_instance(t: Txn, info: InstanceInfo, blob: dict, tier: str) -> str:
+    """Index one sealed instance. Returns "stored", "new_version" or "duplicate".
+
+    "duplicate": the same bytes are indexed already, the caller's blob is surplus.
+    A new version of an existing SOP Instance UID becomes current; previous
+    versions stay listed (and their blobs kept) until retention removes them.
+    """
+    ca = info.content_address
+    if t.get("blobs", ca) is not None:
+        return "duplicate"
+    now = int(time.time())
+    t.put("blobs", ca, {**blob, "sop": info.sop_uid, "size": info.length, "stored": now,
+                        "copies": {tier: {"name": blob["name"], "verified": now}}})
+    counters = _counters(t)
+    counters["versions"] += 1
+    counters["received_bytes"] += info.length
+    counters["stored_bytes"] += blob["sealed_size"]
+
+    previous = t.get("instances", info.sop_uid)
+    outcome = "stored"
+    versions = [ca]
+    if previous is not None:
+        outcome = "new_version"
+        versions = previous["versions"] + [ca]
+        if (previous["study"], previous["series"]) != (info.study_uid, info.series_uid):
+            _unlink_instance(t, info.sop_uid, previous)
+            previous = None
+    t.put("instances", info.sop_uid, {**info.instance, "study": info.study_uid, "series": info.series_uid,
+                                      "transfer_syntax": info.transfer_syntax,
+                                      "charset": info.specific_character_set, "current": ca,
+                                      "versions": versions})
+    study = t.get("studies", info.study_uid)
+    if previous is None:
+        counters["instances"] += 1
+        study = _link_instance(t, info, study)
+    study["received_bytes"] += info.length
+    study["stored_bytes"] += blob["sealed_size"]
+    study["last_stored"] = now
+    t.put("studies", info.study_uid, study)
+    t.put("meta", b"counters", counters)
+    return outcome
+
+
+def _link_instance(t: Txn, info: InstanceInfo, study: dict | None) -> dict:
+    """Hang a new instance under its series, study and patient, creating them as needed."""
+    study_uid, series_uid = info.study_uid, info.series_uid
+    if study is None:
+        pkey = patient_key(info.patient)
+        patient = t.get("patients", pkey) or {**info.patient, "studies": 0}
+        patient["studies"] += 1
+        t.put("patients", pkey, patient)
+        t.dup_add("patient_studies", pkey, study_uid)
+        study = {**info.study, "patient": pkey, "series": 0, "instances": 0, "modalities": [],
+                 "sop_classes": [], "received_bytes": 0, "stored_bytes": 0, "first_stored": int(time.time())}
+        for field in ("PatientID", "PatientName"):
+            _add_secondary(t, field, info.patient.get(field, ""), study_uid)
+        for field in ("StudyDate", "AccessionNumber"):
+            _add_secondary(t, field, info.study.get(field, ""), study_uid)
+    series = t.get("series", series_uid)
+    if series is None:
+        series = {**info.series, "study": study_uid, "instances": 0}
+        study["series"] += 1
+        t.dup_add("study_series", study_uid, series_uid)
+        modality = info.series.get("Modality", "")
+        if modality and modality not in study["modalities"]:
+            study["modalities"].append(modality)
+            _add_secondary(t, "Modality", modality, study_uid)
+    series["instances"] += 1
+    t.put("series", series_uid, series)
+    t.dup_add("series_instances", series_uid, info.sop_uid)
+    study["instances"] += 1
+    sop_class = info.instance.get("SOPClassUID", "")
+    if sop_class and sop_class not in study["sop_classes"]:
+        study["sop_classes"].append(sop_class)
+    return study
+
+
+def _unlink_instance(t: Txn, sop_uid: str, record: dict) -> None:
+    """Take an instance out of its series (a new version moved it elsewhere)."""
+    t.dup_remove("series_instances", record["series"], sop_uid)
+    series = t.get("series", record["series"])
+    series["instances"] -= 1
+    t.put("series", record["series"], series)
+    study = t.get("studies", record["study"])
+    study["instances"] -= 1
+    t.put("studies", record["study"], study)
+    counters = _counters(t)
+    counters["instances"] -= 1
+    t.put("meta", b"counters", counters)
+
+
+def drop_version(t: Txn, sop_uid: str, ca: bytes) -> dict:
+    """Forget a previous (not current) version of an instance; return its copies."""
+    blob = t.get("blobs", ca)
+    instance = t.get("instances", sop_uid)
+    if instance["current"] == ca:
+        raise ValueError("the current version cannot be dropped")
+    instance["versions"].remove(ca)
+    t.put("instances", sop_uid, instance)
+    t.delete("blobs", ca)
+    counters = _counters(t)
+    counters["versions"] -= 1
+    counters["received_bytes"] -= blob["size"]
+    counters["stored_bytes"] -= blob["sealed_size"]
+    t.put("meta", b"counters", counters)
+    return blob["copies"]
+
+
+def remove_study(t: Txn, study_uid: str) -> dict:
+    """Drop a study and everything under it from the index.
+
+    Returns {"blobs": {content address: copies}, "key_ids": [...]} so the caller
+    can delete every copy and destroy the keys. Versions of the study's
+    instances that were stored under other studies go with it."""
+    study = t.get("studies", study_uid)
+    if study is None:
+        return {"blobs": {}, "key_ids": []}
+    blobs: dict[bytes, dict] = {}
+    key_ids = set()
+    counters = _counters(t)
+    for series_uid in t.dup_values("study_series", study_uid):
+        series = t.get("series", series_uid)
+        for sop_uid in t.dup_values("series_instances", series_uid):
+            instance = t.get("instances", sop_uid)
+            for ca in instance["versions"]:
+                blob = t.get("blobs", ca)
+                if blob is None:
+                    continue
+                blobs[ca] = blob["copies"]
+                key_ids.add(blob["key_id"])
+                counters["versions"] -= 1
+                counters["received_bytes"] -= blob["size"]
+                counters["stored_bytes"] -= blob["sealed_size"]
+                t.delete("blobs", ca)
+            t.delete("instances", sop_uid)
+            counters["instances"] -= 1
+        t.dup_clear("series_instances", series_uid)
+        t.delete("series", series_uid)
+        _remove_secondary(t, "Modality", series.get("Modality", ""), study_uid)
+    t.dup_clear("study_series", study_uid)
+    pkey = study["patient"]
+    patient = t.get("patients", pkey)
+    if patient is not None:
+        _remove_secondary(t, "PatientID", patient.get("PatientID", ""), study_uid)
+        _remove_secondary(t, "PatientName", patient.get("PatientName", ""), study_uid)
+        patient["studies"] -= 1
+        if patient["studies"] <= 0:
+            t.delete("patients", pkey)
+        else:
+            t.put("patients", pkey, patient)
+        t.dup_remove("patient_studies", pkey, study_uid)
+    for field in ("StudyDate", "AccessionNumber"):
+        _remove_secondary(t, field, study.get(field, ""), study_uid)
+    key_id = t.get("study_keys", study_uid)
+    if key_id is not None:
+        key_ids.add(key_id)
+        t.delete("study_keys", study_uid)
+    t.delete("studies", study_uid)
+    t.put("meta", b"counters", counters)
+    return {"blobs": blobs, "key_ids": sorted(key_ids)}
