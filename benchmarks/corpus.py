@@ -1,0 +1,139 @@
+"""Generated DICOM studies for tests and benchmarks (never committed: made on the fly).
+
+    ct_study(dir, n)         CT, 512x512 16-bit, a body phantom with realistic noise (~2x with zstd)
+    mr_series(dir, n)        MR, 256x256 16-bit
+    small_instances(dir, n)  ~10 KB secondary-capture instances
+    multiframe(path, mb)     one large multi-frame instance of about `mb` MB, written in chunks
+
+Every file is a valid Part 10 file with its own UIDs; `patient_name` lets a
+test plant a canary.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MULTIFRAME_SC = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC
+
+
+def _dataset(sop_class: str, study_uid: str, series_uid: str, number: int, *, patient_name: str,
+             patient_id: str, modality: str, rows: int, columns: int) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyDate = ds.SeriesDate = "20261124"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = f"ACC{abs(hash(study_uid)) % 10**8:08d}"
+    ds.StudyID = "1"
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    return ds
+
+
+def _phantom(rng: np.random.Generator, size: int, slice_no: int) -> np.ndarray:
+    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+    body = (x / 0.85) ** 2 + (y / 0.65) ** 2 < 1
+    organ = ((x - 0.2) / 0.25) ** 2 + ((y + 0.05 * np.sin(slice_no / 7)) / 0.2) ** 2 < 1
+    image = np.where(body, 1024 + 40, 24).astype(np.float64)
+    image[organ] += 60
+    image += rng.normal(0, 1, image.shape) * np.where(body, 20, 10)  # quantum and detector noise
+    return np.clip(image, 0, 4095).astype(np.uint16)
+
+
+def ct_study(directory: Path, count: int, *, patient_name: str = "DOE^JANE", patient_id: str = "PV0001",
+             seed: int = 1) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, count + 1):
+        ds = _dataset(CT_IMAGE, study_uid, series_uid, number, patient_name=patient_name,
+                      patient_id=patient_id, modality="CT", rows=512, columns=512)
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = _phantom(rng, 512, number).tobytes()
+        path = directory / f"CT{number:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def mr_series(directory: Path, count: int, *, patient_name: str = "ROE^RICHARD", patient_id: str = "PV0002",
+              seed: int = 2) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, count + 1):
+        ds = _dataset(MR_IMAGE, study_uid, series_uid, number, patient_name=patient_name,
+                      patient_id=patient_id, modality="MR", rows=256, columns=256)
+        ds.PixelData = _phantom(rng, 256, number).tobytes()
+        path = directory / f"MR{number:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def small_instances(directory: Path, count: int, *, patient_name: str = "POE^EDGAR",
+                    patient_id: str = "PV0003", seed: int = 3) -> list[Path]:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    paths = []
+    for number in range(1, count + 1):
+        ds = _dataset(SECONDARY_CAPTURE, study_uid, series_uid, number, patient_name=patient_name,
+                      patient_id=patient_id, modality="OT", rows=64, columns=72)
+        ds.PixelData = rng.integers(0, 4096, 64 * 72, dtype=np.uint16).tobytes()
+        path = directory / f"SC{number:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def multiframe(path: Path, megabytes: int, *, patient_name: str = "BIG^FRAMES", patient_id: str = "PV0004",
+               seed: int = 4) -> Path:
+    """One multi-frame instance of about `megabytes` MB, written in bounded memory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame_bytes = 512 * 512 * 2
+    frames = max(1, megabytes * 1_000_000 // frame_bytes)
+    ds = _dataset(MULTIFRAME_SC, generate_uid(), generate_uid(), 1, patient_name=patient_name,
+                  patient_id=patient_id, modality="OT", rows=512, columns=512)
+    ds.NumberOfFrames = frames
+    ds.save_as(path, enforce_file_format=True)  # header only; pixel data appended below
+    rng = np.random.default_rng(seed)
+    with open(path, "ab") as fp:
+        fp.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frames * frame_bytes))
+        # 16 distinct noisy frames in turn: more than zstd's window, so the ratio stays realistic.
+        distinct = [_phantom(rng, 512, number).tobytes() for number in range(min(frames, 16))]
+        for number in range(frames):
+            fp.write(distinct[number % len(distinct)])
+        fp.flush()
+        os.fsync(fp.fileno())
+    return path
