@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 HOME_DIR ?= var
 DEBIAN_PACKAGES := dcmtk rsync
 
-.PHONY: run test bench deps venv
+.PHONY: run test bench deps apt venv
 
 $(VENV)/.installed: pyproject.toml
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory apt APT_PACKAGES="python3-venv python3-pip"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -19,7 +20,10 @@ venv: $(VENV)/.installed
 
 # Debian packages the tests drive (dcmtk's DICOM clients, rsync), installed when missing.
 deps:
-	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(DEBIAN_PACKAGES)"
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -1,0 +1,97 @@
+"""The CLI contract, through the real command."""
+
+import json
+import os
+import stat
+
+import pydicom
+
+from conftest import run_cli
+
+
+def test_init_creates_the_documented_home(tmp_path):
+    home = tmp_path / "h"
+    result = run_cli("init", home=home)
+    assert "key file" in result.stdout
+    for name in ("appliance.yaml", "tiers/hot.yaml", "kek.key", "keyring/data.mdb", "index/data.mdb", "hot"):
+        assert (home / name).exists(), name
+    assert stat.S_IMODE((home / "kek.key").stat().st_mode) == 0o600
+    again = run_cli("init", home=home, check=False)
+    assert again.returncode != 0 and "already an appliance home" in again.stderr
+
+
+def test_import_export_status_round_trip(tmp_path, home, ct_files):
+    junk = tmp_path / "in" / "notes.txt"
+    junk.parent.mkdir()
+    junk.write_text("not an image")
+    for path in ct_files[:4]:
+        (tmp_path / "in" / path.name).write_bytes(path.read_bytes())
+    result = run_cli("import", str(tmp_path / "in"), "--json", home=home, check=False)
+    assert result.returncode == 1  # one file rejected
+    summary = json.loads(result.stdout)
+    assert summary["stored"] == 4 and summary["duplicates"] == 0
+    assert summary["rejected"] == [{"path": str(junk), "reason": "not a DICOM file"}]
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert sorted(e["event"] for e in events) == ["import.rejected"] + ["import.stored"] * 4
+
+    again = json.loads(run_cli("import", *map(str, ct_files[:4]), "--json", home=home).stdout)
+    assert again["duplicates"] == 4 and again["stored"] == 0
+
+    status = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert status["instances"] == 4 and status["studies"] == 1
+    assert status["received_bytes"] == sum(p.stat().st_size for p in ct_files[:4])
+    assert 0 < status["stored_ratio"] < 0.7
+    assert status["keys"]["data_keys"] == 1
+
+    study_uid = pydicom.dcmread(ct_files[0]).StudyInstanceUID
+    dest = tmp_path / "out"
+    run_cli("export", study_uid, str(dest), home=home)
+    for path in ct_files[:4]:
+        sop = pydicom.dcmread(path).SOPInstanceUID
+        assert (dest / f"{sop}.dcm").read_bytes() == path.read_bytes()
+    assert run_cli("fsck", home=home).returncode == 0
+
+
+def test_appliance_home_environment_variable(home):
+    result = run_cli("status", env={**os.environ, "APPLIANCE_HOME": str(home)})
+    assert "0 instances" in result.stdout
+
+
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, home):
+    for args, needle in ((["status"], "appliance init"), (["export", "1.2.3", str(tmp_path)], None)):
+        target = tmp_path / "nothing" if needle else home
+        result = run_cli(*args, home=target, check=False)
+        assert result.returncode != 0
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("appliance: ")
+        if needle:
+            assert needle in result.stderr
+    missing = run_cli("import", str(tmp_path / "absent.dcm"), home=home, check=False)
+    assert missing.returncode != 0 and "no such file" in missing.stderr
+
+
+def test_serve_says_it_is_not_built_yet(home):
+    result = run_cli("serve", home=home, check=False)
+    assert result.returncode != 0 and "DICOM front" in result.stderr
+
+
+def test_keys_rotate_then_export(tmp_path, home, ct_files):
+    run_cli("import", *map(str, ct_files[:2]), home=home)
+    before = json.loads(run_cli("keys", "status", "--json", home=home).stdout)
+    run_cli("keys", "rotate", home=home)
+    after = json.loads(run_cli("keys", "status", "--json", home=home).stdout)
+    assert after["kek_id"] != before["kek_id"] and after["data_keys"] == before["data_keys"] == 1
+    assert (home / "retired-keys" / f"kek-{before['kek_id']}.key").exists()
+    study_uid = pydicom.dcmread(ct_files[0]).StudyInstanceUID
+    run_cli("export", study_uid, str(tmp_path / "out"), home=home)
+    assert sorted(p.read_bytes() for p in (tmp_path / "out").iterdir()) == sorted(
+        p.read_bytes() for p in ct_files[:2])
+
+
+def test_fsck_rebuild_index_cli(home, ct_files):
+    run_cli("import", *map(str, ct_files[:3]), home=home)
+    before = json.loads(run_cli("status", "--json", home=home).stdout)
+    result = run_cli("fsck", "--rebuild-index", home=home)
+    assert "3 instances indexed" in result.stdout
+    after = json.loads(run_cli("status", "--json", home=home).stdout)
+    for key in ("patients", "studies", "series", "instances", "versions", "received_bytes", "stored_bytes"):
+        assert after[key] == before[key], key
