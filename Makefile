@@ -12,7 +12,6 @@ DEBIAN_PACKAGES := dcmtk rsync
 $(VENV)/.installed: pyproject.toml
 	@python3 -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory apt APT_PACKAGES="python3-venv python3-pip"
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 

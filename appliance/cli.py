@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -15,7 +16,8 @@ import warnings
 from pathlib import Path
 
 from appliance import config as cfg
-from appliance import fsck, home, importer
+from appliance import fsck, home, importer, registry
+from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
 from appliance.progress import Progress
 from appliance.store.archive import Archive
@@ -44,9 +46,38 @@ def cmd_init(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    cfg.load(_home(args))
-    raise ApplianceError("the DICOM front (C-STORE/C-FIND/C-MOVE/C-GET) is not part of this build yet; "
-                         "use `appliance import` to archive files")
+    from appliance.dicom.server import DicomServer  # pynetdicom is only needed here
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    with _open(args, writer=True) as archive:
+        DicomServer(archive, port=args.port, ae_title=args.ae_title).serve_until_signalled()
+    return 0
+
+
+def cmd_ae(args) -> int:
+    config = cfg.load(_home(args))
+    remotes = registry.load(config.remote_aes_path)
+    if args.action == "add":
+        if not args.ae_title or not args.host or not args.port:
+            raise ApplianceError("usage: appliance ae add AET HOST PORT [--roles store,query,retrieve]")
+        if not is_ae_title(args.ae_title):
+            raise ApplianceError(f"invalid AE title {args.ae_title!r}: 1 to 16 ASCII characters")
+        remotes[args.ae_title] = registry.RemoteAE(args.ae_title, args.host, args.port,
+                                                   registry.parse_roles(args.roles))
+        registry.save(config.remote_aes_path, remotes)
+        print(f"registered {args.ae_title} at {args.host}:{args.port} ({', '.join(remotes[args.ae_title].roles)})")
+    elif args.action == "remove":
+        if remotes.pop(args.ae_title or "", None) is None:
+            raise ApplianceError(f"no remote AE {args.ae_title!r}")
+        registry.save(config.remote_aes_path, remotes)
+        print(f"removed {args.ae_title}")
+    elif args.json:
+        print(json.dumps([vars(r) | {"roles": list(r.roles)} for r in remotes.values()], indent=2))
+    else:
+        for remote in remotes.values():
+            print(f"{remote.ae_title:<16} {remote.host}:{remote.port}  {', '.join(remote.roles)}")
+    return 0
 
 
 def cmd_import(args) -> int:
@@ -194,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--ae-title")
     serve.set_defaults(func=cmd_serve)
+
+    ae = sub.add_parser("ae", help="remote application entities and their roles")
+    ae.add_argument("action", choices=("add", "remove", "list"))
+    ae.add_argument("ae_title", nargs="?")
+    ae.add_argument("host", nargs="?")
+    ae.add_argument("port", nargs="?", type=int)
+    ae.add_argument("--roles", default="store,query,retrieve",
+                    help=f"comma-separated, of: {', '.join(registry.ROLES)}")
+    ae.add_argument("--json", action="store_true")
+    ae.set_defaults(func=cmd_ae)
 
     imp = sub.add_parser("import", help="store DICOM files and directories (recursive)")
     imp.add_argument("paths", nargs="+")

@@ -46,11 +46,29 @@ class ImportConfig:
     workers: int = field(default=2, metadata=_check(lambda v: 1 <= v <= 64, "must be 1 to 64"))
 
 
+def is_ae_title(value: str) -> bool:
+    return 0 < len(value.strip()) <= 16 and value.isascii() and "\\" not in value
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: str = ""  # PEM; TLS is off while empty
+    private_key: str = ""
+    ca_certificates: str = ""  # PEM bundle used to check client certificates
+    require_client_certificate: bool = False
+
+
 @dataclass(frozen=True)
 class DicomConfig:
-    ae_title: str = field(default="ARCHIVE", metadata=_check(lambda v: 0 < len(v.strip()) <= 16 and v.isascii(),
-                                                             "must be 1 to 16 ASCII characters"))
+    ae_title: str = field(default="ARCHIVE", metadata=_check(is_ae_title, "must be 1 to 16 ASCII characters"))
     port: int = field(default=11112, metadata=_check(lambda v: 1 <= v <= 65535, "must be 1 to 65535"))
+    bind_address: str = "0.0.0.0"
+    allow_unknown_callers: bool = False
+    allow_any_called_ae_title: bool = False
+    allow_unknown_sop_classes: bool = False
+    max_associations: int = field(default=16, metadata=_check(lambda v: 1 <= v <= 256, "must be 1 to 256"))
+    max_pdu_kb: int = field(default=1024, metadata=_check(lambda v: 16 <= v <= 65536, "must be 16 to 65536"))
+    tls: TlsConfig = TlsConfig()
 
 
 @dataclass(frozen=True)
@@ -92,6 +110,10 @@ class Config:
     @property
     def index_path(self) -> Path:
         return self.resolve(self.appliance.index.path)
+
+    @property
+    def remote_aes_path(self) -> Path:
+        return self.home / "remote-aes.yaml"
 
     @property
     def hot_tier(self) -> TierConfig:

@@ -159,6 +159,14 @@ class Archive:
             yield from sealed.unseal(fp, key_for=self.keyring.data_key, content_address=ca,
                                      chunk_size=chunk_size)
 
+    def verify_current_copy(self, record: dict) -> None:
+        """Key-less check of an instance's current hot copy; raises IntegrityError or NotFound."""
+        with self.index.read() as t:
+            blob = t.get("blobs", record["current"])
+        if blob is None or self.hot.name not in blob["copies"]:
+            raise NotFound("the instance has no copy on the hot tier")
+        verify_blob_file(self.hot, blob["copies"][self.hot.name]["name"], blob)
+
     def open_instance(self, sop_uid: str) -> Iterator[bytes]:
         return self.open_blob(self.instance(sop_uid)["current"])
 

@@ -1,0 +1,1 @@
+"""The DICOM front: pynetdicom server, handlers, C-FIND matching, retrieval."""

@@ -1,0 +1,155 @@
+"""Thin DICOM event handlers: each gets the archive and returns DICOM statuses.
+
+C-STORE arrives as a Part 10 file that pynetdicom wrote to the receive
+directory on the data volume (chunked receive); the archive stores it and the
+Success status goes out only once the sealed blob is durable and the index
+commit is synced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from appliance.dicom import query as q
+from appliance.errors import ApplianceError, InvalidInstance, OutOfSpace
+from appliance.store.archive import Archive
+
+LOG = logging.getLogger("appliance.dicom")
+
+STATUS_NOT_AUTHORISED = 0x0124
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+@dataclass
+class AssociationStats:
+    """Per-association summary for the log line written when it ends."""
+
+    calling_ae: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+    queries: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+def handle_echo(event) -> int:
+    return 0x0000
+
+
+def handle_store(event, archive: Archive, authorise, stats_of) -> Dataset | int:
+    stats = stats_of(event.assoc)
+    path = event.dataset_path
+    try:
+        if not authorise(event.assoc, "store"):
+            return _status(STATUS_NOT_AUTHORISED, "calling AE may not store")
+        try:
+            outcome = archive.store_file(path)
+        except InvalidInstance as exc:
+            with stats.lock:
+                stats.failed += 1
+            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
+        except OutOfSpace as exc:
+            with stats.lock:
+                stats.failed += 1
+            LOG.error("C-STORE refused: %s", exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "out of storage space")
+        except ApplianceError as exc:
+            with stats.lock:
+                stats.failed += 1
+            LOG.error("C-STORE failed: %s", exc)
+            return _status(STATUS_PROCESSING_FAILURE, str(exc))
+        with stats.lock:
+            if outcome.status == "duplicate":
+                stats.duplicates += 1
+            else:
+                stats.stored += 1
+                stats.bytes += outcome.info.length
+        return 0x0000
+    finally:
+        Path(path).unlink(missing_ok=True)  # the received file; its sealed copy is all we keep
+
+
+def handle_find(event, archive: Archive, model_of, authorise, stats_of, ae_title: str):
+    if not authorise(event.assoc, "query"):
+        yield STATUS_NOT_AUTHORISED, None
+        return
+    try:
+        query = q.parse(event.identifier, model_of(event.request.AffectedSOPClassUID))
+    except q.QueryError as exc:
+        yield _status(exc.status, str(exc)), None
+        return
+    stats = stats_of(event.assoc)
+    with stats.lock:
+        stats.queries += 1
+    with archive.index.read() as t:
+        for view in q.find(t, query):
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            yield 0xFF00, q.response(query, view, ae_title)
+
+
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known Storage Commitment SOP Instance
+_NO_SUCH_INSTANCE, _CLASS_MISMATCH = 0x0112, 0x0119
+
+
+def commitment_result(archive: Archive, request: Dataset) -> tuple[int, Dataset]:
+    """(event type, event information) for a commitment request: 1 all committed, 2 some failed.
+
+    An instance is committed only when it is indexed, of the class the requester
+    names, and its hot copy verifies against the index (size and sealed-bytes hash)."""
+    report = Dataset()
+    report.TransactionUID = request.TransactionUID
+    committed, failed = [], []
+    for item in request.get("ReferencedSOPSequence", []):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = item.get("ReferencedSOPClassUID", "")
+        ref.ReferencedSOPInstanceUID = item.get("ReferencedSOPInstanceUID", "")
+        try:
+            record = archive.instance(str(ref.ReferencedSOPInstanceUID))
+            if record["SOPClassUID"] != str(ref.ReferencedSOPClassUID):
+                ref.FailureReason = _CLASS_MISMATCH
+            else:
+                archive.verify_current_copy(record)
+        except ApplianceError as exc:
+            LOG.warning("storage commitment refused for an instance: %s", exc)
+            ref.FailureReason = _NO_SUCH_INSTANCE
+        (failed if "FailureReason" in ref else committed).append(ref)
+    if committed:
+        report.ReferencedSOPSequence = committed
+    if failed:
+        report.FailedSOPSequence = failed
+    return (2 if failed else 1), report
+
+
+def handle_commitment(event, archive: Archive, authorise, send_report):
+    """N-ACTION of Storage Commitment Push Model: accept, then report from another thread."""
+    if event.action_type != 1:
+        return 0x0123, None  # no such action
+    if not authorise(event.assoc, "store"):
+        return STATUS_NOT_AUTHORISED, None
+    request = event.action_information
+    if "TransactionUID" not in request:
+        return 0x0120, None  # missing attribute
+    threading.Thread(target=send_report, args=(event.assoc, request), name="commitment-report",
+                     daemon=True).start()
+    return 0x0000, None

@@ -1,0 +1,214 @@
+"""C-FIND against the index: which records match an identifier, and the response identifiers.
+
+Served from the LMDB index only, never from blobs. A candidate set comes from
+the most selective key the identifier offers (the UIDs of the level or above,
+then Patient ID, Accession Number, Study Date, Patient Name, Modality through
+their secondary indexes), and every candidate is then checked against all
+matching keys with the rules in matching.py. Queries below the top level may
+omit the unique keys of the levels above (relational behaviour); they are then
+answered by scanning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+from appliance.dicom import matching
+from appliance.store.index import Txn
+
+PATIENT_ROOT, STUDY_ROOT = "patient", "study"
+LEVELS = {PATIENT_ROOT: ("PATIENT", "STUDY", "SERIES", "IMAGE"), STUDY_ROOT: ("STUDY", "SERIES", "IMAGE")}
+_NOT_MATCHING = {"QueryRetrieveLevel", "SpecificCharacterSet"}
+
+
+class QueryError(Exception):
+    """The identifier cannot be answered; `status` is the C-FIND failure to send."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Query:
+    level: str
+    keys: dict[str, tuple[str, str]]  # keyword -> (VR, value) of every key with a value
+    requested: list[str]  # every keyword the identifier names, in its order
+
+
+def parse(identifier: Dataset, model: str) -> Query:
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in LEVELS[model]:
+        raise QueryError(0xA900, f"QueryRetrieveLevel '{level}' is not valid for the {model} root model")
+    keys, requested = {}, []
+    for element in identifier:
+        keyword = element.keyword
+        if not keyword or keyword in _NOT_MATCHING or element.VR == "SQ":
+            if keyword and element.VR == "SQ":
+                requested.append(keyword)
+            continue
+        requested.append(keyword)
+        value = _text(element.value)
+        if value.strip(" \x00"):
+            try:
+                matching.validate_query(element.VR, value)
+            except ValueError as exc:
+                raise QueryError(0xC000, f"{keyword}: {exc}") from None
+            keys[keyword] = (element.VR, value)
+    return Query(level, keys, requested)
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _uids(query: Query, keyword: str) -> list[str] | None:
+    vr_value = query.keys.get(keyword)
+    if vr_value is None or "*" in vr_value[1] or "?" in vr_value[1]:
+        return None
+    return [uid.strip(" \x00") for uid in vr_value[1].split("\\") if uid.strip(" \x00")]
+
+
+def _single(query: Query, keyword: str) -> str | None:
+    vr_value = query.keys.get(keyword)
+    if vr_value is None or any(c in vr_value[1] for c in "*?\\-"):
+        return None
+    return vr_value[1].strip(" \x00")
+
+
+# -- records, flattened per level with the derived attributes C-FIND asks for ----------------
+
+def _patient_view(t: Txn, key: str, patient: dict) -> dict:
+    studies = [t.get("studies", uid) for uid in t.dup_values("patient_studies", key)]
+    studies = [s for s in studies if s]
+    return {**patient, "NumberOfPatientRelatedStudies": str(len(studies)),
+            "NumberOfPatientRelatedSeries": str(sum(s["series"] for s in studies)),
+            "NumberOfPatientRelatedInstances": str(sum(s["instances"] for s in studies))}
+
+
+def _study_view(t: Txn, uid: str, study: dict) -> dict:
+    patient = t.get("patients", study["patient"]) or {}
+    return {**patient, **study, "StudyInstanceUID": uid,
+            "ModalitiesInStudy": study["modalities"], "SOPClassesInStudy": study["sop_classes"],
+            "NumberOfStudyRelatedSeries": str(study["series"]),
+            "NumberOfStudyRelatedInstances": str(study["instances"])}
+
+
+def _series_view(uid: str, series: dict, study_view: dict) -> dict:
+    return {**study_view, **series, "SeriesInstanceUID": uid,
+            "NumberOfSeriesRelatedInstances": str(series["instances"])}
+
+
+def _instance_view(uid: str, instance: dict, series_view: dict) -> dict:
+    return {**series_view, **instance, "SOPInstanceUID": uid}
+
+
+# -- candidates ------------------------------------------------------------------------------
+
+def _study_candidates(t: Txn, query: Query) -> Iterator[str]:
+    uids = _uids(query, "StudyInstanceUID")
+    if uids is not None:
+        yield from uids
+        return
+    for keyword, db in (("PatientID", "by_patient_id"), ("AccessionNumber", "by_accession"),
+                        ("PatientName", "by_patient_name"), ("ModalitiesInStudy", "by_modality")):
+        value = _single(query, keyword)
+        if value is not None:
+            yield from t.dup_values(db, value.upper() if keyword == "PatientName" else value)
+            return
+    date = query.keys.get("StudyDate")
+    if date is not None and "\\" not in date[1]:
+        low, _, high = date[1].strip().partition("-") if "-" in date[1] else (date[1].strip(), "", date[1].strip())
+        for _, uid in t.dup_range("by_study_date", low.replace(".", ""), high.replace(".", "") or None):
+            yield uid
+        return
+    for key, _ in t.items("studies"):
+        yield key.decode()
+
+
+def _studies(t: Txn, query: Query) -> Iterator[dict]:
+    seen = set()
+    for uid in _study_candidates(t, query):
+        if uid in seen:
+            continue
+        seen.add(uid)
+        study = t.get("studies", uid)
+        if study is not None:
+            yield _study_view(t, uid, study)
+
+
+def _series(t: Txn, query: Query) -> Iterator[dict]:
+    for study_view in _studies(t, query):
+        series_uids = _uids(query, "SeriesInstanceUID")
+        for uid in series_uids if series_uids is not None else t.dup_values(
+                "study_series", study_view["StudyInstanceUID"]):
+            series = t.get("series", uid)
+            if series is not None and series["study"] == study_view["StudyInstanceUID"]:
+                yield _series_view(uid, series, study_view)
+
+
+def _instances(t: Txn, query: Query) -> Iterator[dict]:
+    for series_view in _series(t, query):
+        sop_uids = _uids(query, "SOPInstanceUID")
+        for uid in sop_uids if sop_uids is not None else t.dup_values(
+                "series_instances", series_view["SeriesInstanceUID"]):
+            instance = t.get("instances", uid)
+            if instance is not None and instance["series"] == series_view["SeriesInstanceUID"]:
+                yield _instance_view(uid, instance, series_view)
+
+
+def _patients(t: Txn, query: Query) -> Iterator[dict]:
+    patient_id = _single(query, "PatientID")
+    for key, patient in t.items("patients"):
+        if patient_id is None or key.decode().split("\0")[0] == patient_id:
+            yield _patient_view(t, key.decode(), patient)
+
+
+_LEVEL_SCAN = {"PATIENT": _patients, "STUDY": _studies, "SERIES": _series, "IMAGE": _instances}
+
+
+def find(t: Txn, query: Query) -> Iterator[dict]:
+    """Every record view at the query's level that matches all of its keys."""
+    for view in _LEVEL_SCAN[query.level](t, query):
+        if matching.record_matches(query.keys, view):
+            yield view
+
+
+def response(query: Query, view: dict, retrieve_ae_title: str) -> Dataset:
+    """The identifier to send back: the requested keys only, plus the character set and level."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = query.level
+    for keyword in query.requested:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            continue
+        vr = dictionary_VR(tag)
+        if vr == "SQ":
+            ds.add_new(tag, vr, [])
+            continue
+        value = view.get(keyword, "")
+        if isinstance(value, list):
+            value = "\\".join(value)
+        ds.add_new(tag, vr, _typed(vr, value))
+    if "RetrieveAETitle" not in ds:
+        ds.RetrieveAETitle = retrieve_ae_title
+    return ds
+
+
+def _typed(vr: str, value: str):
+    if value in ("", None):
+        return None
+    if vr in ("US", "SS", "UL", "SL"):
+        return int(value)
+    if vr in ("FL", "FD"):
+        return float(value)
+    return value

@@ -1,0 +1,205 @@
+"""C-GET and C-MOVE: send stored instances byte-exact, in bounded memory.
+
+pynetdicom's own retrieve service wants a pydicom Dataset per sub-operation and
+re-encodes it in memory; an archive must send the bytes it stored, and a 2 GB
+multi-frame instance must not become 2 GB of process memory. So the retrieve
+service lives here: every sub-operation decrypts and verifies the instance into
+an anonymous in-memory file (memfd: decrypted bytes never touch a persistent
+disk) and hands its path to pynetdicom's chunked C-STORE sender, which reads it
+a PDU at a time. An instance is sent in the transfer syntax it was stored in
+(no transcoding); C-MOVE proposes exactly those, C-GET needs the requestor to
+have offered them.
+
+Responses follow PS3.4 C.4.2/C.4.3: a Pending response after every
+sub-operation with the remaining/completed/failed/warning counts; the final
+response is Success, Warning (0xB000) or Failure (0xA702) with the Failed SOP
+Instance UID List; a C-CANCEL stops before the next sub-operation (0xFE00).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Callable, Iterator
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import build_context
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode, encode
+
+from appliance.dicom import query as q
+from appliance.errors import ApplianceError
+from appliance.store.archive import Archive
+
+LOG = logging.getLogger("appliance.dicom")
+_PENDING, _CANCEL, _WARNING, _SUBOP_FAILURE = 0xFF00, 0xFE00, 0xB000, 0xA702
+_MAX_CONTEXTS = 128
+
+
+@dataclass
+class SubOperations:
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    def record(self, sop_uid: str, status: int | None) -> None:
+        self.remaining -= 1
+        if status == 0x0000:
+            self.completed += 1
+        elif status is not None and (status & 0xF000) == 0xB000:
+            self.warning += 1
+        else:
+            self.failed += 1
+            self.failed_uids.append(sop_uid)
+
+    def fill(self, rsp) -> None:
+        rsp.NumberOfRemainingSuboperations = self.remaining
+        rsp.NumberOfCompletedSuboperations = self.completed
+        rsp.NumberOfFailedSuboperations = self.failed
+        rsp.NumberOfWarningSuboperations = self.warning
+
+
+def instances_for(archive: Archive, ident: q.Query) -> list[tuple[str, dict]]:
+    """Every current instance under what the identifier names, at any level."""
+    image_level = q.Query("IMAGE", ident.keys, [])
+    with archive.index.read() as t:
+        return [(view["SOPInstanceUID"], t.get("instances", view["SOPInstanceUID"]))
+                for view in q.find(t, image_level)]
+
+
+@contextmanager
+def plaintext_file(archive: Archive, record: dict, sop_uid: str) -> Iterator[str]:
+    """A path to the verified original bytes, as a Part 10 file, held in memory only."""
+    fd = os.memfd_create("pacs-vault-retrieve", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as out:
+            chunks = archive.open_blob(record["current"])
+            first = next(chunks, b"")
+            if first[128:132] != b"DICM":
+                # Stored without file meta (imported raw dataset): add one, the dataset bytes stay as stored.
+                meta = FileMetaDataset()
+                meta.MediaStorageSOPClassUID = record["SOPClassUID"]
+                meta.MediaStorageSOPInstanceUID = sop_uid
+                meta.TransferSyntaxUID = record["transfer_syntax"]
+                out.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(out, meta, enforce_standard=True)
+            out.write(first)
+            for chunk in chunks:
+                out.write(chunk)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _send_one(archive: Archive, assoc, sop_uid: str, record: dict, msg_id: int,
+              originator: tuple[str, int] | None = None) -> int | None:
+    try:
+        with plaintext_file(archive, record, sop_uid) as path:
+            kwargs = {}
+            if originator:
+                kwargs = {"originator_aet": originator[0], "originator_id": originator[1]}
+            status = assoc.send_c_store(path, msg_id=msg_id, **kwargs)
+    except (ApplianceError, ValueError, AttributeError) as exc:
+        LOG.warning("retrieve sub-operation failed: %s", exc)
+        return None
+    return getattr(status, "Status", None)
+
+
+def _identifier(req, context) -> Dataset:
+    ts = context.transfer_syntax[0]
+    return decode(req.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+
+
+def _encode(ds: Dataset, context) -> BytesIO:
+    ts = context.transfer_syntax[0]
+    return BytesIO(encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated))
+
+
+def _failed_list(subops: SubOperations, context) -> BytesIO:
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = subops.failed_uids
+    return _encode(ds, context)
+
+
+class RetrieveService:
+    """Serves C-GET and C-MOVE for one archive; called by the association for those requests."""
+
+    def __init__(self, archive: Archive, model_of: Callable[[str], str], authorise: Callable,
+                 move_destination: Callable[[str], tuple[str, int] | None], open_association: Callable):
+        self._archive = archive
+        self._model_of = model_of
+        self._authorise = authorise  # (assoc, role) -> bool
+        self._destination = move_destination  # AE title -> (host, port) or None
+        self._open_association = open_association  # (host, port, ae_title, contexts) -> Association
+
+    def serve(self, assoc, req, context) -> None:
+        rsp = C_GET() if isinstance(req, C_GET) else C_MOVE()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        cx_id = context.context_id
+
+        def finish(status: int, subops: SubOperations | None = None, comment: str = "") -> None:
+            rsp.Status = status
+            if subops is not None:
+                subops.fill(rsp)
+                if status != 0x0000:
+                    rsp.Identifier = _failed_list(subops, context)
+                if status != _CANCEL:
+                    rsp.NumberOfRemainingSuboperations = None
+            if comment:
+                rsp.ErrorComment = comment[:64]
+            assoc.dimse.send_msg(rsp, cx_id)
+
+        if not self._authorise(assoc, "retrieve"):
+            return finish(0x0124, comment="calling AE may not retrieve")
+        try:
+            ident = q.parse(_identifier(req, context), self._model_of(context.abstract_syntax))
+        except q.QueryError as exc:
+            return finish(exc.status, comment=str(exc))
+        except Exception as exc:  # noqa: BLE001 - an undecodable identifier
+            return finish(0xC000, comment=f"identifier cannot be decoded: {exc}")
+        instances = instances_for(self._archive, ident)
+        subops = SubOperations(len(instances))
+        if not instances:
+            return finish(0x0000, subops)
+        if len(instances) > 65535:
+            return finish(0xC000, comment="more than 65535 instances match")
+
+        target = assoc
+        originator = None
+        if isinstance(req, C_MOVE):
+            destination = self._destination(str(req.MoveDestination).strip())
+            if destination is None:
+                return finish(0xA801, comment="move destination unknown or not allowed")
+            pairs = sorted({(rec["SOPClassUID"], rec["transfer_syntax"]) for _, rec in instances})
+            if len(pairs) > _MAX_CONTEXTS:
+                return finish(0xA701, comment="too many SOP class / transfer syntax pairs for one association")
+            target = self._open_association(destination[0], destination[1], str(req.MoveDestination).strip(),
+                                            [build_context(sop, [ts]) for sop, ts in pairs])
+            if target is None or not target.is_established:
+                return finish(0xA801, comment="move destination refused the association")
+            originator = (assoc.requestor.ae_title, req.MessageID)
+        try:
+            for number, (sop_uid, record) in enumerate(instances):
+                if req.MessageID in assoc.dimse.cancel_req:
+                    del assoc.dimse.cancel_req[req.MessageID]
+                    subops.failed_uids.extend(uid for uid, _ in instances[number:])
+                    return finish(_CANCEL, subops)
+                msg_id = (req.MessageID + number + 1) % 65536 or 1
+                subops.record(sop_uid, _send_one(self._archive, target, sop_uid, record, msg_id, originator))
+                rsp.Status = _PENDING
+                subops.fill(rsp)
+                rsp.Identifier = None
+                assoc.dimse.send_msg(rsp, cx_id)
+        finally:
+            if target is not assoc:
+                target.release()
+        if subops.failed == len(instances):
+            return finish(_SUBOP_FAILURE, subops)
+        return finish(_WARNING if subops.failed or subops.warning else 0x0000, subops)

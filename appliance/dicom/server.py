@@ -1,0 +1,323 @@
+"""`appliance serve`: the DICOM front, wired from pynetdicom parts.
+
+- Verification; Storage for every storage SOP class pydicom knows (retired ones
+  included; any SOP class when `dicom.allow_unknown_sop_classes`), each with
+  every transfer syntax: stored as received, never transcoded.
+- Patient Root and Study Root Query/Retrieve: FIND (handlers.py, query.py),
+  GET and MOVE (retrieve.py, served by the association subclass below).
+- Calling AE titles checked against the registry (registry.py) at association
+  time, re-read when the file changes; roles checked per service.
+- Received datasets are written by pynetdicom straight to a directory on the
+  data volume (`HOME/hot/.receive-<pid>`), large PDUs, TCP_NODELAY on every
+  socket, optional TLS.
+- SIGTERM/SIGINT: stop accepting, let the associations in flight finish (every
+  C-STORE that was answered Success is durable already), then exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pydicom._uid_dict import UID_dictionary
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  PatientRootQueryRetrieveInformationModelGet,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove, StorageCommitmentPushModel,
+                                  Verification)
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from appliance import registry
+from appliance.config import Config
+from appliance.dicom import handlers
+from appliance.dicom.query import PATIENT_ROOT, STUDY_ROOT
+from appliance.dicom.retrieve import RetrieveService
+from appliance.errors import ConfigError
+from appliance.store.archive import Archive
+
+LOG = logging.getLogger("appliance.dicom")
+_NOT_DICOM_ENCODINGS = ("1.2.840.10008.1.2.6.", "1.2.840.10008.1.2.7.", "1.2.840.10008.1.20")
+FIRST_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelMove: PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: STUDY_ROOT,
+}
+# pynetdicom treats an empty list as "anyone": with nobody registered, require a title nobody can guess.
+_NOBODY = secrets.token_hex(8).upper()
+
+
+def storage_sop_classes() -> list[str]:
+    return sorted(uid for uid, entry in UID_dictionary.items()
+                  if entry[1] == "SOP Class" and "Storage" in entry[0] and "Commitment" not in entry[0])
+
+
+def transfer_syntaxes() -> list[str]:
+    """Every transfer syntax, the uncompressed ones first (the acceptor picks in this order)."""
+    others = sorted(uid for uid, entry in UID_dictionary.items()
+                    if entry[1] == "Transfer Syntax" and uid not in FIRST_TRANSFER_SYNTAXES
+                    and not uid.startswith(_NOT_DICOM_ENCODINGS))
+    return FIRST_TRANSFER_SYNTAXES + others
+
+
+class _ArchiveAssociation(Association):
+    """An acceptor association that serves C-GET and C-MOVE with the archive's retrieve service."""
+
+    retrieve_service: RetrieveService
+
+    def _serve_request(self, msg, context_id: int) -> None:
+        context = self._accepted_cx.get(context_id)
+        if not isinstance(msg, (C_GET, C_MOVE)) or context is None or self._sent_release:
+            super()._serve_request(msg, context_id)
+            return
+        # Same bookkeeping pynetdicom does around its own service classes.
+        self.dimse.cancel_req = {}
+        self._is_paused = True
+        try:
+            self.retrieve_service.serve(self, msg, context)
+        finally:
+            self._is_paused = False
+            self.dimse.cancel_req = {}
+
+
+class _RequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # pynetdicom builds the acceptor itself; only its class changes (no new state), so that
+        # C-GET/C-MOVE reach RetrieveService instead of pynetdicom's Dataset-based service.
+        assoc.__class__ = _ArchiveAssociation
+        assoc.retrieve_service = self.server.retrieve_service
+        return assoc
+
+
+def _nodelay(sock: socket.socket | None) -> None:
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.appliance.dicom.tls
+    if not tls.certificate:
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(config.resolve(tls.certificate), config.resolve(tls.private_key))
+        if tls.ca_certificates:
+            context.load_verify_locations(config.resolve(tls.ca_certificates))
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"dicom.tls: cannot load the certificate or key: {exc}") from None
+    return context
+
+
+class DicomServer:
+    def __init__(self, archive: Archive, *, port: int | None = None, ae_title: str | None = None):
+        self.archive = archive
+        self.config = archive.config
+        settings = self.config.appliance.dicom
+        self.ae_title = ae_title or settings.ae_title
+        self.port = port if port is not None else settings.port
+        self._registry_path = self.config.remote_aes_path
+        self._registry: dict[str, registry.RemoteAE] = {}
+        self._registry_mtime = None
+        self._stats: dict[int, handlers.AssociationStats] = {}
+        self._stats_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.ae = self._build_ae()
+        self._reload_registry()
+        self.server: ThreadedAssociationServer | None = None
+        self.receive_dir = self.config.resolve(self.config.hot_tier.path) / f".receive-{os.getpid()}"
+
+    # -- access control ------------------------------------------------------------------
+
+    def _reload_registry(self) -> None:
+        try:
+            mtime = self._registry_path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._registry_mtime and self._registry_mtime is not None:
+            return
+        self._registry = registry.load(self._registry_path)
+        self._registry_mtime = mtime
+        allow_unknown = self.config.appliance.dicom.allow_unknown_callers
+        self.ae.require_calling_aet = [] if allow_unknown else (sorted(self._registry) or [_NOBODY])
+
+    def authorise(self, assoc, role: str) -> bool:
+        remote = self._registry.get(assoc.requestor.ae_title.strip())
+        if remote is None:
+            return self.config.appliance.dicom.allow_unknown_callers and role != "move-destination"
+        return remote.can(role)
+
+    def move_destination(self, ae_title: str) -> tuple[str, int] | None:
+        remote = self._registry.get(ae_title)
+        if remote is None or not remote.can("move-destination"):
+            return None
+        return remote.host, remote.port
+
+    def open_association(self, host: str, port: int, ae_title: str, contexts) -> Association | None:
+        assoc = self.ae.associate(host, port, contexts=contexts, ae_title=ae_title,
+                                  max_pdu=self.config.appliance.dicom.max_pdu_kb << 10)
+        if assoc.is_established:
+            _nodelay(assoc.dul.socket.socket if assoc.dul.socket else None)
+        return assoc
+
+    def model_of(self, sop_class_uid: str) -> str:
+        return _MODELS[str(sop_class_uid)]
+
+    def stats_of(self, assoc) -> handlers.AssociationStats:
+        with self._stats_lock:
+            stats = self._stats.get(id(assoc))
+            if stats is None:
+                stats = self._stats[id(assoc)] = handlers.AssociationStats(
+                    assoc.requestor.ae_title.strip(), str(assoc.requestor.address))
+            return stats
+
+    # -- wiring --------------------------------------------------------------------------
+
+    def _build_ae(self) -> AE:
+        settings = self.config.appliance.dicom
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = settings.max_pdu_kb << 10
+        ae.maximum_associations = settings.max_associations
+        ae.require_called_aet = not settings.allow_any_called_ae_title
+        ae.network_timeout = 60
+        ae.dimse_timeout = 120
+        syntaxes = transfer_syntaxes()
+        ae.add_supported_context(Verification)
+        for sop_class in storage_sop_classes():
+            # SCU and SCP roles: SCP for C-STORE to us, SCU for C-GET sub-operations to the caller.
+            ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
+        for sop_class in _MODELS:
+            ae.add_supported_context(sop_class, FIRST_TRANSFER_SYNTAXES)
+        ae.add_supported_context(StorageCommitmentPushModel, FIRST_TRANSFER_SYNTAXES, scu_role=True,
+                                 scp_role=True)
+        ae.add_requested_context(Verification)
+        return ae
+
+    def _handlers(self) -> list:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_C_ECHO, handlers.handle_echo),
+            (evt.EVT_C_STORE, handlers.handle_store, [self.archive, self.authorise, self.stats_of]),
+            (evt.EVT_C_FIND, handlers.handle_find, [self.archive, self.model_of, self.authorise,
+                                                    self.stats_of, self.ae_title]),
+            (evt.EVT_N_ACTION, handlers.handle_commitment, [self.archive, self.authorise,
+                                                            self.send_commitment_report]),
+        ]
+
+    def send_commitment_report(self, assoc, request) -> None:
+        """Send the N-EVENT-REPORT: on the requester's association while it is open, else to its
+        registered address (a new association where we take the SCP role)."""
+        event_type, report = handlers.commitment_result(self.archive, request)
+        # Wait until pynetdicom has sent the N-ACTION response and left the service.
+        deadline = time.monotonic() + 10
+        while assoc.is_established and assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if assoc.is_established:
+            status, _ = assoc.send_n_event_report(report, event_type, StorageCommitmentPushModel,
+                                                  handlers.COMMITMENT_INSTANCE)
+            if getattr(status, "Status", None) == 0x0000:
+                return
+        remote = self._registry.get(assoc.requestor.ae_title.strip())
+        if remote is None:
+            LOG.error(json.dumps({"event": "commitment.undeliverable", "calling_ae": assoc.requestor.ae_title}))
+            return
+        role = SCP_SCU_RoleSelectionNegotiation()
+        role.sop_class_uid, role.scu_role, role.scp_role = StorageCommitmentPushModel, False, True
+        other = self.ae.associate(remote.host, remote.port, contexts=[build_context(StorageCommitmentPushModel)],
+                                  ae_title=remote.ae_title, ext_neg=[role])
+        if other.is_established:
+            other.send_n_event_report(report, event_type, StorageCommitmentPushModel, handlers.COMMITMENT_INSTANCE)
+            other.release()
+        else:
+            LOG.error(json.dumps({"event": "commitment.undeliverable", "calling_ae": remote.ae_title}))
+
+    def _on_connection(self, event) -> None:
+        _nodelay(event.assoc.dul.socket.socket)
+        self._reload_registry()
+
+    def _on_rejected(self, event) -> None:
+        LOG.warning(json.dumps({"event": "association.rejected", "calling_ae": event.assoc.requestor.ae_title,
+                                "called_ae": event.assoc.acceptor.ae_title,
+                                "address": str(event.assoc.requestor.address)}))
+
+    def _on_ended(self, event) -> None:
+        with self._stats_lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        LOG.info(json.dumps({"event": "association.ended", "calling_ae": stats.calling_ae,
+                             "address": stats.address, "stored": stats.stored, "duplicates": stats.duplicates,
+                             "failed": stats.failed, "bytes": stats.bytes, "queries": stats.queries,
+                             "seconds": round(time.monotonic() - stats.started, 3),
+                             "aborted": event.event.name == "EVT_ABORTED"}))
+
+    def start(self) -> ThreadedAssociationServer:
+        """Start serving in background threads; returns the server."""
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = self.config.appliance.dicom.allow_unknown_sop_classes
+        self._sweep_receive_dirs()
+        self.receive_dir.mkdir(parents=True, exist_ok=True)
+        # pynetdicom writes received datasets with NamedTemporaryFile: keep them on the data volume.
+        tempfile.tempdir = str(self.receive_dir)
+        self.server = self.ae.make_server(
+            (self.config.appliance.dicom.bind_address, self.port), ae_title=self.ae_title,
+            ssl_context=_tls_context(self.config), evt_handlers=self._handlers(),
+            server_class=ThreadedAssociationServer, request_handler=_RequestHandler)
+        self.server.retrieve_service = RetrieveService(self.archive, self.model_of, self.authorise,
+                                                       self.move_destination, self.open_association)
+        self.ae._servers.append(self.server)
+        threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
+        LOG.info(json.dumps({"event": "serve.started", "ae_title": self.ae_title, "port": self.port,
+                             "tls": self.server.ssl_context is not None}))
+        return self.server
+
+    def _sweep_receive_dirs(self) -> None:
+        """Remove receive directories of server processes that are gone (killed mid-receive)."""
+        for path in self.receive_dir.parent.glob(".receive-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def serve_until_signalled(self, drain_seconds: float = 60.0) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self._stopping.set())
+        self.start()
+        self._stopping.wait()
+        self.stop(drain_seconds)
+
+    def stop(self, drain_seconds: float = 60.0) -> None:
+        """Stop accepting; wait for associations in flight, abort what is left after the drain time."""
+        LOG.info(json.dumps({"event": "serve.stopping"}))
+        if self.server is not None:
+            self.server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+        shutil.rmtree(self.receive_dir, ignore_errors=True)
+        LOG.info(json.dumps({"event": "serve.stopped"}))

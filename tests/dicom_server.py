@@ -1,0 +1,90 @@
+"""Running `appliance serve` as a real process for the DICOM tests, and dcmtk beside it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pynetdicom.dsutils import split_dataset
+
+from conftest import REPO, run_cli
+
+DCMTK = Path("/usr/bin")  # dcmtk's tools: the venv's pynetdicom apps use the same names
+CLIENT_AE = "TESTSCU"
+DEST_AE = "TESTDEST"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"server did not listen on {port}")
+
+
+class Server:
+    """`appliance serve` in a subprocess; stderr goes to a log file the test can read."""
+
+    def __init__(self, home: Path, port: int | None = None):
+        self.home = home
+        self.port = port or free_port()
+        self.log = home / f"serve-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "--home", str(self.home), "serve", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), cwd=REPO)
+        self.process.stderr = open(self.log)  # for wait_for_port's message
+        wait_for_port(self.port, self.process)
+        return self
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def kill9(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def peak_rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+
+def dcmtk(tool: str, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    result = subprocess.run([str(DCMTK / tool), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def register(home: Path, ae_title: str, port: int, roles: str) -> None:
+    run_cli("ae", "add", ae_title, "127.0.0.1", str(port), "--roles", roles, home=home)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The data set of a Part 10 file without its file meta: what travels in a C-STORE."""
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
