@@ -69,9 +69,18 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, home):
     assert missing.returncode != 0 and "no such file" in missing.stderr
 
 
-def test_serve_says_it_is_not_built_yet(home):
-    result = run_cli("serve", home=home, check=False)
-    assert result.returncode != 0 and "DICOM front" in result.stderr
+def test_ae_registry_commands(home):
+    run_cli("ae", "add", "PACS1", "127.0.0.1", "104", "--roles", "store,query", home=home)
+    run_cli("ae", "add", "VIEWER", "127.0.0.1", "11113", "--roles", "move-destination", home=home)
+    listed = json.loads(run_cli("ae", "list", "--json", home=home).stdout)
+    assert {(r["ae_title"], r["port"], tuple(r["roles"])) for r in listed} == {
+        ("PACS1", 104, ("store", "query")), ("VIEWER", 11113, ("move-destination",))}
+    bad = run_cli("ae", "add", "X", "127.0.0.1", "1", "--roles", "admin", home=home, check=False)
+    assert bad.returncode != 0 and "unknown role admin" in bad.stderr
+    run_cli("ae", "remove", "PACS1", home=home)
+    assert [r["ae_title"] for r in json.loads(run_cli("ae", "list", "--json", home=home).stdout)] == ["VIEWER"]
+    missing = run_cli("ae", "remove", "PACS1", home=home, check=False)
+    assert missing.returncode != 0
 
 
 def test_keys_rotate_then_export(tmp_path, home, ct_files):

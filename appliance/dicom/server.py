@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 from pydicom._uid_dict import UID_dictionary
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import AE, _config, build_context, evt, register_uid
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
@@ -67,8 +69,14 @@ _NOBODY = secrets.token_hex(8).upper()
 
 
 def storage_sop_classes() -> list[str]:
-    return sorted(uid for uid, entry in UID_dictionary.items()
+    """Every storage SOP class pydicom knows, retired ones included; pynetdicom is told about
+    those it does not know itself (real archives hold retired classes such as old ultrasound)."""
+    uids = sorted(uid for uid, entry in UID_dictionary.items()
                   if entry[1] == "SOP Class" and "Storage" in entry[0] and "Commitment" not in entry[0])
+    for uid in uids:
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, UID_dictionary[uid][4] or f"Storage{uid.replace('.', '_')}", StorageServiceClass)
+    return uids
 
 
 def transfer_syntaxes() -> list[str]:
@@ -315,7 +323,8 @@ class DicomServer:
         if self.server is not None:
             self.server.shutdown()
         deadline = time.monotonic() + drain_seconds
-        while self.ae.active_associations and time.monotonic() < deadline:
+        # Associations still negotiating (or half-open peers) hold no work worth waiting for.
+        while any(a.is_established for a in self.ae.active_associations) and time.monotonic() < deadline:
             time.sleep(0.05)
         for assoc in self.ae.active_associations:
             assoc.abort()
