@@ -297,7 +297,7 @@ def _find(srv, *keys, root="-S") -> list[dict]:
             responses.append(current)
         match = re.match(r"I: \(([0-9a-f]{4}),([0-9a-f]{4})\) \w\w (?:\[(.*)\]|\(no value available\))", line)
         if current is not None and match:
-            current[f"{match.group(1)},{match.group(2)}"] = (match.group(3) or "").strip()
+            current[f"{match.group(1)},{match.group(2)}"] = (match.group(3) or "").strip(" \x00")
     return responses
 
 
@@ -487,20 +487,23 @@ def test_server_stopped_mid_store_keeps_every_acknowledged_instance(home, tmp_pa
     register(home, CLIENT_AE, free_port(), "store,query,retrieve")
     files = corpus.ct_study(tmp_path / "ct", 120, seed=7)
     srv = Server(home).start()
-    client = subprocess.Popen(["/usr/bin/storescu", "-v", "-nh", *_addr(srv), *map(str, files)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
-    output = []
-    for line in client.stdout:
-        output.append(line)
-        if sum("Received Store Response (Success)" in x for x in output) >= 30:
-            break
-    if signum == signal.SIGKILL:
-        srv.kill9()
-    else:
-        assert srv.stop(signum) == 0
-    output.extend(client.stdout.readlines())
-    client.wait()
+    try:
+        client = subprocess.Popen(["/usr/bin/storescu", "-v", "-nh", *_addr(srv), *map(str, files)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+        output = []
+        for line in client.stdout:
+            output.append(line)
+            if sum("Received Store Response (Success)" in x for x in output) >= 30:
+                break
+        if signum == signal.SIGKILL:
+            srv.kill9()
+        else:
+            assert srv.stop(signum) == 0
+        output.extend(client.stdout.readlines())
+        client.wait()
+    finally:
+        srv.stop()
     acknowledged = _successes("".join(output), files)
     assert len(acknowledged) >= 30
     assert run_cli("fsck", home=home).returncode == 0
@@ -511,8 +514,10 @@ def test_server_stopped_mid_store_keeps_every_acknowledged_instance(home, tmp_pa
         assert data == originals[sop_uid]
     # and it goes on serving
     srv = Server(home, srv.port).start()
-    dcmtk("echoscu", *_addr(srv))
-    srv.stop()
+    try:
+        dcmtk("echoscu", *_addr(srv))
+    finally:
+        srv.stop()
 
 
 def test_full_disk_answers_a700_and_stores_again_when_space_returns(tmp_path, ct_files):
@@ -520,6 +525,7 @@ def test_full_disk_answers_a700_and_stores_again_when_space_returns(tmp_path, ct
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
+    srv = None
     try:
         home = mount / "home"
         run_cli("init", home=home)
@@ -529,11 +535,13 @@ def test_full_disk_answers_a700_and_stores_again_when_space_returns(tmp_path, ct
         assert "Received Store Response (Refused: OutOfResources)" in result.stderr  # 0xA700
         dcmtk("echoscu", *_addr(srv))  # still serving
         subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
-        result = dcmtk("storescu", "-nh", *_addr(srv), *map(str, ct_files))
+        dcmtk("storescu", "-nh", *_addr(srv), *map(str, ct_files))
         srv.stop()
         assert json.loads(run_cli("status", "--json", home=home).stdout)["instances"] == len(ct_files)
         assert run_cli("fsck", home=home).returncode == 0
     finally:
+        if srv is not None:
+            srv.stop()
         subprocess.run(["umount", "-l", str(mount)])
 
 
@@ -550,4 +558,5 @@ def test_large_multiframe_stored_and_retrieved_in_bounded_memory(home, server, t
     [got] = list(out.iterdir())
     assert dataset_bytes(got) == dataset_bytes(big)
     peak = server.peak_rss_kb()
+    print(f"server peak RSS {peak / 1024:.0f} MB")
     assert peak < 300 * 1024, f"server peak RSS {peak / 1024:.0f} MB (before: {before / 1024:.0f} MB)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -87,6 +88,34 @@ def transfer_syntaxes() -> list[str]:
     return FIRST_TRANSFER_SYNTAXES + others
 
 
+class _SendWindow(queue.Queue):
+    """The DUL's outgoing PDU queue, bounded: pynetdicom queues every PDU of a message at once,
+    so sending a 2 GB instance to a slow peer would hold it all in memory. With a window the
+    sender waits for the wire instead. Should the DUL die, it stops waiting."""
+
+    def __init__(self, dul, pdus: int = 32):
+        super().__init__(maxsize=pdus)
+        self._dul = dul
+
+    def put(self, item, block=True, timeout=None) -> None:
+        while True:
+            try:
+                return super().put(item, timeout=0.5)
+            except queue.Full:
+                if not self._dul.is_alive() or self._dul._kill_thread:
+                    with self.mutex:  # nobody drains it any more: do not block forever
+                        self._put(item)
+                        self.unfinished_tasks += 1
+                        self.not_empty.notify()
+                    return
+
+
+def bound_send_queue(assoc: Association) -> None:
+    """Install the send window; only while nothing is queued (before start, or between messages)."""
+    if assoc.dul.to_provider_queue.empty():
+        assoc.dul.to_provider_queue = _SendWindow(assoc.dul)
+
+
 class _ArchiveAssociation(Association):
     """An acceptor association that serves C-GET and C-MOVE with the archive's retrieve service."""
 
@@ -114,6 +143,7 @@ class _RequestHandler(RequestHandler):
         # C-GET/C-MOVE reach RetrieveService instead of pynetdicom's Dataset-based service.
         assoc.__class__ = _ArchiveAssociation
         assoc.retrieve_service = self.server.retrieve_service
+        bound_send_queue(assoc)
         return assoc
 
 
@@ -186,6 +216,7 @@ class DicomServer:
                                   max_pdu=self.config.appliance.dicom.max_pdu_kb << 10)
         if assoc.is_established:
             _nodelay(assoc.dul.socket.socket if assoc.dul.socket else None)
+            bound_send_queue(assoc)
         return assoc
 
     def model_of(self, sop_class_uid: str) -> str:
