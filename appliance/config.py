@@ -187,7 +187,7 @@ def _build(cls, data: Any, source: _Source, keypath: tuple = ()):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise source.error(here, "must be a whole number")
         elif kind is str:
-            if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+            if not isinstance(value, (str, int)) or isinstance(value, bool) or (value == "" and f.default != ""):
                 raise source.error(here, "must be a non-empty text")
             value = str(value)
         check = f.metadata.get("check")

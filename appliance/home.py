@@ -48,8 +48,26 @@ imports:
   workers: 2
 
 dicom:
+  # The archive's own AE title; callers must use it as the called AE title
+  # unless allow_any_called_ae_title is true.
   ae_title: ARCHIVE
   port: 11112
+  bind_address: 0.0.0.0
+  # Callers must be registered (`appliance ae add`) unless this is true; even
+  # then, C-MOVE destinations must be registered.
+  allow_unknown_callers: false
+  allow_any_called_ae_title: false
+  # Accept SOP classes pydicom does not know (private ones), stored as received.
+  allow_unknown_sop_classes: false
+  max_associations: 16
+  # Largest PDU we accept; a large one means fewer round trips.
+  max_pdu_kb: 1024
+  # TLS: set certificate and private_key (PEM) to turn it on.
+  tls:
+    certificate: ""
+    private_key: ""
+    ca_certificates: ""
+    require_client_certificate: false
 """
 
 
