@@ -5,7 +5,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 HOME_DIR ?= var
-DEBIAN_PACKAGES := dcmtk rsync
+# dcmtk: the DICOM clients the tests drive; orthanc: the interop peer and benchmark baseline.
+DEBIAN_PACKAGES := dcmtk rsync orthanc
 
 .PHONY: run test bench deps apt venv
 
@@ -17,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Debian packages the tests drive (dcmtk's DICOM clients, rsync), installed when missing.
+# Debian packages the tests need, installed when missing.
 deps:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(DEBIAN_PACKAGES)"
 
@@ -37,4 +38,4 @@ test: deps venv
 	$(PY) -m pytest -q
 
 bench: deps venv
-	$(PY) benchmarks/import_vs_cp.py
+	$(PY) benchmarks/dicom_bench.py

@@ -74,3 +74,10 @@ class NotFound(ApplianceError):
     """No such study, series or instance in the index."""
 
     exit_code = 66  # EX_NOINPUT
+
+
+class RecallUnavailable(ApplianceError):
+    """The instance has no hot copy and cannot be recalled from a cold tier."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+    dicom_status = 0xA702

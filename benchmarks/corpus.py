@@ -64,56 +64,46 @@ def _phantom(rng: np.random.Generator, size: int, slice_no: int) -> np.ndarray:
     return np.clip(image, 0, 4095).astype(np.uint16)
 
 
-def ct_study(directory: Path, count: int, *, patient_name: str = "DOE^JANE", patient_id: str = "PV0001",
-             seed: int = 1) -> list[Path]:
+def _series(directory: Path, count: int, *, sop_class: str, modality: str, size: tuple[int, int],
+            pixels, patient_name: str, patient_id: str, seed: int) -> list[Path]:
+    """One series of `count` single-frame instances; pixels(rng, number) gives each frame."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     study_uid, series_uid = generate_uid(), generate_uid()
     paths = []
     for number in range(1, count + 1):
-        ds = _dataset(CT_IMAGE, study_uid, series_uid, number, patient_name=patient_name,
-                      patient_id=patient_id, modality="CT", rows=512, columns=512)
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = _phantom(rng, 512, number).tobytes()
-        path = directory / f"CT{number:05d}.dcm"
+        ds = _dataset(sop_class, study_uid, series_uid, number, patient_name=patient_name,
+                      patient_id=patient_id, modality=modality, rows=size[0], columns=size[1])
+        if modality == "CT":
+            ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = pixels(rng, number).tobytes()
+        path = directory / f"{modality}{number:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def ct_study(directory: Path, count: int, *, patient_name: str = "DOE^JANE", patient_id: str = "PV0001",
+             seed: int = 1) -> list[Path]:
+    return _series(directory, count, sop_class=CT_IMAGE, modality="CT", size=(512, 512),
+                   pixels=lambda rng, n: _phantom(rng, 512, n), patient_name=patient_name,
+                   patient_id=patient_id, seed=seed)
 
 
 def mr_series(directory: Path, count: int, *, patient_name: str = "ROE^RICHARD", patient_id: str = "PV0002",
               seed: int = 2) -> list[Path]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    study_uid, series_uid = generate_uid(), generate_uid()
-    paths = []
-    for number in range(1, count + 1):
-        ds = _dataset(MR_IMAGE, study_uid, series_uid, number, patient_name=patient_name,
-                      patient_id=patient_id, modality="MR", rows=256, columns=256)
-        ds.PixelData = _phantom(rng, 256, number).tobytes()
-        path = directory / f"MR{number:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return _series(directory, count, sop_class=MR_IMAGE, modality="MR", size=(256, 256),
+                   pixels=lambda rng, n: _phantom(rng, 256, n), patient_name=patient_name,
+                   patient_id=patient_id, seed=seed)
 
 
 def small_instances(directory: Path, count: int, *, patient_name: str = "POE^EDGAR",
                     patient_id: str = "PV0003", seed: int = 3) -> list[Path]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    study_uid, series_uid = generate_uid(), generate_uid()
-    paths = []
-    for number in range(1, count + 1):
-        ds = _dataset(SECONDARY_CAPTURE, study_uid, series_uid, number, patient_name=patient_name,
-                      patient_id=patient_id, modality="OT", rows=64, columns=72)
-        ds.PixelData = rng.integers(0, 4096, 64 * 72, dtype=np.uint16).tobytes()
-        path = directory / f"SC{number:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    """~10 KB secondary-capture instances (64x72, 16-bit noise)."""
+    return _series(directory, count, sop_class=SECONDARY_CAPTURE, modality="OT", size=(64, 72),
+                   pixels=lambda rng, n: rng.integers(0, 4096, 64 * 72, dtype=np.uint16),
+                   patient_name=patient_name, patient_id=patient_id, seed=seed)
 
 
 def multiframe(path: Path, megabytes: int, *, patient_name: str = "BIG^FRAMES", patient_id: str = "PV0004",

@@ -100,12 +100,15 @@ def handle_find(event, archive: Archive, model_of, authorise, stats_of, ae_title
     stats = stats_of(event.assoc)
     with stats.lock:
         stats.queries += 1
+    # Collect first: a transaction held while a slow peer reads responses would hold up the
+    # index (a map resize waits for every reader).
     with archive.index.read() as t:
-        for view in q.find(t, query):
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield 0xFF00, q.response(query, view, ae_title)
+        views = list(q.find(t, query))
+    for view in views:
+        if event.is_cancelled:
+            yield 0xFE00, None
+            return
+        yield 0xFF00, q.response(query, view, ae_title)
 
 
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known Storage Commitment SOP Instance

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from appliance.dicom import matching
+from appliance.store import p10
 from appliance.store.index import Txn
 
 PATIENT_ROOT, STUDY_ROOT = "patient", "study"
@@ -52,7 +53,7 @@ def parse(identifier: Dataset, model: str) -> Query:
                 requested.append(keyword)
             continue
         requested.append(keyword)
-        value = _text(element.value)
+        value = p10.text_value(element.value)
         if value.strip(" \x00"):
             try:
                 matching.validate_query(element.VR, value)
@@ -60,14 +61,6 @@ def parse(identifier: Dataset, model: str) -> Query:
                 raise QueryError(0xC000, f"{keyword}: {exc}") from None
             keys[keyword] = (element.VR, value)
     return Query(level, keys, requested)
-
-
-def _text(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def _uids(query: Query, keyword: str) -> list[str] | None:

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
-from appliance.errors import ApplianceError, IntegrityError, NotFound
+from appliance.errors import ApplianceError, IntegrityError, NotFound, RecallUnavailable
 from appliance.fsutil import HomeLock, raise_if_out_of_space
 from appliance.store import index as ix
 from appliance.store import p10, sealed
@@ -151,8 +151,13 @@ class Archive:
             raise NotFound("no such stored version")
         copy = blob["copies"].get(self.hot.name)
         if copy is None:
-            raise NotFound("the instance has no copy on the hot tier")
+            return self.recall(ca, blob, chunk_size)
         return self._stream(copy["name"], ca, chunk_size)
+
+    def recall(self, ca: bytes, blob: dict, chunk_size: int) -> Iterator[bytes]:
+        """Bring back a version that has no hot copy. The one place cold tiers will plug in."""
+        tiers = ", ".join(sorted(blob["copies"])) or "no tier"
+        raise RecallUnavailable(f"the instance is only on {tiers}; recall from cold tiers is not available")
 
     def _stream(self, name: str, ca: bytes, chunk_size: int) -> Iterator[bytes]:
         with self.hot.open(name) as fp:

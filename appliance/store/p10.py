@@ -240,18 +240,19 @@ def _content_address(fp: BinaryIO) -> tuple[bytes, int]:
     return sha.digest(), size
 
 
-def _text(value) -> str:
+def text_value(value) -> str:
+    """A pydicom element value as the DICOM string form (multiple values joined by a backslash)."""
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(_text(v) for v in value)
+        return "\\".join(text_value(v) for v in value)
     return str(value)
 
 
 def _required_uid(ds, meta, keyword: str, meta_keyword: str | None = None) -> str:
-    value = _text(ds.get(keyword))
+    value = text_value(ds.get(keyword))
     if not value and meta is not None and meta_keyword:
-        value = _text(meta.get(meta_keyword))
+        value = text_value(meta.get(meta_keyword))
     value = value.strip("\x00 ")
     if not value:
         raise InvalidInstance(f"missing {keyword}")
@@ -287,11 +288,11 @@ def inspect(path: str | os.PathLike) -> InstanceInfo:
             meta = getattr(ds, "file_meta", None)
             info = InstanceInfo(content_address, size, transfer_syntax, has_meta)
             try:
-                info.specific_character_set = _text(ds.get("SpecificCharacterSet"))
+                info.specific_character_set = text_value(ds.get("SpecificCharacterSet"))
                 for keys, target in ((PATIENT_KEYS, info.patient), (STUDY_KEYS, info.study),
                                      (SERIES_KEYS, info.series), (INSTANCE_KEYS, info.instance)):
                     for keyword in keys:
-                        target[keyword] = _text(ds.get(keyword)).strip("\x00 ")
+                        target[keyword] = text_value(ds.get(keyword)).strip("\x00 ")
             except Exception as exc:  # pydicom raises many types for a bad value  # noqa: BLE001
                 raise InvalidInstance(f"unreadable attribute: {exc}") from None
             info.study["StudyInstanceUID"] = _required_uid(ds, meta, "StudyInstanceUID")

@@ -1,0 +1,260 @@
+"""DICOM ingest and retrieval, side by side: pacs-vault against dcmtk's storescp and Orthanc.
+
+Every peer runs as a plain process on a free loopback port with its data under
+the same work directory (same file system), and every peer is driven by the same
+client: dcmtk's storescu / getscu with TCP_NODELAY=1. Figures are reported as
+ratios against the peers measured in the same run.
+
+    python benchmarks/dicom_bench.py [--quick] [--ct N] [--small N] [--workdir DIR]
+
+pacs-vault runs with its defaults: zstd, AES-256-GCM and durable acknowledgement
+(fsync of the blob and a synced index commit before Success). storescp writes
+files without fsync; Orthanc is run with storage compression off and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import corpus  # noqa: E402
+
+CLIENT_AE = "BENCH"
+# dcmtk (storescp, the clients, and Orthanc, which is built on it) sets TCP_NODELAY only when
+# told to; without it every DIMSE exchange waits ~40 ms for a delayed ACK.
+NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def dcmtk(tool: str, *args: str) -> float:
+    """Run a dcmtk client; return its wall-clock seconds."""
+    start = time.perf_counter()
+    result = subprocess.run([f"/usr/bin/{tool}", *args], capture_output=True, text=True, env=NODELAY_ENV)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{tool} failed: {result.stderr[-2000:]}")
+    return elapsed
+
+
+class Peer:
+    name: str
+    ae_title: str
+    port: int
+    process: subprocess.Popen
+    supports_get = True
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+    @property
+    def rss_mb(self) -> float:
+        return peak_rss_mb(self.process.pid)
+
+
+class Vault(Peer):
+    name, ae_title = "pacs-vault", "ARCHIVE"
+
+    def __init__(self, work: Path):
+        self.home = work / "vault"
+        appliance = [sys.executable, "-m", "appliance", "--home", str(self.home)]
+        subprocess.run(appliance + ["init"], check=True, capture_output=True, cwd=REPO)
+        subprocess.run(appliance + ["ae", "add", CLIENT_AE, "127.0.0.1", str(free_port()), "--roles",
+                                    "store,query,retrieve"], check=True, capture_output=True, cwd=REPO)
+        self.port = free_port()
+        self.process = subprocess.Popen(appliance + ["serve", "--port", str(self.port)], cwd=REPO,
+                                        stderr=open(work / "vault.log", "w"))
+        wait_port(self.port)
+
+    def stored_bytes(self) -> int:
+        status = subprocess.run([sys.executable, "-m", "appliance", "--home", str(self.home), "status", "--json"],
+                                check=True, capture_output=True, text=True, cwd=REPO)
+        return json.loads(status.stdout)["stored_bytes"]
+
+
+class Storescp(Peer):
+    name, ae_title, supports_get = "dcmtk storescp", "STORESCP", False
+
+    def __init__(self, work: Path):
+        self.dir = work / "storescp"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.process = subprocess.Popen(["/usr/bin/storescp", "-aet", self.ae_title, "-od", str(self.dir),
+                                         str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env=NODELAY_ENV)
+        wait_port(self.port)
+
+    def stored_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file())
+
+
+class Orthanc(Peer):
+    ae_title = "ORTHANC"
+
+    def __init__(self, work: Path, compression: bool):
+        self.name = f"Orthanc (compression {'on' if compression else 'off'})"
+        self.dir = work / f"orthanc-{'z' if compression else 'plain'}"
+        self.dir.mkdir()
+        self.port, self.http = free_port(), free_port()
+        config = {
+            "Name": "bench", "StorageDirectory": str(self.dir / "storage"), "IndexDirectory": str(self.dir / "index"),
+            "StorageCompression": compression, "HttpPort": self.http, "DicomPort": self.port,
+            "DicomAet": self.ae_title, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
+            "DicomModalities": {"bench": [CLIENT_AE, "127.0.0.1", free_port()]},
+            "Plugins": [], "HttpServerEnabled": True, "HttpDescribeErrors": False,
+        }
+        path = self.dir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.process = subprocess.Popen([ORTHANC, str(path)], stdout=subprocess.DEVNULL,
+                                        stderr=open(self.dir / "orthanc.log", "w"), env=NODELAY_ENV)
+        wait_port(self.port)
+        wait_port(self.http)
+
+    def stored_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.dir / "storage").rglob("*") if p.is_file())
+
+    def statistics(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/statistics", timeout=10) as response:
+            return json.loads(response.read())
+
+
+def storescu(peer: Peer, files: list[Path]) -> float:
+    return dcmtk("storescu", "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
+                 *map(str, files))
+
+
+def getscu(peer: Peer, study_uid: str, out: Path) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    return dcmtk("getscu", "-S", "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
+                 "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}")
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "kernel": platform.release()}
+
+
+def run(work: Path, ct_count: int, small_count: int) -> dict:
+    ct = corpus.ct_study(work / "corpus" / "ct", ct_count)
+    small = corpus.small_instances(work / "corpus" / "small", small_count)
+    ct_bytes = sum(p.stat().st_size for p in ct)
+    small_bytes = sum(p.stat().st_size for p in small)
+    import pydicom
+    study_uid = pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
+
+    peers: list[Peer] = [Vault(work), Storescp(work)]
+    if Path(ORTHANC).exists():
+        peers += [Orthanc(work, compression=False), Orthanc(work, compression=True)]
+    results = {"machine": machine(), "corpus": {"ct_instances": len(ct), "ct_bytes": ct_bytes,
+                                                "small_instances": len(small), "small_bytes": small_bytes},
+               "peers": {}}
+    try:
+        for peer in peers:
+            row = {}
+            seconds = storescu(peer, ct)
+            row["ct_ingest_mb_s"] = ct_bytes / seconds / 1e6
+            row["ct_ingest_inst_s"] = len(ct) / seconds
+            seconds = storescu(peer, small)
+            row["small_ingest_inst_s"] = len(small) / seconds
+            row["stored_over_received"] = peer.stored_bytes() / (ct_bytes + small_bytes)
+            if peer.supports_get:
+                seconds = getscu(peer, study_uid, work / "get" / peer.name.replace(" ", "_"))
+                row["ct_get_mb_s"] = ct_bytes / seconds / 1e6
+            row["peak_rss_mb"] = peer.rss_mb
+            results["peers"][peer.name] = row
+    finally:
+        for peer in peers:
+            peer.stop()
+    vault = results["peers"]["pacs-vault"]
+    ratios = {}
+    for name, row in results["peers"].items():
+        if name == "pacs-vault":
+            continue
+        for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "small_ingest_inst_s", "ct_get_mb_s"):
+            if key in row and key in vault:
+                ratios[f"{key} vs {name}"] = vault[key] / row[key]
+    results["ratios"] = ratios
+    return results
+
+
+def markdown(results: dict) -> str:
+    keys = ("ct_ingest_mb_s", "ct_ingest_inst_s", "small_ingest_inst_s", "ct_get_mb_s", "stored_over_received",
+            "peak_rss_mb")
+    lines = ["| peer | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in results["peers"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" if k in row else "-" for k in keys) + " |")
+    lines += ["", "| pacs-vault ratio | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.2f} |" for key, value in results["ratios"].items()]
+    corpus_info = results["corpus"]
+    lines += ["", f"CT: {corpus_info['ct_instances']} instances, {corpus_info['ct_bytes'] / 1e6:.1f} MB; "
+                  f"small: {corpus_info['small_instances']} instances of ~10 KB. Machine: {results['machine']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny corpus: every path, no meaningful numbers")
+    parser.add_argument("--ct", type=int, default=200)
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    ct_count, small_count = (10, 20) if args.quick else (args.ct, args.small)
+    work = Path(tempfile.mkdtemp(prefix="pv-bench-", dir=args.workdir or "/var/tmp"))
+    try:
+        results = run(work, ct_count, small_count)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    table = markdown(results)
+    (out_dir / f"dicom-{stamp}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"dicom-{stamp}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
