@@ -1,0 +1,174 @@
+"""`appliance import` against `cp -r` + `sync` of the same files, in one run on one file system.
+
+    python benchmarks/import_bench.py [--quick] [--ct N] [--big-mb M] [--workdir DIR]
+
+Measures, each import into a fresh home, alternating with the baseline (cp, import,
+cp, import) because these machines are noisy:
+- CT study (512x512, 16-bit): MB/s and instances/s of both, and their ratio;
+- stored / received bytes on CT;
+- peak RSS of `import` and `export` of one large multi-frame instance (and that the
+  export is byte-identical);
+- the physical limits beside them: one-core zstd-3, AES-256-GCM, SHA-256 over the CT
+  bytes, and a sequential dd write with fdatasync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import corpus  # noqa: E402
+from dicom_bench import machine  # noqa: E402
+
+APPLIANCE = [sys.executable, "-m", "appliance"]
+
+
+def timed(command: list[str], **kwargs) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO, **kwargs)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(command: list[str]) -> float:
+    """Run a command; the peak RSS of that one child, from wait4."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed")
+    return usage.ru_maxrss / 1024
+
+
+def cp_sync(src: Path, dst: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - start
+
+
+def appliance_import(home: Path, src: Path) -> tuple[float, dict]:
+    subprocess.run(APPLIANCE + ["--home", str(home), "init"], check=True, capture_output=True, cwd=REPO)
+    seconds = timed(APPLIANCE + ["--home", str(home), "import", str(src)])
+    status = subprocess.run(APPLIANCE + ["--home", str(home), "status", "--json"], check=True,
+                            capture_output=True, text=True, cwd=REPO)
+    return seconds, json.loads(status.stdout)
+
+
+def one_core_limits(data: bytes) -> dict:
+    import zstandard
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    def rate(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return len(data) / (time.perf_counter() - start) / 1e6
+
+    aead, nonce = AESGCM(os.urandom(32)), os.urandom(12)
+    segments = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    return {"zstd3_compress_mb_s": rate(lambda: zstandard.ZstdCompressor(level=3).compress(data)),
+            "aes256gcm_mb_s": rate(lambda: [aead.encrypt(nonce, s, None) for s in segments]),
+            "sha256_mb_s": rate(lambda: hashlib.sha256(data).digest())}
+
+
+def dd_write_mb_s(work: Path, megabytes: int) -> float:
+    target = work / "dd.bin"
+    start = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fdatasync"],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    target.unlink()
+    return megabytes * 1.048576 / seconds
+
+
+def run(work: Path, ct_count: int, big_mb: int) -> dict:
+    src = work / "ct"
+    files = corpus.ct_study(src, ct_count)
+    total = sum(p.stat().st_size for p in files)
+    cp_times, import_times, status = [], [], {}
+    for round_ in range(2):
+        cp_times.append(cp_sync(src, work / f"cp{round_}"))
+        seconds, status = appliance_import(work / f"home{round_}", src)
+        import_times.append(seconds)
+        shutil.rmtree(work / f"cp{round_}")
+    cp_s, import_s = statistics.median(cp_times), statistics.median(import_times)
+    results = {
+        "machine": machine(),
+        "ct": {"instances": ct_count, "bytes": total,
+               "cp_sync_mb_s": total / cp_s / 1e6, "cp_sync_inst_s": ct_count / cp_s,
+               "import_mb_s": total / import_s / 1e6, "import_inst_s": ct_count / import_s,
+               "import_over_cp_sync": cp_s / import_s, "runs_s": {"cp_sync": cp_times, "import": import_times},
+               "stored_over_received": status["stored_bytes"] / status["received_bytes"]},
+        "limits": {**one_core_limits(b"".join(p.read_bytes() for p in files[:40])),
+                   "dd_write_fdatasync_mb_s": dd_write_mb_s(work, 1024 if big_mb >= 1000 else 100)},
+    }
+    big = corpus.multiframe(work / "big" / "big.dcm", big_mb)
+    home = work / "bighome"
+    subprocess.run(APPLIANCE + ["--home", str(home), "init"], check=True, capture_output=True, cwd=REPO)
+    import_rss = peak_rss_mb(APPLIANCE + ["--home", str(home), "import", str(big)])
+    import pydicom
+    study = pydicom.dcmread(big, stop_before_pixels=True).StudyInstanceUID
+    export_rss = peak_rss_mb(APPLIANCE + ["--home", str(home), "export", study, str(work / "bigout")])
+    [exported] = list((work / "bigout").glob("*.dcm"))
+    results["big"] = {"bytes": big.stat().st_size, "import_peak_rss_mb": import_rss,
+                      "export_peak_rss_mb": export_rss,
+                      "export_byte_exact": _same_file(exported, big)}
+    return results
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def markdown(results: dict) -> str:
+    ct, big, limits = results["ct"], results["big"], results["limits"]
+    return "\n".join([
+        "| measure | value |", "|---|---|",
+        f"| CT instances (512x512, 16-bit) | {ct['instances']} ({ct['bytes'] / 1e6:.1f} MB) |",
+        f"| cp -r + sync | {ct['cp_sync_mb_s']:.1f} MB/s, {ct['cp_sync_inst_s']:.0f} inst/s |",
+        f"| appliance import | {ct['import_mb_s']:.1f} MB/s, {ct['import_inst_s']:.0f} inst/s |",
+        f"| import / (cp + sync) | {ct['import_over_cp_sync']:.2f} |",
+        f"| stored / received (CT) | {ct['stored_over_received']:.3f} |",
+        f"| large instance | {big['bytes'] / 1e6:.0f} MB, byte-exact export: {big['export_byte_exact']} |",
+        f"| peak RSS import / export | {big['import_peak_rss_mb']:.0f} MB / {big['export_peak_rss_mb']:.0f} MB |",
+        f"| one core: zstd-3, AES-256-GCM, SHA-256 | {limits['zstd3_compress_mb_s']:.0f}, "
+        f"{limits['aes256gcm_mb_s']:.0f}, {limits['sha256_mb_s']:.0f} MB/s |",
+        f"| dd write + fdatasync | {limits['dd_write_fdatasync_mb_s']:.0f} MB/s |",
+        "", f"Machine: {results['machine']}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny corpus: every path, no meaningful numbers")
+    parser.add_argument("--ct", type=int, default=240)
+    parser.add_argument("--big-mb", type=int, default=1000)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    ct_count, big_mb = (12, 30) if args.quick else (args.ct, args.big_mb)
+    work = Path(tempfile.mkdtemp(prefix="pv-import-", dir=args.workdir or "/var/tmp"))
+    try:
+        results = run(work, ct_count, big_mb)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    table = markdown(results)
+    (out_dir / f"import-{stamp}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"import-{stamp}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
