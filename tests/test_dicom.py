@@ -560,3 +560,101 @@ def test_large_multiframe_stored_and_retrieved_in_bounded_memory(home, server, t
     peak = server.peak_rss_kb()
     print(f"server peak RSS {peak / 1024:.0f} MB")
     assert peak < 300 * 1024, f"server peak RSS {peak / 1024:.0f} MB (before: {before / 1024:.0f} MB)"
+
+
+def test_commitment_report_goes_to_the_registered_address_when_the_association_is_gone(home, tmp_path, ct_files):
+    reports = []
+    listener_port = free_port()
+    listener = AE(ae_title=CLIENT_AE)
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+
+    def on_report(event):
+        reports.append(event.event_information)
+        return 0x0000, None
+
+    server_handle = listener.start_server(("127.0.0.1", listener_port), block=False,
+                                          evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    register(home, CLIENT_AE, listener_port, "store")
+    srv = Server(home).start()
+    try:
+        dcmtk("storescu", *_addr(srv), str(ct_files[0]))
+        ae = AE(ae_title=CLIENT_AE)
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="ARCHIVE")
+        request = Dataset()
+        request.TransactionUID = "1.2.3.4.6"
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CTImageStorage, _sop(ct_files[0])
+        request.ReferencedSOPSequence = [item]
+        status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        assoc.abort()  # gone before the report could come back on it
+        assert status.Status == 0x0000
+        deadline = time.monotonic() + 30
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        srv.stop()
+        server_handle.shutdown()
+    assert reports and reports[0].TransactionUID == "1.2.3.4.6"
+    assert [i.ReferencedSOPInstanceUID for i in reports[0].ReferencedSOPSequence] == [_sop(ct_files[0])]
+
+
+def test_cancel_stops_a_get_between_sub_operations(stocked):
+    srv, ct, _ = stocked
+    received = []
+
+    def on_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        if len(received) == 1:
+            event.assoc.send_c_cancel(1, context_id=get_context[0])
+        return 0x0000
+
+    ae = AE(ae_title=CLIENT_AE)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", srv.port, ae_title="ARCHIVE",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    get_context = [cx.context_id for cx in assoc.accepted_contexts
+                   if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet]
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = pydicom.dcmread(ct[0]).StudyInstanceUID
+    responses = [(s.Status, s.get("NumberOfRemainingSuboperations"), s.get("NumberOfCompletedSuboperations"))
+                 for s, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=1)]
+    assoc.release()
+    assert len(received) == 1, responses
+    assert responses[-1] == (0xFE00, 2, 1)  # cancelled: two remaining, one completed
+
+
+def test_unknown_sop_classes_only_when_the_config_allows(home, ct_files):
+    register(home, CLIENT_AE, free_port(), "store")
+    private_class = "1.2.826.0.1.3680043.9.9999.1"
+    ds = pydicom.dcmread(ct_files[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = private_class
+
+    def store() -> int | None:
+        ae = AE(ae_title=CLIENT_AE)
+        ae.add_requested_context(private_class)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="ARCHIVE")
+        try:
+            if not assoc.accepted_contexts:
+                return None
+            return assoc.send_c_store(ds).Status
+        finally:
+            assoc.release()
+
+    srv = Server(home).start()
+    try:
+        assert store() is None  # the presentation context is refused
+    finally:
+        srv.stop()
+    config = home / "appliance.yaml"
+    config.write_text(config.read_text().replace("allow_unknown_sop_classes: false",
+                                                 "allow_unknown_sop_classes: true"))
+    srv = Server(home).start()
+    try:
+        assert store() == 0x0000
+    finally:
+        srv.stop()
+    assert json.loads(run_cli("status", "--json", home=home).stdout)["instances"] == 1
