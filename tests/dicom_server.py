@@ -29,7 +29,8 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read()}")
+            output = process.stderr.read() if process.stderr else ""
+            raise AssertionError(f"server exited with {process.returncode}: {output}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

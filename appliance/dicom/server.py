@@ -341,14 +341,14 @@ class DicomServer:
             if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
                 shutil.rmtree(path, ignore_errors=True)
 
-    def serve_until_signalled(self, drain_seconds: float = 60.0) -> None:
+    def serve_until_signalled(self, drain_seconds: float = 30.0) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._stopping.set())
         self.start()
         self._stopping.wait()
         self.stop(drain_seconds)
 
-    def stop(self, drain_seconds: float = 60.0) -> None:
+    def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting; wait for associations in flight, abort what is left after the drain time."""
         LOG.info(json.dumps({"event": "serve.stopping"}))
         if self.server is not None:
