@@ -99,7 +99,12 @@ def rebuild(config: Config) -> RebuildReport:
     with HomeLock(config.home, exclusive=True):
         index_path = config.index_path
         if index_path.exists():
-            aside = index_path.with_name(f"{index_path.name}.old-{time.strftime('%Y%m%dT%H%M%S')}")
+            stamp = time.strftime('%Y%m%dT%H%M%S')
+            aside = index_path.with_name(f"{index_path.name}.old-{stamp}")
+            number = 1
+            while aside.exists():  # never overwrite an earlier index kept aside
+                number += 1
+                aside = index_path.with_name(f"{index_path.name}.old-{stamp}-{number}")
             os.replace(index_path, aside)
             report.old_index = str(aside)
         keyring = Keyring(config.keyring_path, config.key_file)
