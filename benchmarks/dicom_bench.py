@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,18 +29,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402
+from common import free_port, machine, run_and_report  # noqa: E402
 
 CLIENT_AE = "BENCH"
 # dcmtk (storescp, the clients, and Orthanc, which is built on it) sets TCP_NODELAY only when
 # told to; without it every DIMSE exchange waits ~40 ms for a delayed ACK.
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -171,11 +164,6 @@ def getscu(peer: Peer, study_uid: str, out: Path) -> float:
                  "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}")
 
 
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "kernel": platform.release()}
-
-
 def run(work: Path, ct_count: int, small_count: int) -> dict:
     ct = corpus.ct_study(work / "corpus" / "ct", ct_count)
     small = corpus.small_instances(work / "corpus" / "small", small_count)
@@ -241,19 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
     ct_count, small_count = (10, 20) if args.quick else (args.ct, args.small)
-    work = Path(tempfile.mkdtemp(prefix="pv-bench-", dir=args.workdir or "/var/tmp"))
-    try:
-        results = run(work, ct_count, small_count)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    table = markdown(results)
-    (out_dir / f"dicom-{stamp}.json").write_text(json.dumps(results, indent=2))
-    (out_dir / f"dicom-{stamp}.md").write_text(table + "\n")
-    print(table)
-    return 0
+    return run_and_report("dicom", args.workdir, lambda work: run(work, ct_count, small_count), markdown)
 
 
 if __name__ == "__main__":

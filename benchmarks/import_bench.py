@@ -22,7 +22,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402
-from dicom_bench import machine  # noqa: E402
+from common import machine, run_and_report  # noqa: E402
 
 APPLIANCE = [sys.executable, "-m", "appliance"]
 
@@ -155,19 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
     ct_count, big_mb = (12, 30) if args.quick else (args.ct, args.big_mb)
-    work = Path(tempfile.mkdtemp(prefix="pv-import-", dir=args.workdir or "/var/tmp"))
-    try:
-        results = run(work, ct_count, big_mb)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    table = markdown(results)
-    (out_dir / f"import-{stamp}.json").write_text(json.dumps(results, indent=2))
-    (out_dir / f"import-{stamp}.md").write_text(table + "\n")
-    print(table)
-    return 0
+    return run_and_report("import", args.workdir, lambda work: run(work, ct_count, big_mb), markdown)
 
 
 if __name__ == "__main__":
