@@ -126,6 +126,6 @@ class ArchiveModel(RuleBasedStateMachine):
         assert fsck.check(self.archive, repair=False).clean
 
 
-ArchiveModel.TestCase.settings = settings(max_examples=30, stateful_step_count=15, deadline=None,
+ArchiveModel.TestCase.settings = settings(max_examples=20, stateful_step_count=12, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestArchiveModel = ArchiveModel.TestCase
