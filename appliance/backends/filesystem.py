@@ -1,12 +1,12 @@
 """Filesystem backend: hot RAID, or any mounted disk used as a tier.
 
-Layout under the tier root: `abc/abcdef...` (4096 fan-out directories by the
-first three hex digits of the name, made when the tier is first opened, so a put
-never creates a directory), and `.incoming/` for objects being written
-(`<name>.<pid>.tmp`). A put writes the temp file, fsyncs it, renames it into
-place and fsyncs the directory, so an object is either absent or whole and
-durable. 4096 directories keep a 100-million-object tier near 25,000 entries
-per directory.
+Layout under the tier root: `ab/cd/abcd...` (two levels of 256 fan-out
+directories by the first four hex digits of the name; the first level is made
+when the tier is first opened, the second as objects arrive), and `.incoming/`
+for objects being written (`<name>.<pid>.tmp`). A put writes the temp file,
+fsyncs it, renames it into place and fsyncs the directory, so an object is
+either absent or whole and durable. 65,536 directories keep a 100-million-object
+tier near 1,500 entries per directory.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from appliance.fsutil import fsync_dir, raise_if_out_of_space
 
 _NAME = re.compile(r"^[0-9a-f]{8,64}$")
 _INCOMING = ".incoming"
-_FANOUT = [f"{n:03x}" for n in range(4096)]
+_FANOUT = [f"{n:02x}" for n in range(256)]
 
 
 class FilesystemBackend:
@@ -39,7 +39,7 @@ class FilesystemBackend:
     def path(self, name: str) -> Path:
         if not _NAME.match(name):
             raise ValueError(f"invalid object name {name!r}")
-        return self.root / name[:3] / name
+        return self.root / name[:2] / name[2:4] / name
 
     @contextmanager
     def create(self, name: str) -> Iterator[BinaryIO]:
@@ -50,6 +50,9 @@ class FilesystemBackend:
                 yield fp
                 fp.flush()
                 os.fsync(fp.fileno())
+            if not final.parent.is_dir():
+                final.parent.mkdir(exist_ok=True)
+                fsync_dir(final.parent.parent)
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except OSError as exc:
@@ -81,10 +84,11 @@ class FilesystemBackend:
         fsync_dir(path.parent)
 
     def list(self) -> Iterator[str]:
-        for directory in _FANOUT:
-            for name in os.listdir(self.root / directory):
-                if _NAME.match(name):
-                    yield name
+        for first in _FANOUT:
+            for second in sorted(os.listdir(self.root / first)):
+                for name in os.listdir(self.root / first / second):
+                    if _NAME.match(name):
+                        yield name
 
     def sweep_incoming(self) -> int:
         """Remove temp files of writers that are no longer running (killed mid-put)."""
