@@ -104,3 +104,32 @@ def test_fsck_rebuild_index_cli(home, ct_files):
     after = json.loads(run_cli("status", "--json", home=home).stdout)
     for key in ("patients", "studies", "series", "instances", "versions", "received_bytes", "stored_bytes"):
         assert after[key] == before[key], key
+
+
+def test_import_shows_a_progress_bar_on_a_terminal(home, ct_files):
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "appliance", "--home", str(home), "import",
+                                *map(str, ct_files[:3])], stdin=terminal, stdout=terminal, stderr=terminal,
+                               cwd=REPO, close_fds=True)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    process.wait()
+    os.close(controller)
+    text = output.decode()
+    assert process.returncode == 0
+    assert "\rimport [" in text and "3/3 files" in text and "MB/s" in text
+    assert '"event"' not in text  # no log lines on a terminal: the bar stands for them
