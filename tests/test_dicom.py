@@ -316,6 +316,11 @@ def test_find_at_every_level_with_matching_rules(stocked):
     by_name = _find(srv, "QueryRetrieveLevel=STUDY", "PatientName=doe*", "StudyInstanceUID")
     assert [r["0020,000d"] for r in by_name] == [ct_study]
     assert len(_find(srv, "QueryRetrieveLevel=STUDY", "PatientName=?OE^*", "StudyInstanceUID")) == 2
+    for name in ("DOE^JANE^^", "doe^j*", "Doe^Jane"):  # exact and prefix go through the name index
+        assert [r["0020,000d"] for r in _find(srv, "QueryRetrieveLevel=STUDY", f"PatientName={name}",
+                                              "StudyInstanceUID")] == [ct_study], name
+    by_id_prefix = _find(srv, "QueryRetrieveLevel=STUDY", "PatientID=PID*", "StudyInstanceUID")
+    assert sorted(r["0020,000d"] for r in by_id_prefix) == sorted([ct_study, mr_study])
     assert len(_find(srv, "QueryRetrieveLevel=STUDY", "StudyDate=20260101-20261231", "StudyInstanceUID")) == 2
     assert _find(srv, "QueryRetrieveLevel=STUDY", "StudyDate=-20250101", "StudyInstanceUID") == []
     listed = _find(srv, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={ct_study}\\{mr_study}\\1.2.3")

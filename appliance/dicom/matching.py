@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from appliance.store.p10 import person_name_key
+
 _NO_WILDCARD_VRS = {"DA", "TM", "DT", "UI", "IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "AT", "UV", "SV"}
 _RANGE_VRS = {"DA", "TM", "DT"}
 _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
@@ -87,10 +89,6 @@ def _wildcard(pattern: str, value: str, fold: bool) -> bool:
     return re.fullmatch(regex, value, re.DOTALL | (re.IGNORECASE if fold else 0)) is not None
 
 
-def _pn(value: str) -> str:
-    return "=".join(group.rstrip("^") for group in value.split("=")).rstrip("=").upper()
-
-
 def _match_one(vr: str, query: str, stored: str) -> bool:
     stored = _clean(stored)
     if vr == "UI":
@@ -113,7 +111,7 @@ def _match_one(vr: str, query: str, stored: str) -> bool:
             return _wildcard(query.upper(), stored.upper(), fold=False)
         return _wildcard(query, stored, fold=False)
     if vr == "PN":
-        return _pn(query) == _pn(stored)
+        return person_name_key(query) == person_name_key(stored)
     return query == stored
 
 

@@ -19,7 +19,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from appliance.dicom import matching
 from appliance.store import p10
-from appliance.store.index import Txn
+from appliance.store.index import SECONDARY, Txn, secondary_key
 
 PATIENT_ROOT, STUDY_ROOT = "patient", "study"
 LEVELS = {PATIENT_ROOT: ("PATIENT", "STUDY", "SERIES", "IMAGE"), STUDY_ROOT: ("STUDY", "SERIES", "IMAGE")}
@@ -70,6 +70,17 @@ def _uids(query: Query, keyword: str) -> list[str] | None:
     return [uid.strip(" \x00") for uid in vr_value[1].split("\\") if uid.strip(" \x00")]
 
 
+def _prefix(query: Query, keyword: str) -> str | None:
+    """The literal start of a value whose only wildcard is one trailing '*'."""
+    vr_value = query.keys.get(keyword)
+    if vr_value is None:
+        return None
+    value = vr_value[1].strip(" \x00")
+    if not value.endswith("*") or any(c in value[:-1] for c in "*?\\"):
+        return None
+    return value[:-1]
+
+
 def _single(query: Query, keyword: str) -> str | None:
     vr_value = query.keys.get(keyword)
     if vr_value is None or any(c in vr_value[1] for c in "*?\\-"):
@@ -111,11 +122,18 @@ def _study_candidates(t: Txn, query: Query) -> Iterator[str]:
     if uids is not None:
         yield from uids
         return
-    for keyword, db in (("PatientID", "by_patient_id"), ("AccessionNumber", "by_accession"),
-                        ("PatientName", "by_patient_name"), ("ModalitiesInStudy", "by_modality")):
+    for keyword, field in (("PatientID", "PatientID"), ("AccessionNumber", "AccessionNumber"),
+                           ("PatientName", "PatientName"), ("ModalitiesInStudy", "Modality")):
+        db = SECONDARY[field]
         value = _single(query, keyword)
         if value is not None:
-            yield from t.dup_values(db, value.upper() if keyword == "PatientName" else value)
+            yield from t.dup_values(db, secondary_key(field, value))
+            return
+        prefix = _prefix(query, keyword)
+        if prefix:  # "DOE*": a range of the secondary index, not a scan of every study
+            prefix = prefix.upper() if keyword == "PatientName" else prefix
+            for _, uid in t.dup_range(db, prefix, prefix + "\U0010ffff"):
+                yield uid
             return
     date = query.keys.get("StudyDate")
     if date is not None and "\\" not in date[1]:

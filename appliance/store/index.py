@@ -30,8 +30,8 @@ not spoil the others. The map grows on its own when full.
       "study_series"       StudyInstanceUID -> SeriesInstanceUID
       "series_instances"   SeriesInstanceUID -> SOPInstanceUID
       "by_patient_id"      PatientID
-      "by_patient_name"    PatientName upper-cased (the standard leaves PN case-insensitive matching
-                           to the implementation; pacs-vault matches names ignoring case)
+      "by_patient_name"    PatientName as p10.person_name_key gives it: upper-cased, trailing empty
+                           components dropped (pacs-vault matches names ignoring case)
       "by_study_date"      StudyDate (YYYYMMDD, sorts as a date)
       "by_accession"       AccessionNumber
       "by_modality"        Modality of every series of the study
@@ -52,7 +52,7 @@ import lmdb
 import msgpack
 
 from appliance.errors import OutOfSpace
-from appliance.store.p10 import InstanceInfo
+from appliance.store.p10 import InstanceInfo, person_name_key
 
 SCHEMA_VERSION = 1
 _KEY_LIMIT = 480  # LMDB keys and dupsort values stop at 511 bytes
@@ -300,14 +300,18 @@ def _counters(t: Txn) -> dict:
     return t.get("meta", b"counters") or {"instances": 0, "versions": 0, "received_bytes": 0, "stored_bytes": 0}
 
 
+def secondary_key(field: str, value: str) -> str:
+    return person_name_key(value) if field == "PatientName" else value
+
+
 def _add_secondary(t: Txn, field: str, value: str, study_uid: str) -> None:
     if value:
-        t.dup_add(SECONDARY[field], value.upper() if field == "PatientName" else value, study_uid)
+        t.dup_add(SECONDARY[field], secondary_key(field, value), study_uid)
 
 
 def _remove_secondary(t: Txn, field: str, value: str, study_uid: str) -> None:
     if value:
-        t.dup_remove(SECONDARY[field], value.upper() if field == "PatientName" else value, study_uid)
+        t.dup_remove(SECONDARY[field], secondary_key(field, value), study_uid)
 
 
 def record_instance(t: Txn, info: InstanceInfo, blob: dict, tier: str) -> str:

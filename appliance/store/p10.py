@@ -240,6 +240,11 @@ def _content_address(fp: BinaryIO) -> tuple[bytes, int]:
     return sha.digest(), size
 
 
+def person_name_key(value: str) -> str:
+    """A Person Name as pacs-vault matches it: case ignored, trailing empty components dropped."""
+    return "=".join(group.rstrip("^") for group in value.strip(" \x00").split("=")).rstrip("=").upper()
+
+
 def text_value(value) -> str:
     """A pydicom element value as the DICOM string form (multiple values joined by a backslash)."""
     if value is None:
