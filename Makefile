@@ -39,3 +39,5 @@ test: deps venv
 
 bench: deps venv
 	$(PY) benchmarks/dicom_bench.py
+	$(PY) benchmarks/import_bench.py
+	$(PY) benchmarks/find_bench.py

@@ -35,3 +35,12 @@ def test_import_bench_quick(tmp_path):
     assert 0 < results["ct"]["stored_over_received"] < 1
     assert results["big"]["export_byte_exact"] is True
     assert results["big"]["import_peak_rss_mb"] > 0 and results["big"]["export_peak_rss_mb"] > 0
+
+
+def test_find_bench_quick(tmp_path):
+    results = _quick("find_bench.py", "find", tmp_path)
+    assert results["studies"] > 0
+    for shape, row in results["queries"].items():
+        assert row["median_ms"] > 0 and row["p95_ms"] >= row["median_ms"], shape
+    assert results["queries"]["PatientID"]["mean_matches"] >= 1  # every patient has studies
+    assert results["queries"]["StudyInstanceUID"]["mean_matches"] == 1

@@ -118,31 +118,45 @@ def _instance_view(uid: str, instance: dict, series_view: dict) -> dict:
 # -- candidates ------------------------------------------------------------------------------
 
 def _study_candidates(t: Txn, query: Query) -> Iterator[str]:
+    """Study UIDs to check, from the most selective key the query has: UIDs, then patient ID,
+    accession number and name (exact or prefix), then the date, then the modality (few values,
+    many studies each), else every study."""
     uids = _uids(query, "StudyInstanceUID")
     if uids is not None:
         yield from uids
         return
     for keyword, field in (("PatientID", "PatientID"), ("AccessionNumber", "AccessionNumber"),
-                           ("PatientName", "PatientName"), ("ModalitiesInStudy", "Modality")):
-        db = SECONDARY[field]
-        value = _single(query, keyword)
-        if value is not None:
-            yield from t.dup_values(db, secondary_key(field, value))
-            return
-        prefix = _prefix(query, keyword)
-        if prefix:  # "DOE*": a range of the secondary index, not a scan of every study
-            prefix = prefix.upper() if keyword == "PatientName" else prefix
-            for _, uid in t.dup_range(db, prefix, prefix + "\U0010ffff"):
-                yield uid
+                           ("PatientName", "PatientName")):
+        found = _secondary(t, query, keyword, field)
+        if found is not None:
+            yield from found
             return
     date = query.keys.get("StudyDate")
     if date is not None and "\\" not in date[1]:
-        low, _, high = date[1].strip().partition("-") if "-" in date[1] else (date[1].strip(), "", date[1].strip())
-        for _, uid in t.dup_range("by_study_date", low.replace(".", ""), high.replace(".", "") or None):
+        value = date[1].strip().replace(".", "")
+        low, _, high = value.partition("-") if "-" in value else (value, "", value)
+        for _, uid in t.dup_range("by_study_date", low, high or None):
             yield uid
+        return
+    found = _secondary(t, query, "ModalitiesInStudy", "Modality")
+    if found is not None:
+        yield from found
         return
     for key, _ in t.items("studies"):
         yield key.decode()
+
+
+def _secondary(t: Txn, query: Query, keyword: str, field: str) -> Iterator[str] | None:
+    """Candidates from a secondary index for an exact value or a trailing-* prefix, else None."""
+    db = SECONDARY[field]
+    value = _single(query, keyword)
+    if value is not None:
+        return iter(t.dup_values(db, secondary_key(field, value)))
+    prefix = _prefix(query, keyword)
+    if prefix:  # "DOE*": a range of the secondary index, not a scan of every study
+        prefix = prefix.upper() if keyword == "PatientName" else prefix
+        return (uid for _, uid in t.dup_range(db, prefix, prefix + "\U0010ffff"))
+    return None
 
 
 def _studies(t: Txn, query: Query) -> Iterator[dict]:
