@@ -150,7 +150,7 @@ def _secondary(t: Txn, query: Query, keyword: str, field: str) -> Iterator[str] 
     """Candidates from a secondary index for an exact value or a trailing-* prefix, else None."""
     db = SECONDARY[field]
     value = _single(query, keyword)
-    if value is not None:
+    if value is not None and secondary_key(field, value):
         return iter(t.dup_values(db, secondary_key(field, value)))
     prefix = _prefix(query, keyword)
     if prefix:  # "DOE*": a range of the secondary index, not a scan of every study

@@ -305,13 +305,15 @@ def secondary_key(field: str, value: str) -> str:
 
 
 def _add_secondary(t: Txn, field: str, value: str, study_uid: str) -> None:
-    if value:
-        t.dup_add(SECONDARY[field], secondary_key(field, value), study_uid)
+    key = secondary_key(field, value)
+    if key:  # LMDB has no empty keys; a name of empty components ("^^") is found by scanning
+        t.dup_add(SECONDARY[field], key, study_uid)
 
 
 def _remove_secondary(t: Txn, field: str, value: str, study_uid: str) -> None:
-    if value:
-        t.dup_remove(SECONDARY[field], secondary_key(field, value), study_uid)
+    key = secondary_key(field, value)
+    if key:
+        t.dup_remove(SECONDARY[field], key, study_uid)
 
 
 def record_instance(t: Txn, info: InstanceInfo, blob: dict, tier: str) -> str:
