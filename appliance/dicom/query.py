@@ -170,24 +170,25 @@ def _studies(t: Txn, query: Query) -> Iterator[dict]:
             yield _study_view(t, uid, study)
 
 
+def _children(t: Txn, query: Query, parents: Iterator[dict], *, parent_uid: str, link: str, db: str,
+              uid_keyword: str, parent_field: str, view) -> Iterator[dict]:
+    """The records one level down: the UIDs the query lists, or every child of each parent."""
+    listed = _uids(query, uid_keyword)
+    for parent in parents:
+        for uid in listed if listed is not None else t.dup_values(link, parent[parent_uid]):
+            record = t.get(db, uid)
+            if record is not None and record[parent_field] == parent[parent_uid]:
+                yield view(uid, record, parent)
+
+
 def _series(t: Txn, query: Query) -> Iterator[dict]:
-    for study_view in _studies(t, query):
-        series_uids = _uids(query, "SeriesInstanceUID")
-        for uid in series_uids if series_uids is not None else t.dup_values(
-                "study_series", study_view["StudyInstanceUID"]):
-            series = t.get("series", uid)
-            if series is not None and series["study"] == study_view["StudyInstanceUID"]:
-                yield _series_view(uid, series, study_view)
+    return _children(t, query, _studies(t, query), parent_uid="StudyInstanceUID", link="study_series",
+                     db="series", uid_keyword="SeriesInstanceUID", parent_field="study", view=_series_view)
 
 
 def _instances(t: Txn, query: Query) -> Iterator[dict]:
-    for series_view in _series(t, query):
-        sop_uids = _uids(query, "SOPInstanceUID")
-        for uid in sop_uids if sop_uids is not None else t.dup_values(
-                "series_instances", series_view["SeriesInstanceUID"]):
-            instance = t.get("instances", uid)
-            if instance is not None and instance["series"] == series_view["SeriesInstanceUID"]:
-                yield _instance_view(uid, instance, series_view)
+    return _children(t, query, _series(t, query), parent_uid="SeriesInstanceUID", link="series_instances",
+                     db="instances", uid_keyword="SOPInstanceUID", parent_field="series", view=_instance_view)
 
 
 def _patients(t: Txn, query: Query) -> Iterator[dict]:
