@@ -397,6 +397,13 @@ def test_move_to_registered_destination_and_refusals(home, stocked, tmp_path):
         storescp.terminate()
         storescp.wait()
     assert moved.stderr.count("(Pending)") == 3 and "Received Final Move Response (Success)" in moved.stderr
+    # the per-association log line says what the association did
+    deadline, summary = time.monotonic() + 10, None
+    while summary is None and time.monotonic() < deadline:
+        lines = [json.loads(line) for line in srv.log.read_text().splitlines() if line.startswith("{")]
+        summary = next((e for e in lines if e["event"] == "association.ended" and "C-MOVE" in e["services"]), None)
+        time.sleep(0.05)
+    assert summary and summary["retrieved"] == 3 and summary["calling_ae"] == CLIENT_AE
     assert {_sop(p): dataset_bytes(p) for p in out.iterdir()} == {_sop(p): dataset_bytes(p) for p in ct}
 
 

@@ -40,7 +40,15 @@ class AssociationStats:
     failed: int = 0
     bytes: int = 0
     queries: int = 0
+    retrieved: int = 0
+    services: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, service: str, **increments: int) -> None:
+        with self.lock:
+            self.services.add(service)
+            for name, value in increments.items():
+                setattr(self, name, getattr(self, name) + value)
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -64,25 +72,20 @@ def handle_store(event, archive: Archive, authorise, stats_of) -> Dataset | int:
         try:
             outcome = archive.store_file(path)
         except InvalidInstance as exc:
-            with stats.lock:
-                stats.failed += 1
+            stats.count("C-STORE", failed=1)
             return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
         except OutOfSpace as exc:
-            with stats.lock:
-                stats.failed += 1
+            stats.count("C-STORE", failed=1)
             LOG.error("C-STORE refused: %s", exc)
             return _status(STATUS_OUT_OF_RESOURCES, "out of storage space")
         except ApplianceError as exc:
-            with stats.lock:
-                stats.failed += 1
+            stats.count("C-STORE", failed=1)
             LOG.error("C-STORE failed: %s", exc)
             return _status(STATUS_PROCESSING_FAILURE, str(exc))
-        with stats.lock:
-            if outcome.status == "duplicate":
-                stats.duplicates += 1
-            else:
-                stats.stored += 1
-                stats.bytes += outcome.info.length
+        if outcome.status == "duplicate":
+            stats.count("C-STORE", duplicates=1)
+        else:
+            stats.count("C-STORE", stored=1, bytes=outcome.info.length)
         return 0x0000
     finally:
         Path(path).unlink(missing_ok=True)  # the received file; its sealed copy is all we keep
@@ -97,9 +100,7 @@ def handle_find(event, archive: Archive, model_of, authorise, stats_of, ae_title
     except q.QueryError as exc:
         yield _status(exc.status, str(exc)), None
         return
-    stats = stats_of(event.assoc)
-    with stats.lock:
-        stats.queries += 1
+    stats_of(event.assoc).count("C-FIND", queries=1)
     # Collect first: a transaction held while a slow peer reads responses would hold up the
     # index (a map resize waits for every reader).
     with archive.index.read() as t:

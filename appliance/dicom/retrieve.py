@@ -131,8 +131,10 @@ class RetrieveService:
     """Serves C-GET and C-MOVE for one archive; called by the association for those requests."""
 
     def __init__(self, archive: Archive, model_of: Callable[[str], str], authorise: Callable,
-                 move_destination: Callable[[str], tuple[str, int] | None], open_association: Callable):
+                 move_destination: Callable[[str], tuple[str, int] | None], open_association: Callable,
+                 stats_of: Callable):
         self._archive = archive
+        self._stats_of = stats_of  # assoc -> handlers.AssociationStats
         self._model_of = model_of
         self._authorise = authorise  # (assoc, role) -> bool
         self._destination = move_destination  # AE title -> (host, port) or None
@@ -200,6 +202,7 @@ class RetrieveService:
         finally:
             if target is not assoc:
                 target.release()
+        self._stats_of(assoc).count("C-GET" if isinstance(req, C_GET) else "C-MOVE", retrieved=subops.completed)
         if subops.failed == len(instances):
             return finish(_SUBOP_FAILURE, subops)
         return finish(_WARNING if subops.failed or subops.warning else 0x0000, subops)

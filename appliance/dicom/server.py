@@ -308,8 +308,9 @@ class DicomServer:
         if stats is None:
             return
         LOG.info(json.dumps({"event": "association.ended", "calling_ae": stats.calling_ae,
-                             "address": stats.address, "stored": stats.stored, "duplicates": stats.duplicates,
-                             "failed": stats.failed, "bytes": stats.bytes, "queries": stats.queries,
+                             "address": stats.address, "services": sorted(stats.services),
+                             "stored": stats.stored, "duplicates": stats.duplicates, "failed": stats.failed,
+                             "bytes": stats.bytes, "queries": stats.queries, "retrieved": stats.retrieved,
                              "seconds": round(time.monotonic() - stats.started, 3),
                              "aborted": event.event.name == "EVT_ABORTED"}))
 
@@ -327,7 +328,8 @@ class DicomServer:
             ssl_context=_tls_context(self.config), evt_handlers=self._handlers(),
             server_class=ThreadedAssociationServer, request_handler=_RequestHandler)
         self.server.retrieve_service = RetrieveService(self.archive, self.model_of, self.authorise,
-                                                       self.move_destination, self.open_association)
+                                                       self.move_destination, self.open_association,
+                                                       self.stats_of)
         self.ae._servers.append(self.server)
         threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
         LOG.info(json.dumps({"event": "serve.started", "ae_title": self.ae_title, "port": self.port,
