@@ -186,3 +186,19 @@ def test_one_failing_writer_does_not_spoil_its_batch(tmp_path):
         assert t.get("studies", "bad") is None
         assert t.count("studies") == 20
     index.close()
+
+
+def test_delete_shreds_before_it_forgets(config, ct_files):
+    """A delete interrupted right after the keys were destroyed leaves nothing readable, and
+    deleting again finishes the job."""
+    from appliance.store import index as ix
+
+    with Archive.open(config, writer=True) as archive:
+        info = archive.store_file(ct_files[0]).info
+        with archive.index.read() as t:
+            key_ids = ix.study_key_ids(t, info.study_uid)
+        archive.keyring.destroy(key_ids)  # the state a crash after the shred leaves
+        with pytest.raises(KeyMissing):
+            b"".join(archive.open_instance(info.sop_uid))
+        assert archive.delete_study(info.study_uid) == 1
+        assert list(archive.hot.list()) == [] and archive.counters()["instances"] == 0

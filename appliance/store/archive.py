@@ -234,15 +234,19 @@ class Archive:
 
         The internal primitive behind expiry; callers check retention and holds.
         Returns the number of blobs removed."""
+        with self.index.read() as t:
+            if t.get("studies", study_uid) is None:
+                raise NotFound(f"no study {study_uid}")
+            key_ids = ix.study_key_ids(t, study_uid)
+        # Shred first, durably: from here on no copy anywhere can be read, whatever happens next
+        # (a crash before the index is updated leaves a study that fails to read; deleting again
+        # finishes the job).
+        self.keyring.destroy(key_ids)
         removed = self.index.write(lambda t: ix.remove_study(t, study_uid))
-        if not removed["blobs"] and not removed["key_ids"]:
-            raise NotFound(f"no study {study_uid}")
-        # Shred first: from here on no copy anywhere can be read, whatever happens next.
-        self.keyring.destroy(removed["key_ids"])
-        for copies in removed["blobs"].values():
+        for copies in removed.values():
             if self.hot.name in copies:
                 self.hot.delete(copies[self.hot.name]["name"])
-        return len(removed["blobs"])
+        return len(removed)
 
 
 def hot_backend(config: Config) -> FilesystemBackend:

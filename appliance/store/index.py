@@ -424,17 +424,29 @@ def drop_version(t: Txn, sop_uid: str, ca: bytes) -> dict:
     return blob["copies"]
 
 
-def remove_study(t: Txn, study_uid: str) -> dict:
-    """Drop a study and everything under it from the index.
+def study_key_ids(t: Txn, study_uid: str) -> list[bytes]:
+    """Every data key a study's blobs are sealed under, and the study's own."""
+    key_ids = set()
+    for series_uid in t.dup_values("study_series", study_uid):
+        for sop_uid in t.dup_values("series_instances", series_uid):
+            for ca in t.get("instances", sop_uid)["versions"]:
+                blob = t.get("blobs", ca)
+                if blob is not None:
+                    key_ids.add(blob["key_id"])
+    own = t.get("study_keys", study_uid)
+    if own is not None:
+        key_ids.add(own)
+    return sorted(key_ids)
 
-    Returns {"blobs": {content address: copies}, "key_ids": [...]} so the caller
-    can delete every copy and destroy the keys. Versions of the study's
-    instances that were stored under other studies go with it."""
+
+def remove_study(t: Txn, study_uid: str) -> dict[bytes, dict]:
+    """Drop a study and everything under it from the index; return {content address: copies}
+    so the caller can delete every copy (its keys: study_key_ids, destroyed before this).
+    Versions of the study's instances that were stored under other studies go with it."""
     study = t.get("studies", study_uid)
     if study is None:
-        return {"blobs": {}, "key_ids": []}
+        return {}
     blobs: dict[bytes, dict] = {}
-    key_ids = set()
     counters = _counters(t)
     for series_uid in t.dup_values("study_series", study_uid):
         series = t.get("series", series_uid)
@@ -445,7 +457,6 @@ def remove_study(t: Txn, study_uid: str) -> dict:
                 if blob is None:
                     continue
                 blobs[ca] = blob["copies"]
-                key_ids.add(blob["key_id"])
                 counters["versions"] -= 1
                 counters["received_bytes"] -= blob["size"]
                 counters["stored_bytes"] -= blob["sealed_size"]
@@ -469,10 +480,8 @@ def remove_study(t: Txn, study_uid: str) -> dict:
         t.dup_remove("patient_studies", pkey, study_uid)
     for field in ("StudyDate", "AccessionNumber"):
         _remove_secondary(t, field, study.get(field, ""), study_uid)
-    key_id = t.get("study_keys", study_uid)
-    if key_id is not None:
-        key_ids.add(key_id)
+    if t.get("study_keys", study_uid) is not None:
         t.delete("study_keys", study_uid)
     t.delete("studies", study_uid)
     t.put("meta", b"counters", counters)
-    return {"blobs": blobs, "key_ids": sorted(key_ids)}
+    return blobs
