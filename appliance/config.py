@@ -43,7 +43,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class ImportConfig:
-    workers: int = field(default=2, metadata=_check(lambda v: 1 <= v <= 64, "must be 1 to 64"))
+    workers: int = field(default=4, metadata=_check(lambda v: 1 <= v <= 64, "must be 1 to 64"))
 
 
 def is_ae_title(value: str) -> bool:
