@@ -12,14 +12,16 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from appliance import config as cfg
-from appliance import fsck, home, importer, registry
+from appliance import fsck, home, importer, lifecycle, policy, registry
 from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
 from appliance.progress import Progress
+from appliance.store import alarms as alarm_store
 from appliance.store.archive import Archive
 
 
@@ -125,21 +127,53 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _tier_status(archive: Archive, tier) -> dict:
+    """Usage of one tier, from the index (bytes of copies) and, where it can be asked, the medium."""
+    entry = {"kind": tier.kind, "role": "hot" if tier.name == archive.hot.name else "cold"}
+    if tier.kind == "filesystem":
+        path = archive.config.resolve(tier.path)
+        entry["path"] = str(path)
+        try:
+            usage = shutil.disk_usage(path)
+            entry.update(free_bytes=usage.free, capacity_bytes=tier.capacity_mb * 10**6 or usage.total,
+                         used_percent=round(100 * usage.used / usage.total, 1))
+        except OSError as exc:
+            entry["error"] = exc.strerror
+    elif tier.kind == "ltfs":
+        backend = archive.tier(tier.name).inner
+        entry["cartridges"] = [{"label": c.label, "path": str(c.path), "loaded": c.loaded(),
+                                "used_bytes": c.used(), "capacity_bytes": c.capacity} for c in backend.cartridges]
+    else:
+        entry["bucket"], entry["prefix"] = tier.s3.bucket, tier.s3.prefix
+    return entry
+
+
 def _status(archive: Archive) -> dict:
     counters = archive.counters()
-    hot_root = archive.hot.root
-    usage = shutil.disk_usage(hot_root)
     received, stored = counters["received_bytes"], counters["stored_bytes"]
+    with archive.index.read() as t:
+        packs: dict[str, dict] = {}
+        for _, record in t.items("packs"):
+            tier = packs.setdefault(record["tier"], {"packs": 0, "pack_bytes": 0})
+            tier["packs"] += 1
+            tier["pack_bytes"] += record["size"]
+    tiers = {}
+    for name, tier in archive.config.tiers.items():
+        tiers[name] = _tier_status(archive, tier) | packs.get(name, {})
+    jobs = lifecycle.jobs(archive)
+    alarms = alarm_store.alarms(archive.index)
     return {
         "home": str(archive.config.home),
+        "state": "DEGRADED" if alarms else "ONLINE",
         "patients": counters["patients"], "studies": counters["studies"], "series": counters["series"],
         "instances": counters["instances"], "versions": counters["versions"],
         "received_bytes": received, "stored_bytes": stored,
         "stored_ratio": round(stored / received, 4) if received else None,
         "keys": {"kek_id": archive.keyring.kek_id.hex(), "data_keys": archive.keyring.count()},
-        "tiers": {archive.hot.name: {"kind": "filesystem", "path": str(hot_root), "role": "hot",
-                                     "stored_bytes": stored, "free_bytes": usage.free,
-                                     "capacity_bytes": usage.total}},
+        "tiers": tiers,
+        "jobs": {"pending": len(jobs), "failing": sum(1 for j in jobs.values() if j["attempts"])},
+        "holds": len(lifecycle.holds(archive)),
+        "alarms": [{"key": key, **value} for key, value in alarms.items()],
     }
 
 
@@ -150,6 +184,7 @@ def cmd_status(args) -> int:
         print(json.dumps(status, indent=2))
         return 0
     ratio = f"{status['stored_ratio']:.2f}" if status["stored_ratio"] is not None else "-"
+    print(f"state      {status['state']}")
     print(f"home       {status['home']}")
     print(f"holds      {status['patients']} patients, {status['studies']} studies, {status['series']} series, "
           f"{status['instances']} instances ({status['versions']} versions)")
@@ -157,8 +192,124 @@ def cmd_status(args) -> int:
           f"{status['stored_bytes'] / 1e6:,.1f} MB stored (ratio {ratio})")
     print(f"keys       KEK {status['keys']['kek_id'][:8]}, {status['keys']['data_keys']} data keys")
     for name, tier in status["tiers"].items():
-        print(f"tier {name:<5} {tier['path']}: {tier['free_bytes'] / 1e9:,.1f} GB free of "
-              f"{tier['capacity_bytes'] / 1e9:,.1f} GB")
+        line = f"tier {name:<6} {tier['kind']:<10} {tier['role']:<4}"
+        if "free_bytes" in tier:
+            line += f" {tier['path']}: {tier['used_percent']}% used, {tier['free_bytes'] / 1e9:,.1f} GB free"
+        if "cartridges" in tier:
+            line += " " + ", ".join(f"{c['label']} ({'loaded' if c['loaded'] else 'not loaded'}, "
+                                    f"{c['used_bytes'] / 1e9:,.1f} GB)" for c in tier["cartridges"])
+        if "bucket" in tier:
+            line += f" s3://{tier['bucket']}/{tier['prefix']}"
+        if tier.get("packs"):
+            line += f"; {tier['packs']} packs, {tier['pack_bytes'] / 1e6:,.1f} MB"
+        print(line)
+    print(f"jobs       {status['jobs']['pending']} pending ({status['jobs']['failing']} being retried), "
+          f"{status['holds']} legal holds")
+    for alarm in status["alarms"]:
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(alarm["since"]))
+        print(f"ALARM      {alarm['message']} (since {since})\n           action: {alarm['action']}")
+    return 0
+
+
+def _rules(archive: Archive) -> list:
+    return policy.check_policies(archive.config)
+
+
+def cmd_policy(args) -> int:
+    if args.action == "check":
+        rules = policy.check_policies(cfg.load(_home(args)))
+        print(f"policies ok: {len(rules)} classes ({', '.join(r.name for r in rules)})")
+        return 0
+    if args.action == "apply":
+        with _open(args, writer=True) as archive:
+            engine = lifecycle.Lifecycle(archive, _rules(archive))
+            progress = Progress("policy apply", 0, 0, unit="jobs")
+
+            def on_event(kind: str, data: dict) -> None:
+                progress.event(f"policy.{kind}", **data)
+                if kind == "jobs":
+                    progress.set_total(data["count"], data["bytes"])
+                elif kind in ("job.done", "job.failed"):
+                    progress.advance(data.get("bytes", 0))
+            report = engine.apply(on_event)
+            progress.close()
+        if args.json:
+            print(json.dumps(report.as_dict(), indent=2))
+        else:
+            print(f"policy apply: {len(report.done)} jobs done, {len(report.failed)} failed (retried later), "
+                  f"{report.waiting} waiting to retry, {report.bytes_written / 1e6:,.1f} MB written to cold tiers"
+                  + (f", {report.copies_cleaned} leftover copies of deleted studies removed"
+                     if report.copies_cleaned else ""))
+            for failure in report.failed:
+                print(f"  FAILED {failure['kind']} {failure['study']}: {failure['error']}")
+        return 1 if report.failed else 0
+    with _open(args) as archive:
+        if args.action == "plan":
+            actions, unclassified = lifecycle.Lifecycle(archive, _rules(archive)).plan()
+            out = {"actions": [vars(a) | {"targets": list(a.targets)} for a in actions],
+                   "unclassified": unclassified}
+        elif args.action == "jobs":
+            out = lifecycle.jobs(archive)
+        else:
+            out = lifecycle.deletions(archive)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif args.action == "plan":
+        for a in actions:
+            what = {"migrate": f"migrate to {', '.join(a.targets) or '(copies present)'}"
+                               + (", drop hot copy" if a.drop_hot else ""),
+                    "evict": "drop hot copy (cold copies verified)", "expire": "DELETE and crypto-shred",
+                    "review": "expired: review", "held": "expired, held"}[a.kind]
+            print(f"{a.study}  {what}\n    rule {a.rule}: {a.reason}")
+        print(f"{len(actions)} actions, {len(unclassified)} studies match no class (kept)")
+    elif args.action == "jobs":
+        for uid, job in out.items():
+            retry = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["next_try"])) if job["next_try"] else "now"
+            print(f"{uid}  {job['kind']} {', '.join(job['targets'])}  attempts {job['attempts']}, next {retry}"
+                  + (f"\n    last error: {job['error']}" if job["error"] else ""))
+        print(f"{len(out)} jobs")
+    else:
+        for uid, record in out.items():
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["time"]))
+            print(f"{uid}  deleted {when} by {record['by']}, rule {record['rule']}, "
+                  f"{len(record['instances'])} instances")
+            for copy in record["unremoved"]:
+                print(f"    copy still on {copy['tier']} {copy['where'] or ''} (unreadable; removed when reachable)")
+    return 0
+
+
+def cmd_hold(args) -> int:
+    with _open(args, writer=args.action != "list") as archive:
+        if args.action == "list":
+            holds = lifecycle.holds(archive)
+            if args.json:
+                print(json.dumps(holds, indent=2))
+            for key, record in holds.items():
+                since = time.strftime("%Y-%m-%d", time.localtime(record["since"]))
+                if not args.json:
+                    print(f"{key.replace(':', ' ', 1)}  since {since} by {record['by']}: {record['reason']}")
+            return 0
+        key = lifecycle.hold_key(args.study_uid, args.patient)
+        if args.action == "set":
+            lifecycle.set_hold(archive, key, args.reason or "")
+            print(f"hold set on {key.replace(':', ' ', 1)}: {args.reason}")
+        else:
+            if not (args.reason or "").strip():
+                raise ApplianceError("releasing a hold needs a reason (--reason TEXT)")
+            lifecycle.release_hold(archive, key)
+            print(f"hold released on {key.replace(':', ' ', 1)}: {args.reason}")
+    return 0
+
+
+def cmd_recall(args) -> int:
+    with _open(args, writer=True) as archive:
+        archive.study(args.study_uid)
+
+        def waiting(message: str) -> None:
+            print(f"recall of {args.study_uid} waits: {message}", file=sys.stderr)
+        count = archive.recall_study(args.study_uid, on_wait=waiting)
+    print(f"recalled {count} instances of {args.study_uid} to the hot tier" if count
+          else f"{args.study_uid} is on the hot tier already")
     return 0
 
 
@@ -254,6 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rebuild-index", action="store_true")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_fsck)
+
+    pol = sub.add_parser("policy", help="retention and tiering policies")
+    pol.add_argument("action", choices=("plan", "apply", "check", "jobs", "deletions"),
+                     help="plan: dry run; apply: execute; check: validate the YAML; jobs: the queue; "
+                          "deletions: deletion records and copies still to remove")
+    pol.add_argument("--json", action="store_true")
+    pol.set_defaults(func=cmd_policy)
+
+    hold = sub.add_parser("hold", help="legal holds: a held study is never deleted")
+    hold.add_argument("action", choices=("set", "release", "list"))
+    hold.add_argument("study_uid", nargs="?")
+    hold.add_argument("--patient", help="hold every study of this PatientID, present and future")
+    hold.add_argument("--reason")
+    hold.add_argument("--json", action="store_true")
+    hold.set_defaults(func=cmd_hold)
+
+    recall = sub.add_parser("recall", help="bring a study back from cold tiers to the hot tier")
+    recall.add_argument("study_uid")
+    recall.set_defaults(func=cmd_recall)
 
     keys = sub.add_parser("keys", help="key management")
     keys.add_argument("action", choices=("status", "rotate"))

@@ -7,6 +7,7 @@ dataclasses, never CLI arguments or globals.
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from appliance.errors import ConfigError, NotInitialised
 
 CONFIG_FILE = "appliance.yaml"
-TIER_KINDS = ("filesystem",)
+TIER_KINDS = ("filesystem", "ltfs", "s3")
 
 
 def _check(predicate, message: str) -> dict:
@@ -72,6 +73,19 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    policies_dir: str = "policies"
+    # A recall that needs a cartridge loaded (or an S3 archive-class restore) waits this long,
+    # with an alarm saying what to do, before it fails.
+    recall_wait_s: int = field(default=300, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
+    # A job that failed (tier down) is retried by later runs after this delay, doubled per
+    # failure up to 6 hours.
+    retry_backoff_s: int = field(default=60, metadata=_check(lambda v: v >= 1, "must be at least 1"))
+    # Packs for object storage are assembled here (sealed bytes only) before the upload.
+    spool_dir: str = "spool"
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     key_file: str = "kek.key"
     keyring: str = "keyring"
@@ -80,13 +94,53 @@ class ApplianceConfig:
     store: StoreConfig = StoreConfig()
     dicom: DicomConfig = DicomConfig()
     imports: ImportConfig = ImportConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+
+
+@dataclass(frozen=True)
+class CartridgeConfig:
+    label: str  # the volume serial printed on the cartridge, e.g. PV0001L9
+    path: str  # where LTFS mounts it
+    capacity_mb: int = field(metadata=_check(lambda v: v >= 1, "must be at least 1"))
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str
+    endpoint_url: str = ""  # empty: AWS; any S3-compatible cluster otherwise (Ceph RGW, MinIO, SeaweedFS)
+    prefix: str = "pacs-vault/"
+    region: str = "us-east-1"
+    # STANDARD, STANDARD_IA, ... or an archive class (GLACIER, DEEP_ARCHIVE): those are read by
+    # requesting a restore first and retrying once it is done.
+    storage_class: str = "STANDARD"
+    restore_days: int = field(default=2, metadata=_check(lambda v: v >= 1, "must be at least 1"))
+    # An AWS-style INI credentials file (aws_access_key_id, aws_secret_access_key) and its
+    # profile; empty: boto3's own chain (environment, ~/.aws, instance role).
+    credentials_file: str = ""
+    profile: str = "default"
+    part_size_mb: int = field(default=64, metadata=_check(lambda v: 5 <= v <= 5120, "must be 5 to 5120"))
+    timeout_s: int = field(default=30, metadata=_check(lambda v: v >= 1, "must be at least 1"))
 
 
 @dataclass(frozen=True)
 class TierConfig:
     name: str
     kind: str = field(metadata=_check(lambda v: v in TIER_KINDS, f"must be one of {', '.join(TIER_KINDS)}"))
-    path: str
+    path: str = ""  # filesystem tiers
+    cartridges: tuple[CartridgeConfig, ...] = ()  # ltfs tiers, filled in this order
+    s3: S3Config | None = None  # s3 tiers
+    # Cold tiers hold packs of at most this size (a larger single instance gets its own pack).
+    pack_size_mb: int = field(default=1024, metadata=_check(lambda v: v >= 1, "must be at least 1"))
+    # Usage above the high watermark makes `policy apply` move studies off this tier, least
+    # recently used first, until usage is below the low one. capacity_mb 0: the file system's size.
+    capacity_mb: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
+    high_watermark_percent: int = field(default=85, metadata=_check(lambda v: 1 <= v <= 100, "must be 1 to 100"))
+    low_watermark_percent: int = field(default=70, metadata=_check(lambda v: 1 <= v <= 100, "must be 1 to 100"))
+    # Transient failures (timeouts, 5xx, busy drive) are retried this many times within a run,
+    # with exponential backoff; a job that still fails is retried by the next run.
+    retries: int = field(default=3, metadata=_check(lambda v: 0 <= v <= 20, "must be 0 to 20"))
+    # Bandwidth cap for reads and writes on this tier, 0 = none.
+    rate_limit_mbps: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +172,14 @@ class Config:
     @property
     def hot_tier(self) -> TierConfig:
         return self.tiers[self.appliance.store.hot_tier]
+
+    @property
+    def cold_tiers(self) -> list[TierConfig]:
+        return [t for name, t in self.tiers.items() if name != self.appliance.store.hot_tier]
+
+    @property
+    def policies_path(self) -> Path:
+        return self.resolve(self.appliance.lifecycle.policies_dir)
 
 
 class _Source:
@@ -153,6 +215,9 @@ class _Source:
                 seen.add(key)
                 self.lines[keypath + (key,)] = key_node.start_mark.line + 1
                 self._index(value_node, keypath + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for number, item in enumerate(node.value):
+                self._index(item, keypath + (number,))
 
     def error(self, keypath: tuple, message: str) -> ConfigError:
         line = self.lines.get(keypath) or self.lines.get(keypath[:-1]) or 1
@@ -177,24 +242,54 @@ def _build(cls, data: Any, source: _Source, keypath: tuple = ()):
             if f.default is MISSING and f.default_factory is MISSING:
                 raise source.error(here, "is required")
             continue
-        value, kind = data[f.name], hints[f.name]
-        if is_dataclass(kind):
-            value = _build(kind, value, source, here)
-        elif kind is bool:
-            if not isinstance(value, bool):
-                raise source.error(here, "must be true or false")
-        elif kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise source.error(here, "must be a whole number")
-        elif kind is str:
-            if not isinstance(value, (str, int)) or isinstance(value, bool) or (value == "" and f.default != ""):
-                raise source.error(here, "must be a non-empty text")
-            value = str(value)
+        value = _value(hints[f.name], data[f.name], f.default, source, here)
         check = f.metadata.get("check")
         if check and not check[0](value):
             raise source.error(here, check[1])
         values[f.name] = value
     return cls(**values)
+
+
+def _check_tier(tier: TierConfig, source: _Source) -> None:
+    needs = {"filesystem": ("path", tier.path), "ltfs": ("cartridges", tier.cartridges), "s3": ("s3", tier.s3)}
+    key, value = needs[tier.kind]
+    if not value:
+        raise source.error((key,), f"is required for a {tier.kind} tier")
+    for other, other_value in needs.items():
+        if other != tier.kind and needs[other][1]:
+            raise source.error((needs[other][0],), f"does not apply to a {tier.kind} tier")
+    if tier.low_watermark_percent > tier.high_watermark_percent:
+        raise source.error(("low_watermark_percent",), "must not be above high_watermark_percent")
+    labels = [c.label for c in tier.cartridges]
+    for number, label in enumerate(labels):
+        if labels.index(label) != number:
+            raise source.error(("cartridges", number, "label"), f"cartridge {label} is listed twice")
+
+
+def _value(kind, value: Any, default: Any, source: _Source, here: tuple) -> Any:
+    """Check one YAML value against its annotated type: a dataclass, an optional dataclass,
+    a tuple of items, bool, int or text."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        inner = [arg for arg in typing.get_args(kind) if arg is not type(None)][0]
+        return None if value is None else _value(inner, value, None, source, here)
+    if is_dataclass(kind):
+        return _build(kind, value, source, here)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list):
+            raise source.error(here, "must be a list")
+        item_kind = typing.get_args(kind)[0]
+        return tuple(_value(item_kind, item, None, source, here + (number,)) for number, item in enumerate(value))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise source.error(here, "must be true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise source.error(here, "must be a whole number")
+    elif kind is str:
+        if not isinstance(value, (str, int)) or isinstance(value, bool) or (value == "" and default != ""):
+            raise source.error(here, "must be a non-empty text")
+        value = str(value)
+    return value
 
 
 def load(home: Path, path: Path | None = None) -> Config:
@@ -211,7 +306,10 @@ def load(home: Path, path: Path | None = None) -> Config:
         tier = _build(TierConfig, tier_source.data, tier_source)
         if tier.name in tiers:
             raise tier_source.error(("name",), f"tier '{tier.name}' is defined twice")
+        _check_tier(tier, tier_source)
         tiers[tier.name] = tier
     if appliance.store.hot_tier not in tiers:
         raise source.error(("store", "hot_tier"), f"no tier named '{appliance.store.hot_tier}' in {tiers_dir}")
+    if tiers[appliance.store.hot_tier].kind != "filesystem":
+        raise source.error(("store", "hot_tier"), "the hot tier must be a filesystem tier")
     return Config(home, appliance, tiers)

@@ -76,8 +76,24 @@ class NotFound(ApplianceError):
     exit_code = 66  # EX_NOINPUT
 
 
-class RecallUnavailable(ApplianceError):
-    """The instance has no hot copy and cannot be recalled from a cold tier."""
+class TierUnavailable(ApplianceError):
+    """A tier cannot be reached now (S3 down, cartridge not loaded, restore pending): retry later.
 
-    exit_code = 69  # EX_UNAVAILABLE
+    Nothing was removed from the source of whatever operation met it."""
+
+    exit_code = 75  # EX_TEMPFAIL
     dicom_status = 0xA702
+
+
+class CartridgeOffline(TierUnavailable):
+    """The tape cartridge holding a pack is not mounted; `label` says which one to load."""
+
+    def __init__(self, message: str, label: str):
+        super().__init__(message)
+        self.label = label
+
+
+class PolicyViolation(ApplianceError):
+    """An operation would break retention or a legal hold; nothing was changed."""
+
+    exit_code = 77

@@ -43,6 +43,18 @@ store:
   # version; keep the previous versions (true) or drop them once it is stored.
   keep_previous_versions: true
 
+lifecycle:
+  # Retention and tiering policies (`appliance policy plan`, `policy apply`).
+  policies_dir: policies
+  # A recall that needs a tape cartridge loaded waits this long, with an alarm in
+  # `appliance status` naming the cartridge, before the request fails.
+  recall_wait_s: 300
+  # A job that met an unreachable tier is retried by later runs after this delay,
+  # doubled after every failure, up to 6 hours.
+  retry_backoff_s: 60
+  # Packs for object storage are assembled here (sealed bytes only).
+  spool_dir: spool
+
 imports:
   # Files sealed in parallel by `appliance import`: more than the cores, so that
   # one file's fsync overlaps another's compression.
@@ -80,14 +92,17 @@ def init(home: Path) -> cfg.Config:
         raise ApplianceError(f"{home} is already an appliance home")
     home.mkdir(parents=True, exist_ok=True)
     with HomeLock(home, exclusive=True):
-        tiers = home / "tiers"
-        tiers.mkdir(exist_ok=True)
-        for example in sorted((EXAMPLES / "tiers").glob("*.yaml")):
-            shutil.copyfile(example, tiers / example.name)
+        for directory in ("tiers", "policies"):
+            (home / directory).mkdir(exist_ok=True)
+            for example in sorted((EXAMPLES / directory).iterdir()):
+                if example.suffix in (".yaml", ".example", ".md"):
+                    shutil.copyfile(example, home / directory / example.name)
         draft = home / (cfg.CONFIG_FILE + ".init")
         write_file_atomic(draft, APPLIANCE_YAML.encode())
         config = cfg.load(home, draft)
-        config.resolve(config.hot_tier.path).mkdir(parents=True, exist_ok=True)
+        for tier in config.tiers.values():
+            if tier.kind == "filesystem":
+                config.resolve(tier.path).mkdir(parents=True, exist_ok=True)
         Archive(config, lock=None, create=True).close()
         draft.rename(final)
         fsync_dir(home)

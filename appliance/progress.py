@@ -13,8 +13,10 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, what: str, total_items: int, total_bytes: int, stream: TextIO | None = None):
+    def __init__(self, what: str, total_items: int, total_bytes: int, stream: TextIO | None = None,
+                 unit: str = "files"):
         self._stream = stream or sys.stderr
+        self._unit = unit
         self._tty = self._stream.isatty()
         self._what, self._total_items, self._total_bytes = what, total_items, total_bytes
         self._items = self._bytes = 0
@@ -27,6 +29,9 @@ class Progress:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self._stream.write(json.dumps({"ts": stamp, "event": event, **fields}) + "\n")
             self._stream.flush()
+
+    def set_total(self, items: int, nbytes: int) -> None:
+        self._total_items, self._total_bytes = items, nbytes
 
     def advance(self, nbytes: int) -> None:
         self._items += 1
@@ -42,7 +47,7 @@ class Progress:
         share = self._bytes / self._total_bytes if self._total_bytes else 1.0
         eta = (self._total_bytes - self._bytes) / rate if rate else 0
         bar = "#" * int(share * 30)
-        self._stream.write(f"\r{self._what} [{bar:<30}] {self._items}/{self._total_items} files "
+        self._stream.write(f"\r{self._what} [{bar:<30}] {self._items}/{self._total_items} {self._unit} "
                            f"{self._bytes / 1e6:,.1f}/{self._total_bytes / 1e6:,.1f} MB "
                            f"{rate / 1e6:,.1f} MB/s ETA {eta:,.0f}s ")
         self._stream.flush()

@@ -66,3 +66,49 @@ def tree_bytes(root: Path, skip: tuple[str, ...] = ()) -> bytes:
 
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One SeaweedFS S3 server on 127.0.0.1 for the whole session; tests use their own buckets."""
+    from s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+_BUCKETS = iter(range(1, 1 << 30))
+
+
+def new_bucket(server) -> str:
+    name = f"test-bucket-{os.getpid()}-{next(_BUCKETS)}"
+    server.client().create_bucket(Bucket=name)
+    return name
+
+
+def add_tier(home: Path, name: str, text: str) -> None:
+    """Write HOME/tiers/<name>.yaml."""
+    (home / "tiers" / f"{name}.yaml").write_text(f"name: {name}\n" + text)
+
+
+def s3_tier_yaml(server, bucket: str, **extra) -> str:
+    """An S3 tier pointing at the test server, credentials in an INI file as an admin would keep them."""
+    lines = ["kind: s3", "s3:", f"  bucket: {bucket}", f"  endpoint_url: {server.endpoint}",
+             "  credentials_file: s3-credentials", "  timeout_s: 5"]
+    lines += [f"  {k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\nretries: 1\n"
+
+
+def write_s3_credentials(home: Path) -> None:
+    path = home / "s3-credentials"
+    path.write_text("[default]\naws_access_key_id = test\naws_secret_access_key = test-secret\n")
+    path.chmod(0o600)
+
+
+def load_cartridge(path: Path, label: str) -> None:
+    """What an operator's `ltfs` mount of a pacs-vault cartridge looks like: a directory with its label."""
+    from appliance.backends.ltfs import LABEL_FILE, label_text
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / LABEL_FILE).write_text(label_text(label))

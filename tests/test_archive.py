@@ -138,8 +138,7 @@ def test_delete_study_removes_every_copy_and_shreds_the_key(config, ct_files):
     with Archive.open(config, writer=True) as archive:
         info = archive.store_file(ct_files[0]).info
         key_id = archive.study_key(info.study_uid)
-        removed = archive.delete_study(info.study_uid)
-        assert removed == 1
+        assert archive.delete_study(info.study_uid) == (1, [])
         assert list(archive.hot.list()) == []
         with pytest.raises(KeyMissing):
             archive.keyring.data_key(key_id)
@@ -200,5 +199,5 @@ def test_delete_shreds_before_it_forgets(config, ct_files):
         archive.keyring.destroy(key_ids)  # the state a crash after the shred leaves
         with pytest.raises(KeyMissing):
             b"".join(archive.open_instance(info.sop_uid))
-        assert archive.delete_study(info.study_uid) == 1
+        assert archive.delete_study(info.study_uid) == (1, [])
         assert list(archive.hot.list()) == [] and archive.counters()["instances"] == 0

@@ -13,7 +13,7 @@ def test_init_creates_the_documented_home(tmp_path):
     home = tmp_path / "h"
     result = run_cli("init", home=home)
     assert "key file" in result.stdout
-    for name in ("appliance.yaml", "tiers/hot.yaml", "kek.key", "keyring/data.mdb", "index/data.mdb", "hot"):
+    for name in ("appliance.yaml", "tiers/hot-raid.yaml", "tiers/cold-disk.yaml", "policies/default.yaml", "kek.key", "keyring/data.mdb", "index/data.mdb", "hot"):
         assert (home / name).exists(), name
     assert stat.S_IMODE((home / "kek.key").stat().st_mode) == 0o600
     again = run_cli("init", home=home, check=False)

@@ -1,1 +1,24 @@
-"""Storage backends behind one small interface (base.py)."""
+"""Storage tiers behind one interface (base.py): filesystem, LTFS tape, S3."""
+
+from __future__ import annotations
+
+from appliance.backends.filesystem import FilesystemBackend
+from appliance.backends.ltfs import Cartridge, LtfsBackend
+from appliance.backends.wrappers import RateLimitedBackend, RetryingBackend
+from appliance.config import Config, TierConfig
+
+
+def open_tier(config: Config, tier: TierConfig):
+    """The tier's backend with its retry and bandwidth wrappers."""
+    if tier.kind == "filesystem":
+        backend = FilesystemBackend(tier.name, config.resolve(tier.path))
+    elif tier.kind == "ltfs":
+        backend = LtfsBackend(tier.name, [Cartridge(c.label, config.resolve(c.path), c.capacity_mb * 10**6)
+                                          for c in tier.cartridges])
+    else:
+        from appliance.backends.s3 import S3Backend  # boto3 loads slowly; only S3 tiers need it
+
+        backend = S3Backend(tier.name, tier.s3, config.resolve)
+    if tier.rate_limit_mbps:
+        backend = RateLimitedBackend(backend, tier.rate_limit_mbps * 1e6)
+    return RetryingBackend(backend, tier.retries)

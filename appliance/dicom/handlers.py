@@ -70,7 +70,7 @@ def handle_store(event, archive: Archive, authorise, stats_of) -> Dataset | int:
         if not authorise(event.assoc, "store"):
             return _status(STATUS_NOT_AUTHORISED, "calling AE may not store")
         try:
-            outcome = archive.store_file(path)
+            outcome = archive.store_file(path, source=str(event.assoc.requestor.ae_title).strip())
         except InvalidInstance as exc:
             stats.count("C-STORE", failed=1)
             return _status(STATUS_CANNOT_UNDERSTAND, str(exc))

@@ -10,7 +10,11 @@ a PDU at a time. An instance is sent in the transfer syntax it was stored in
 (no transcoding); C-MOVE proposes exactly those, C-GET needs the requestor to
 have offered them.
 
-Responses follow PS3.4 C.4.2/C.4.3: a Pending response after every
+A study that lives only on cold tiers is recalled first (one recall per study,
+shared by concurrent requests); while it comes back the requestor gets a Pending
+response every few seconds, and a study that cannot be recalled (cartridge not
+loaded in time, tier down) fails its sub-operations with the reason in the final
+response's Error Comment. Responses follow PS3.4 C.4.2/C.4.3: a Pending response after every
 sub-operation with the remaining/completed/failed/warning counts; the final
 response is Success, Warning (0xB000) or Failure (0xA702) with the Failed SOP
 Instance UID List; a C-CANCEL stops before the next sub-operation (0xFE00).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -38,6 +43,7 @@ from appliance.store.archive import Archive
 LOG = logging.getLogger("appliance.dicom")
 _PENDING, _CANCEL, _WARNING, _SUBOP_FAILURE = 0xFF00, 0xFE00, 0xB000, 0xA702
 _MAX_CONTEXTS = 128
+_PENDING_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -173,6 +179,14 @@ class RetrieveService:
         if len(instances) > 65535:
             return finish(0xC000, comment="more than 65535 instances match")
 
+        studies = sorted({record["study"] for _, record in instances})
+        for study_uid in studies:
+            self._archive.touch_study(study_uid)
+        unavailable = self._recall(assoc, req, rsp, cx_id, studies, subops)
+        if unavailable is None:  # cancelled while waiting
+            subops.failed_uids.extend(uid for uid, _ in instances)
+            return finish(_CANCEL, subops)
+
         target = assoc
         originator = None
         if isinstance(req, C_MOVE):
@@ -194,7 +208,10 @@ class RetrieveService:
                     subops.failed_uids.extend(uid for uid, _ in instances[number:])
                     return finish(_CANCEL, subops)
                 msg_id = (req.MessageID + number + 1) % 65536 or 1
-                subops.record(sop_uid, _send_one(self._archive, target, sop_uid, record, msg_id, originator))
+                if record["study"] in unavailable:
+                    subops.record(sop_uid, None)
+                else:
+                    subops.record(sop_uid, _send_one(self._archive, target, sop_uid, record, msg_id, originator))
                 rsp.Status = _PENDING
                 subops.fill(rsp)
                 rsp.Identifier = None
@@ -203,6 +220,33 @@ class RetrieveService:
             if target is not assoc:
                 target.release()
         self._stats_of(assoc).count("C-GET" if isinstance(req, C_GET) else "C-MOVE", retrieved=subops.completed)
+        comment = next(iter(unavailable.values()), "")
         if subops.failed == len(instances):
-            return finish(_SUBOP_FAILURE, subops)
-        return finish(_WARNING if subops.failed or subops.warning else 0x0000, subops)
+            return finish(_SUBOP_FAILURE, subops, comment)
+        return finish(_WARNING if subops.failed or subops.warning else 0x0000, subops, comment)
+
+    def _recall(self, assoc, req, rsp, cx_id, studies: list[str], subops: SubOperations) -> dict[str, str] | None:
+        """Recall the studies that are on cold tiers only, sending Pending responses meanwhile.
+
+        Returns {study: why it could not be recalled}, or None when the requestor cancelled."""
+        waiting = {uid: self._archive.recall_in_background(uid) for uid in studies
+                   if self._archive.needs_recall(uid)}
+        unavailable = {}
+        for study_uid, future in waiting.items():
+            while True:
+                try:
+                    future.result(timeout=_PENDING_INTERVAL_S)
+                    break
+                except FutureTimeout:
+                    if req.MessageID in assoc.dimse.cancel_req:
+                        del assoc.dimse.cancel_req[req.MessageID]
+                        return None
+                    rsp.Status = _PENDING
+                    subops.fill(rsp)
+                    rsp.Identifier = None
+                    assoc.dimse.send_msg(rsp, cx_id)
+                except ApplianceError as exc:
+                    LOG.warning("recall for a retrieve failed: %s", exc)
+                    unavailable[study_uid] = str(exc)
+                    break
+        return unavailable

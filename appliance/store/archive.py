@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
-from appliance.errors import ApplianceError, IntegrityError, NotFound, RecallUnavailable
+from concurrent.futures import Future
+
+from appliance import backends
+from appliance.errors import ApplianceError, BlobMissing, IntegrityError, NotFound
 from appliance.fsutil import HomeLock, raise_if_out_of_space
 from appliance.store import index as ix
-from appliance.store import p10, sealed
+from appliance.store import p10, sealed, tiering
 from appliance.store.index import Index
 from appliance.store.keys import Keyring
 
@@ -52,6 +56,9 @@ class Archive:
             raise NotFound(f"index {config.index_path} is missing: run `appliance fsck --rebuild-index`") from None
         self.hot = hot_backend(config)
         self._key_lock = threading.Lock()
+        self._tiers: dict = {}
+        self._recalls: dict[str, Future] = {}
+        self._recall_lock = threading.Lock()
         if lock is not None:
             self.hot.sweep_incoming()
 
@@ -90,9 +97,17 @@ class Archive:
             return self.index.write(lambda t: t.get("study_keys", study_uid)
                                     or t.put("study_keys", study_uid, new_id) or new_id)
 
-    def store_file(self, path: str | os.PathLike) -> StoreOutcome:
+    def tier(self, name: str):
+        """The backend of a cold tier (opened on first use)."""
+        with self._key_lock:
+            if name not in self._tiers:
+                self._tiers[name] = backends.open_tier(self.config, self.config.tiers[name])
+            return self._tiers[name]
+
+    def store_file(self, path: str | os.PathLike, source: str = "import") -> StoreOutcome:
         """Store one P10 file byte-exact. Returns once it is durable; raises InvalidInstance,
-        OutOfSpace or another ApplianceError and then nothing of it is stored."""
+        OutOfSpace or another ApplianceError and then nothing of it is stored.
+        `source`: the calling AE title, or "import"."""
         info = p10.inspect(path)
         with self.index.read() as t:
             if t.get("blobs", info.content_address) is not None:
@@ -112,7 +127,7 @@ class Archive:
         blob = {"name": name, "sealed_size": result.sealed_size, "xxh3": result.sealed_xxh3,
                 "key_id": key_id, "compression": result.compression}
         try:
-            status, superseded = self.index.write(lambda t: self._record(t, info, blob))
+            status, superseded = self.index.write(lambda t: self._record(t, info, blob, source))
         except BaseException:
             self.hot.delete(name)
             raise
@@ -124,14 +139,15 @@ class Archive:
             self.hot.delete(old_name)
         return StoreOutcome(status, info)
 
-    def _record(self, t: ix.Txn, info: p10.InstanceInfo, blob: dict) -> tuple[str, list[str]]:
+    def _record(self, t: ix.Txn, info: p10.InstanceInfo, blob: dict, source: str) -> tuple[str, list[str]]:
         previous = t.get("instances", info.sop_uid)
-        status = ix.record_instance(t, info, blob, self.hot.name)
+        status = ix.record_instance(t, info, blob, self.hot.name, source)
         superseded = []
         if status == "new_version" and not self.config.appliance.store.keep_previous_versions:
             for ca in previous["versions"]:
                 copies = ix.drop_version(t, info.sop_uid, ca)
-                superseded.append(copies[self.hot.name]["name"])
+                if self.hot.name in copies:  # copies on cold tiers stay in their packs until the study goes
+                    superseded.append(copies[self.hot.name]["name"])
         return status, superseded
 
     # -- reading -------------------------------------------------------------------------
@@ -144,23 +160,69 @@ class Archive:
         return record
 
     def open_blob(self, ca: bytes, chunk_size: int = sealed.READ_SIZE) -> Iterator[bytes]:
-        """The original bytes of a stored version, verified as they stream (see sealed.open_sealed)."""
+        """The original bytes of a stored version, verified as they stream (see sealed.open_sealed).
+
+        A version with no hot copy is recalled first, with the rest of its study."""
+        for attempt in range(3):
+            with self.index.read() as t:
+                blob = t.get("blobs", ca)
+                study_uid = blob and t.get("instances", blob["sop"])["study"]
+            if blob is None:
+                raise NotFound("no such stored version")
+            copy = blob["copies"].get(self.hot.name)
+            if copy is None:
+                self.recall_study(study_uid)
+                continue
+            try:
+                fp = self.hot.open(copy["name"])
+            except BlobMissing:
+                if attempt < 2:  # evicted between the index read and the open: look again
+                    continue
+                raise
+            return self._stream(fp, ca, chunk_size)
+        raise IntegrityError("the instance could not be brought back to the hot tier")
+
+    def recall_study(self, study_uid: str, on_wait=None) -> int:
+        """Recall a study's cold-only versions to the hot tier; concurrent callers share one recall."""
+        return self.recall_in_background(study_uid, on_wait).result()
+
+    def recall_in_background(self, study_uid: str, on_wait=None) -> Future:
+        with self._recall_lock:
+            running = self._recalls.get(study_uid)
+            if running is not None:
+                return running
+            future: Future = Future()
+            self._recalls[study_uid] = future
+
+        def run():
+            try:
+                future.set_result(tiering.recall(self, study_uid, on_wait=on_wait))
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                future.set_exception(exc)
+            finally:
+                with self._recall_lock:
+                    self._recalls.pop(study_uid, None)
+
+        threading.Thread(target=run, name="recall", daemon=True).start()
+        return future
+
+    def needs_recall(self, study_uid: str) -> bool:
         with self.index.read() as t:
-            blob = t.get("blobs", ca)
-        if blob is None:
-            raise NotFound("no such stored version")
-        copy = blob["copies"].get(self.hot.name)
-        if copy is None:
-            return self.recall(ca, blob, chunk_size)
-        return self._stream(copy["name"], ca, chunk_size)
+            return any(self.hot.name not in blob["copies"] for _, blob in ix.study_blobs(t, study_uid))
 
-    def recall(self, ca: bytes, blob: dict, chunk_size: int) -> Iterator[bytes]:
-        """Bring back a version that has no hot copy. The one place cold tiers will plug in."""
-        tiers = ", ".join(sorted(blob["copies"])) or "no tier"
-        raise RecallUnavailable(f"the instance is only on {tiers}; recall from cold tiers is not available")
+    def touch_study(self, study_uid: str) -> None:
+        """Note an access (retrieve, export): policies migrate by days without access."""
+        now = int(time.time())
 
-    def _stream(self, name: str, ca: bytes, chunk_size: int) -> Iterator[bytes]:
-        with self.hot.open(name) as fp:
+        def touch(t: ix.Txn) -> None:
+            study = t.get("studies", study_uid)
+            if study is not None and study.get("last_access", 0) < now:
+                study["last_access"] = now
+                t.put("studies", study_uid, study)
+        self.index.write(touch)
+
+    def _stream(self, fp, ca: bytes, chunk_size: int) -> Iterator[bytes]:
+        with fp:
             yield from sealed.unseal(fp, key_for=self.keyring.data_key, content_address=ca,
                                      chunk_size=chunk_size)
 
@@ -168,9 +230,11 @@ class Archive:
         """Key-less check of an instance's current hot copy; raises IntegrityError or NotFound."""
         with self.index.read() as t:
             blob = t.get("blobs", record["current"])
-        if blob is None or self.hot.name not in blob["copies"]:
-            raise NotFound("the instance has no copy on the hot tier")
-        verify_blob_file(self.hot, blob["copies"][self.hot.name]["name"], blob)
+        if blob is None or not blob["copies"]:
+            raise NotFound("the instance has no stored copy")
+        if self.hot.name in blob["copies"]:
+            verify_blob_file(self.hot, blob["copies"][self.hot.name]["name"], blob)
+        # else: only on cold tiers, where each pack was read back and verified before it counted
 
     def open_instance(self, sop_uid: str) -> Iterator[bytes]:
         return self.open_blob(self.instance(sop_uid)["current"])
@@ -207,7 +271,11 @@ class Archive:
         A file appears only after all of its bytes verified. Returns (written, failures)."""
         dest.mkdir(parents=True, exist_ok=True)
         written, failures = [], []
-        for sop_uid, record in self.instances_of_study(study_uid):
+        instances = self.instances_of_study(study_uid)
+        self.touch_study(study_uid)
+        if self.needs_recall(study_uid):
+            self.recall_study(study_uid)
+        for sop_uid, record in instances:
             target = dest / f"{sop_uid}.dcm"
             tmp = dest / f".{sop_uid}.dcm.partial"
             try:
@@ -229,11 +297,11 @@ class Archive:
 
     # -- deleting ------------------------------------------------------------------------
 
-    def delete_study(self, study_uid: str) -> int:
-        """Remove a study from the index, delete every copy, destroy its data keys.
+    def delete_study(self, study_uid: str) -> tuple[int, list[dict]]:
+        """Remove a study from the index, destroy its data keys, delete every copy on every tier.
 
-        The internal primitive behind expiry; callers check retention and holds.
-        Returns the number of blobs removed."""
+        The internal primitive behind expiry; callers check retention and holds. Returns
+        (versions removed, cold copies that could not be removed now: unreadable all the same)."""
         with self.index.read() as t:
             if t.get("studies", study_uid) is None:
                 raise NotFound(f"no study {study_uid}")
@@ -242,11 +310,11 @@ class Archive:
         # (a crash before the index is updated leaves a study that fails to read; deleting again
         # finishes the job).
         self.keyring.destroy(key_ids)
-        removed = self.index.write(lambda t: ix.remove_study(t, study_uid))
-        for copies in removed.values():
+        blobs, packs = self.index.write(lambda t: ix.remove_study(t, study_uid))
+        for copies in blobs.values():
             if self.hot.name in copies:
                 self.hot.delete(copies[self.hot.name]["name"])
-        return len(removed)
+        return len(blobs), tiering.delete_packs(self, packs)
 
 
 def hot_backend(config: Config) -> FilesystemBackend:

@@ -14,7 +14,10 @@ not spoil the others. The map grows on its own when full.
     db "studies"           StudyInstanceUID -> {StudyDate, StudyTime, AccessionNumber, StudyID,
                            StudyDescription, ReferringPhysicianName, PatientAge, "patient": key,
                            "series": n, "instances": n, "modalities": [..], "sop_classes": [..],
-                           "received_bytes", "stored_bytes", "first_stored", "last_stored"}
+                           InstitutionName, "received_bytes", "stored_bytes", "first_stored", "last_stored",
+                           "last_access": unix s of the last retrieve/export (absent: never),
+                           "source_aes": [calling AE titles that sent it, "import" for imports],
+                           "packs": {tier: [pack ids]}}
     db "series"            SeriesInstanceUID -> {Modality, SeriesNumber, SeriesDescription, SeriesDate,
                            SeriesTime, BodyPartExamined, "study": uid, "instances": n}
     db "instances"         SOPInstanceUID -> {SOPClassUID, InstanceNumber, Rows, Columns,
@@ -23,8 +26,19 @@ not spoil the others. The map grows on its own when full.
                            "versions": [content addresses, oldest first, current last]}
     db "blobs"             content address (32 raw bytes) -> {"sop", "size", "sealed_size",
                            "xxh3" (16 raw bytes), "key_id" (16 raw bytes), "compression",
-                           "stored": unix s, "copies": {tier: {"name": object name, "verified": unix s}}}
+                           "stored": unix s, "copies": {tier: copy}}
+                           hot copy = {"name": object name, "verified": unix s}
+                           cold copy = {"pack": pack id, "offset", "length", "verified": unix s}
+    db "packs"             pack id (hex) -> {"tier", "study", "size", "xxh3" (16 raw bytes, whole pack),
+                           "where": cartridge label or "", "written", "verified": unix s, "blobs": [ca]}
     db "study_keys"        StudyInstanceUID -> key id (16 raw bytes) of the study's data key
+    db "holds"             "study:" UID or "patient:" PatientID -> {"reason", "by", "since": unix s}
+    db "jobs"              StudyInstanceUID -> the one lifecycle job of a study (lifecycle.py):
+                           {"kind": migrate|evict|expire, "targets", "drop_hot", "rule", "created",
+                           "attempts", "next_try", "error", "pending": {tier: pack id being written}}
+    db "deletions"         StudyInstanceUID -> deletion record {"time", "rule", "by", "patient_id",
+                           "series": [uids], "instances": [uids], "unremoved": [{tier, pack, where}]}
+    db "alarms"            alarm key -> {"message", "action", "since": unix s}
     dupsort dbs            key -> StudyInstanceUID unless said otherwise:
       "patient_studies"    patient key
       "study_series"       StudyInstanceUID -> SeriesInstanceUID
@@ -56,7 +70,8 @@ from appliance.store.p10 import InstanceInfo, person_name_key
 
 SCHEMA_VERSION = 1
 _KEY_LIMIT = 480  # LMDB keys and dupsort values stop at 511 bytes
-_PLAIN_DBS = ("meta", "patients", "studies", "series", "instances", "blobs", "study_keys")
+_PLAIN_DBS = ("meta", "patients", "studies", "series", "instances", "blobs", "study_keys", "packs", "holds",
+              "jobs", "deletions", "alarms")
 _DUP_DBS = ("patient_studies", "study_series", "series_instances", "by_patient_id", "by_patient_name",
             "by_study_date", "by_accession", "by_modality")
 SECONDARY = {"PatientID": "by_patient_id", "PatientName": "by_patient_name", "StudyDate": "by_study_date",
@@ -316,7 +331,7 @@ def _remove_secondary(t: Txn, field: str, value: str, study_uid: str) -> None:
         t.dup_remove(SECONDARY[field], key, study_uid)
 
 
-def record_instance(t: Txn, info: InstanceInfo, blob: dict, tier: str) -> str:
+def record_instance(t: Txn, info: InstanceInfo, blob: dict, tier: str, source: str = "import") -> str:
     """Index one sealed instance. Returns "stored", "new_version" or "duplicate".
 
     "duplicate": the same bytes are indexed already, the caller's blob is surplus.
@@ -354,6 +369,8 @@ def record_instance(t: Txn, info: InstanceInfo, blob: dict, tier: str) -> str:
     study["received_bytes"] += info.length
     study["stored_bytes"] += blob["sealed_size"]
     study["last_stored"] = now
+    if source not in study.setdefault("source_aes", []):
+        study["source_aes"].append(source)
     t.put("studies", info.study_uid, study)
     t.put("meta", b"counters", counters)
     return outcome
@@ -426,26 +443,28 @@ def drop_version(t: Txn, sop_uid: str, ca: bytes) -> dict:
 
 def study_key_ids(t: Txn, study_uid: str) -> list[bytes]:
     """Every data key a study's blobs are sealed under, and the study's own."""
-    key_ids = set()
-    for series_uid in t.dup_values("study_series", study_uid):
-        for sop_uid in t.dup_values("series_instances", series_uid):
-            for ca in t.get("instances", sop_uid)["versions"]:
-                blob = t.get("blobs", ca)
-                if blob is not None:
-                    key_ids.add(blob["key_id"])
+    key_ids = {blob["key_id"] for _, blob in study_blobs(t, study_uid)}
     own = t.get("study_keys", study_uid)
     if own is not None:
         key_ids.add(own)
     return sorted(key_ids)
 
 
-def remove_study(t: Txn, study_uid: str) -> dict[bytes, dict]:
-    """Drop a study and everything under it from the index; return {content address: copies}
-    so the caller can delete every copy (its keys: study_key_ids, destroyed before this).
-    Versions of the study's instances that were stored under other studies go with it."""
+def remove_study(t: Txn, study_uid: str) -> tuple[dict[bytes, dict], dict[str, dict]]:
+    """Drop a study and everything under it from the index; return ({content address: copies},
+    {pack id: pack record}) so the caller can delete every copy (its keys: study_key_ids,
+    destroyed before this). Versions of the study's instances that were stored under other
+    studies go with it."""
     study = t.get("studies", study_uid)
     if study is None:
-        return {}
+        return {}, {}
+    packs = {}
+    for pack_ids in study.get("packs", {}).values():
+        for pack_id in pack_ids:
+            record = t.get("packs", pack_id)
+            if record is not None:
+                packs[pack_id] = record
+                t.delete("packs", pack_id)
     blobs: dict[bytes, dict] = {}
     counters = _counters(t)
     for series_uid in t.dup_values("study_series", study_uid):
@@ -484,4 +503,48 @@ def remove_study(t: Txn, study_uid: str) -> dict[bytes, dict]:
         t.delete("study_keys", study_uid)
     t.delete("studies", study_uid)
     t.put("meta", b"counters", counters)
-    return blobs
+    return blobs, packs
+
+
+def study_blobs(t: Txn, study_uid: str) -> list[tuple[bytes, dict]]:
+    """Every stored version (current and previous) of every instance of a study."""
+    out = []
+    for series_uid in t.dup_values("study_series", study_uid):
+        for sop_uid in t.dup_values("series_instances", series_uid):
+            for ca in t.get("instances", sop_uid)["versions"]:
+                blob = t.get("blobs", ca)
+                if blob is not None:
+                    out.append((ca, blob))
+    return out
+
+
+def add_pack(t: Txn, pack_id: str, record: dict, entries: list) -> None:
+    """Record a written and verified pack and the cold copies it holds."""
+    t.put("packs", pack_id, record)
+    for entry in entries:
+        blob = t.get("blobs", entry.ca)
+        if blob is None:
+            continue  # the version was dropped meanwhile; the pack's copy of it is surplus
+        blob["copies"][record["tier"]] = {"pack": pack_id, "offset": entry.offset, "length": entry.length,
+                                          "verified": record["verified"]}
+        t.put("blobs", entry.ca, blob)
+    study = t.get("studies", record["study"])
+    if study is not None:
+        study.setdefault("packs", {}).setdefault(record["tier"], []).append(pack_id)
+        t.put("studies", record["study"], study)
+
+
+def drop_tier_copies(t: Txn, study_uid: str, tier: str) -> list[str]:
+    """Forget a study's copies on `tier`; return their object names. Refuses (ValueError) to
+    drop a copy that is the last one of its version."""
+    names = []
+    for ca, blob in study_blobs(t, study_uid):
+        copy = blob["copies"].get(tier)
+        if copy is None:
+            continue
+        if len(blob["copies"]) < 2:
+            raise ValueError(f"the copy on {tier} of instance {blob['sop']} is its only copy")
+        del blob["copies"][tier]
+        t.put("blobs", ca, blob)
+        names.append(copy["name"])
+    return names

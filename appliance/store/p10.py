@@ -37,7 +37,7 @@ _READ_SIZE = 1 << 20
 # Attributes kept in the index, by level (see index.py for the schema).
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "IssuerOfPatientID")
 STUDY_KEYS = ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
-              "StudyDescription", "ReferringPhysicianName", "PatientAge")
+              "StudyDescription", "ReferringPhysicianName", "PatientAge", "InstitutionName")
 SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "SeriesDate",
                "SeriesTime", "BodyPartExamined")
 INSTANCE_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",

@@ -1,0 +1,256 @@
+"""Copies of a study on cold tiers: write packs, verify them, drop hot copies, recall.
+
+Every step is safe to interrupt and to repeat:
+
+- pack_study: before a pack is put, its id is recorded in the study's job (`pending`),
+  so a run killed mid-upload deletes the orphan next time; the pack counts only after
+  it was read back from the tier and its bytes hashed (size + xxh3-128), and only then
+  is it recorded in the index. Blobs that already have a copy on the tier are skipped.
+- drop_hot: only copies whose versions have a verified copy on every required tier are
+  forgotten (index first, files after; a crash in between leaves files fsck reclaims).
+- recall: copies come back to the hot tier from the first cold tier that can deliver
+  them, each checked against its sealed-bytes hash on the way; a bad cold copy is
+  skipped for the next tier's copy.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import TYPE_CHECKING, Callable
+
+import xxhash
+
+from appliance.errors import (ApplianceError, BlobMissing, CartridgeOffline, IntegrityError, NotFound,
+                              TierUnavailable)
+from appliance.fsutil import raise_if_out_of_space
+from appliance.store import index as ix
+from appliance.store import pack
+from appliance.store.alarms import clear_alarm, raise_alarm
+
+if TYPE_CHECKING:
+    from appliance.store.archive import Archive
+
+# Which cold tier a recall reads first: the quickest to answer.
+_RECALL_PREFERENCE = {"filesystem": 0, "ltfs": 1, "s3": 2}
+
+
+def _tier_error(exc: ApplianceError, tier: str) -> ApplianceError:
+    exc.tier = tier  # lifecycle raises its alarm per tier
+    return exc
+
+
+def _groups(blobs: list[tuple[bytes, dict]], limit: int) -> list[list[tuple[bytes, dict]]]:
+    groups, current, size = [], [], 0
+    for ca, blob in blobs:
+        if current and size + blob["sealed_size"] > limit:
+            groups.append(current)
+            current, size = [], 0
+        current.append((ca, blob))
+        size += blob["sealed_size"]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def pack_study(archive: "Archive", study_uid: str, tier_name: str, *,
+               remember_pending: Callable[[str | None], None]) -> int:
+    """Give every version of a study a verified copy on `tier_name`; returns bytes written.
+
+    `remember_pending(pack_id)` durably notes the pack about to be written (None: done)."""
+    tier = archive.config.tiers[tier_name]
+    backend = archive.tier(tier_name)
+    with archive.index.read() as t:
+        if t.get("studies", study_uid) is None:
+            raise NotFound(f"no study {study_uid}")
+        todo = [(ca, blob) for ca, blob in ix.study_blobs(t, study_uid) if tier_name not in blob["copies"]]
+        key_id = t.get("study_keys", study_uid)
+    if not todo:
+        return 0
+    if any(archive.hot.name not in blob["copies"] for _, blob in todo):
+        archive.recall_study(study_uid)
+        return pack_study(archive, study_uid, tier_name, remember_pending=remember_pending)
+    written = 0
+    spool = archive.config.resolve(archive.config.appliance.lifecycle.spool_dir)
+    spool.mkdir(parents=True, exist_ok=True)
+    for group in _groups(todo, tier.pack_size_mb << 20):
+        pack_id = os.urandom(16).hex()
+        remember_pending(pack_id)
+        try:
+            with tempfile.TemporaryFile(dir=spool) as staged:  # sealed bytes only, gone on close or crash
+                sources = [(ca, blob, lambda blob=blob: archive.hot.open(blob["copies"][archive.hot.name]["name"]))
+                           for ca, blob in group]
+                info = pack.write_pack(staged, sources, study_uid=study_uid,
+                                       data_key=archive.keyring.data_key(key_id), key_id=key_id)
+                staged.flush()
+                staged.seek(0)
+                backend.put(pack_id, staged)
+        except OSError as exc:
+            raise_if_out_of_space(exc)
+            raise
+        except TierUnavailable as exc:
+            raise _tier_error(exc, tier_name)
+        verify_pack(archive, tier_name, pack_id, info.size, info.xxh3)
+        now = int(time.time())
+        record = {"tier": tier_name, "study": study_uid, "size": info.size, "xxh3": info.xxh3,
+                  "where": backend.locate(pack_id), "written": now, "verified": now,
+                  "blobs": [e.ca for e in info.entries]}
+        archive.index.write(lambda t: ix.add_pack(t, pack_id, record, info.entries))
+        remember_pending(None)
+        written += info.size
+    return written
+
+
+def verify_pack(archive: "Archive", tier_name: str, pack_id: str, size: int, digest: bytes) -> None:
+    """Read a pack back from its tier and check its bytes (key-less); raise IntegrityError if not."""
+    backend = archive.tier(tier_name)
+    try:
+        with backend.open(pack_id) as fp:
+            found_size, found = pack.verify_keyless(fp)
+    except TierUnavailable as exc:
+        raise _tier_error(exc, tier_name)
+    if (found_size, found) != (size, digest):
+        raise IntegrityError(f"pack {pack_id} on {tier_name} does not read back as written")
+
+
+def drop_hot(archive: "Archive", study_uid: str, required: list[str]) -> int:
+    """Forget and delete the study's hot copies, if every version has a copy on each `required`
+    tier (at least one cold copy when `required` is empty). Returns the number dropped."""
+    hot = archive.hot.name
+
+    def forget(t: ix.Txn) -> list[str]:
+        for _, blob in ix.study_blobs(t, study_uid):
+            cold = set(blob["copies"]) - {hot}
+            if not cold or not set(required) <= cold:
+                raise ApplianceError(f"instance {blob['sop']} has no verified copy on "
+                                     f"{', '.join(sorted(set(required) - cold)) or 'any cold tier'}; "
+                                     "its hot copy stays")
+        return ix.drop_tier_copies(t, study_uid, hot)
+
+    names = archive.index.write(forget)
+    for name in names:
+        archive.hot.delete(name)
+    return len(names)
+
+
+def recall(archive: "Archive", study_uid: str, *, on_wait: Callable[[str], None] | None = None) -> int:
+    """Bring every version of a study without a hot copy back to the hot tier. Returns the count.
+
+    A cartridge that is not loaded is waited for (up to lifecycle.recall_wait_s), `on_wait`
+    told which one to load; any other unavailable tier is tried next in line."""
+    wait_s = archive.config.appliance.lifecycle.recall_wait_s
+    deadline = time.monotonic() + wait_s
+    waited_for = None
+    while True:
+        try:
+            count = _recall_once(archive, study_uid)
+        except CartridgeOffline as exc:
+            # The alarm stays until a recall that needed the cartridge succeeds.
+            if waited_for != exc.label:
+                waited_for = exc.label
+                raise_alarm(archive.index, f"recall:{exc.label}", f"a recall needs cartridge {exc.label}",
+                            f"load cartridge {exc.label} (tier {getattr(exc, 'tier', '?')})")
+            if time.monotonic() >= deadline:
+                raise
+            if on_wait is not None:
+                on_wait(f"load cartridge {exc.label}")
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+            continue
+        if waited_for:
+            clear_alarm(archive.index, f"recall:{waited_for}")
+        return count
+
+
+def _recall_once(archive: "Archive", study_uid: str) -> int:
+    hot = archive.hot.name
+    with archive.index.read() as t:
+        if t.get("studies", study_uid) is None:
+            raise NotFound(f"no study {study_uid}")
+        missing = {ca: blob for ca, blob in ix.study_blobs(t, study_uid) if hot not in blob["copies"]}
+        pack_ids = {copy["pack"] for blob in missing.values() for copy in blob["copies"].values() if "pack" in copy}
+        packs = {pack_id: t.get("packs", pack_id) for pack_id in pack_ids}
+    restored: dict[bytes, str] = {}
+    errors: list[ApplianceError] = []
+    tiers = sorted({rec["tier"] for rec in packs.values() if rec},
+                   key=lambda name: (_RECALL_PREFERENCE[archive.config.tiers[name].kind], name))
+    for tier_name in tiers:
+        wanted = {ca: blob for ca, blob in missing.items() if ca not in restored and tier_name in blob["copies"]}
+        if not wanted:
+            continue
+        backend = archive.tier(tier_name)
+        by_pack: dict[str, list[bytes]] = {}
+        for ca, blob in wanted.items():
+            by_pack.setdefault(blob["copies"][tier_name]["pack"], []).append(ca)
+        for pack_id in backend.read_order(by_pack):
+            try:
+                with backend.open(pack_id) as fp:
+                    for ca in by_pack[pack_id]:
+                        restored[ca] = _restore_blob(archive, fp, wanted[ca], tier_name)
+            except CartridgeOffline as exc:
+                where = (packs.get(pack_id) or {}).get("where") or exc.label
+                errors.append(_tier_error(CartridgeOffline(
+                    f"load cartridge {where} (tier {tier_name}) to recall study {study_uid}", where), tier_name))
+            except (TierUnavailable, IntegrityError) as exc:  # BlobMissing included: try the next tier
+                errors.append(_tier_error(exc, tier_name))
+    if restored:
+        _record_hot_copies(archive, study_uid, restored)
+    left = len(missing) - len(restored)
+    if left:
+        offline = [e for e in errors if isinstance(e, CartridgeOffline)]
+        if offline:
+            raise offline[0]
+        reason = errors[0] if errors else NotFound("no cold copy is indexed")
+        if isinstance(reason, TierUnavailable):
+            raise reason
+        raise IntegrityError(f"{left} instances of study {study_uid} could not be recalled: {reason}")
+    return len(restored)
+
+
+def _restore_blob(archive: "Archive", fp, blob: dict, tier_name: str) -> str:
+    copy = blob["copies"][tier_name]
+    name = os.urandom(16).hex()
+    source = pack.Slice(fp, copy["offset"], copy["length"])
+    digest, size = xxhash.xxh3_128(), 0
+    with archive.hot.create(name) as dst:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            dst.write(chunk)
+        if (size, digest.digest()) != (blob["sealed_size"], blob["xxh3"]):
+            raise IntegrityError(f"the copy of instance {blob['sop']} on {tier_name} does not verify")
+    return name
+
+
+def _record_hot_copies(archive: "Archive", study_uid: str, restored: dict[bytes, str]) -> None:
+    hot, now = archive.hot.name, int(time.time())
+
+    def record(t: ix.Txn) -> list[str]:
+        surplus = []
+        for ca, name in restored.items():
+            blob = t.get("blobs", ca)
+            if blob is None or hot in blob["copies"]:  # deleted, or recalled by another process meanwhile
+                surplus.append(name)
+                continue
+            blob["copies"][hot] = {"name": name, "verified": now}
+            t.put("blobs", ca, blob)
+        study = t.get("studies", study_uid)
+        if study is not None:
+            study["recalled"] = now
+            t.put("studies", study_uid, study)
+        return surplus
+
+    for name in archive.index.write(record):
+        archive.hot.delete(name)
+
+
+def delete_packs(archive: "Archive", packs: dict[str, dict]) -> list[dict]:
+    """Delete packs from their tiers; return those that could not be removed now."""
+    unremoved = []
+    for pack_id, record in packs.items():
+        try:
+            archive.tier(record["tier"]).delete(pack_id)
+        except (TierUnavailable, OSError) as exc:
+            unremoved.append({"tier": record["tier"], "pack": pack_id, "where": record.get("where", ""),
+                              "error": str(exc)})
+    return unremoved

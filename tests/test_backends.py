@@ -1,0 +1,278 @@
+"""The backend contract (backends/base.py), run against every backend: filesystem, LTFS
+cartridges (directories), S3 (a real SeaweedFS on 127.0.0.1). Then what is particular to
+tape and S3, and the retry and rate-limit wrappers with an injected clock."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+
+import pytest
+
+from appliance.backends.filesystem import FilesystemBackend
+from appliance.backends.ltfs import Cartridge, LtfsBackend
+from appliance.backends.wrappers import RateLimitedBackend, RetryingBackend, TokenBucket
+from appliance.config import S3Config
+from appliance.errors import BlobMissing, CartridgeOffline, OutOfSpace, TierUnavailable
+from conftest import load_cartridge, new_bucket
+
+
+def _s3(server, bucket):
+    from appliance.backends.s3 import S3Backend
+
+    settings = S3Config(bucket=bucket, endpoint_url=server.endpoint, timeout_s=5, part_size_mb=5)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test-secret")
+    return S3Backend("s3", settings)
+
+
+@pytest.fixture(params=["filesystem", "ltfs", "s3"])
+def backend(request, tmp_path):
+    if request.param == "filesystem":
+        return FilesystemBackend("disk", tmp_path / "disk")
+    if request.param == "ltfs":
+        for label in ("PV0001L9", "PV0002L9"):
+            load_cartridge(tmp_path / label, label)
+        return LtfsBackend("tape", [Cartridge(label, tmp_path / label, 10**9) for label in ("PV0001L9", "PV0002L9")])
+    server = request.getfixturevalue("s3_server")
+    return _s3(server, new_bucket(server))
+
+
+def test_put_get_size_list_delete(backend):
+    data = os.urandom(300_000)
+    backend.put("aa11aa11", io.BytesIO(data))
+    backend.put("bb22bb22", io.BytesIO(b"x"))
+    with backend.open("aa11aa11") as fp:
+        assert fp.read() == data
+    with backend.open("aa11aa11") as fp:  # idempotent get, seekable
+        fp.seek(1000)
+        assert fp.read(10) == data[1000:1010]
+        fp.seek(-5, io.SEEK_END)
+        assert fp.read() == data[-5:]
+    assert backend.size("aa11aa11") == len(data)
+    assert sorted(backend.list()) == ["aa11aa11", "bb22bb22"]
+    backend.put("aa11aa11", io.BytesIO(b"replaced"))
+    with backend.open("aa11aa11") as fp:
+        assert fp.read() == b"replaced"
+    backend.delete("aa11aa11")
+    backend.delete("aa11aa11")  # idempotent
+    assert sorted(backend.list()) == ["bb22bb22"]
+    with pytest.raises(BlobMissing):
+        backend.open("aa11aa11")
+    with pytest.raises(BlobMissing):
+        backend.size("aa11aa11")
+    assert backend.read_order(["bb22bb22"]) == ["bb22bb22"]
+
+
+def test_a_failed_put_leaves_nothing(backend):
+    class Failing(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > 100_000:
+                raise OSError("source disk failed")
+            return super().read(n)
+
+    with pytest.raises(OSError):
+        backend.put("cc33cc33", Failing(os.urandom(400_000)))
+    assert "cc33cc33" not in set(backend.list())
+    with pytest.raises(BlobMissing):
+        backend.size("cc33cc33")
+
+
+def test_names_are_checked(backend):
+    for bad in ("../etc", "A1", "", "1.2.840.10008"):
+        with pytest.raises(ValueError):
+            backend.put(bad, io.BytesIO(b"x"))
+
+
+# -- tape -------------------------------------------------------------------------------------
+
+def _tape(tmp_path, capacity=1_000_000, labels=("PV0001L9", "PV0002L9")):
+    return LtfsBackend("tape", [Cartridge(label, tmp_path / label, capacity) for label in labels])
+
+
+def test_a_full_cartridge_moves_on_to_the_next(tmp_path):
+    tape = _tape(tmp_path)
+    for label in ("PV0001L9", "PV0002L9"):
+        load_cartridge(tmp_path / label, label)
+    for number in range(3):
+        tape.put(f"{number:04x}", io.BytesIO(os.urandom(400_000)))
+    assert [tape.locate(f"{n:04x}") for n in range(3)] == ["PV0001L9", "PV0001L9", "PV0002L9"]
+    tape.put("0003", io.BytesIO(os.urandom(400_000)))
+    with pytest.raises(OutOfSpace, match="every cartridge of tier tape is full"):
+        tape.put("0004", io.BytesIO(os.urandom(400_000)))
+    assert "0004" not in set(tape.list())
+
+
+def test_an_unloaded_cartridge_is_named(tmp_path):
+    tape = _tape(tmp_path)
+    load_cartridge(tmp_path / "PV0001L9", "PV0001L9")
+    load_cartridge(tmp_path / "PV0002L9", "PV0002L9")
+    tape.put("00aa", io.BytesIO(b"on the second" * 1000))
+    tape.put("00f0", io.BytesIO(os.urandom(900_000)))  # the first cartridge is nearly full
+    tape.put("00bb", io.BytesIO(os.urandom(200_000)))
+    assert tape.locate("00bb") == "PV0002L9"
+    os.rename(tmp_path / "PV0002L9", tmp_path / "unmounted")
+    with pytest.raises(CartridgeOffline) as raised:
+        tape.open("00bb")
+    assert raised.value.label == "PV0002L9" and "load one of: PV0002L9" in str(raised.value)
+    with pytest.raises(CartridgeOffline):
+        tape.delete("00bb")  # cannot delete what is not loaded: the caller lists it for later
+    # A different cartridge in the drive is not the one asked for.
+    load_cartridge(tmp_path / "PV0002L9", "PV0099L9")
+    with pytest.raises(CartridgeOffline):
+        tape.open("00bb")
+    with pytest.raises(CartridgeOffline, match="load PV0002L9"):
+        tape.put("00cc", io.BytesIO(os.urandom(200_000)))
+
+
+def test_reads_go_in_on_tape_order(tmp_path):
+    tape = _tape(tmp_path, capacity=10**9)
+    for label in ("PV0001L9", "PV0002L9"):
+        load_cartridge(tmp_path / label, label)
+    names = [f"{n:04x}" for n in range(6)]
+    for name in names:
+        tape.put(name, io.BytesIO(name.encode()))
+    # Without the LTFS attribute: write order (and `os.utime` shows the order is not by name).
+    for number, name in enumerate(names):
+        os.utime(tmp_path / "PV0001L9" / "packs" / name, ns=(10**18 - number, 10**18 - number))
+    assert tape.read_order(names) == list(reversed(names))
+    # With LTFS's startblock attribute, the tape position decides.
+    blocks = {name: (number * 7919) % 13 for number, name in enumerate(names)}
+    try:
+        for name, block in blocks.items():
+            os.setxattr(tmp_path / "PV0001L9" / "packs" / name, "user.ltfs.startblock", str(block).encode())
+    except OSError:
+        pytest.skip("this file system has no user extended attributes")
+    assert tape.read_order(names) == sorted(names, key=blocks.get)
+
+
+def test_an_empty_ltfs_mount_is_labelled_on_first_use(tmp_path):
+    mount = tmp_path / "drive0"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting needs root")
+    try:
+        tape = LtfsBackend("tape", [Cartridge("PV0007L9", mount, 10**9)])
+        tape.put("0001", io.BytesIO(b"first pack"))
+        assert tape.locate("0001") == "PV0007L9"
+        assert "PV0007L9" in (mount / "PACS-VAULT-CARTRIDGE").read_text()
+        # An unmounted (empty, not mounted) mount point is never written to.
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    tape = LtfsBackend("tape", [Cartridge("PV0007L9", mount, 10**9)])
+    with pytest.raises(CartridgeOffline):
+        tape.put("0002", io.BytesIO(b"x"))
+    assert os.listdir(mount) == []
+
+
+# -- S3 ---------------------------------------------------------------------------------------
+
+def test_s3_multipart_upload_round_trips(s3_server):
+    s3 = _s3(s3_server, new_bucket(s3_server))
+    data = os.urandom(12 << 20)  # above the 5 MB part size: three checked parts
+    s3.put("00ff", io.BytesIO(data))
+    with s3.open("00ff") as fp:
+        assert fp.read() == data
+    head = s3_server.client().head_object(Bucket=s3.settings.bucket, Key="pacs-vault/00ff")
+    assert head["ContentLength"] == len(data)
+
+
+def test_s3_storage_class_is_applied(s3_server):
+    from appliance.backends.s3 import S3Backend
+
+    bucket = new_bucket(s3_server)
+    s3 = S3Backend("s3", S3Config(bucket=bucket, endpoint_url=s3_server.endpoint, storage_class="STANDARD_IA"))
+    s3.put("0a", io.BytesIO(b"cold"))
+    head = s3_server.client().head_object(Bucket=bucket, Key="pacs-vault/0a")
+    assert head["StorageClass"] == "STANDARD_IA"
+
+
+def test_an_s3_server_that_is_down_means_retry_later():
+    from appliance.backends.s3 import S3Backend
+    from s3server import free_ports
+
+    port = free_ports(1)[0]  # nothing listens there
+    s3 = S3Backend("s3", S3Config(bucket="nowhere", endpoint_url=f"http://127.0.0.1:{port}", timeout_s=2))
+    for call in (lambda: s3.put("01", io.BytesIO(b"x")), lambda: s3.open("01"), lambda: s3.size("01"),
+                 lambda: list(s3.list()), lambda: s3.delete("01")):
+        with pytest.raises(TierUnavailable, match="unreachable"):
+            call()
+
+
+def test_s3_credentials_never_appear_in_errors(s3_server, tmp_path):
+    from appliance.backends.s3 import S3Backend
+
+    creds = tmp_path / "creds"
+    creds.write_text("[default]\naws_access_key_id = AKIDCANARY\naws_secret_access_key = SECRETCANARY\n")
+    s3 = S3Backend("s3", S3Config(bucket="no-such-bucket-here", endpoint_url=s3_server.endpoint,
+                                  credentials_file=str(creds)))
+    with pytest.raises((TierUnavailable, BlobMissing)) as raised:
+        s3.size("0b")
+    assert "CANARY" not in str(raised.value)
+
+
+# -- wrappers ---------------------------------------------------------------------------------
+
+class _Flaky:
+    name = "flaky"
+
+    def __init__(self, failures: int, error=TierUnavailable):
+        self.failures, self.error, self.calls, self.stored = failures, error, 0, {}
+
+    def put(self, name, src):
+        self.calls += 1
+        data = src.read()
+        if self.calls <= self.failures:
+            raise self.error("timeout") if self.error is TierUnavailable else self.error("x", "PV1")
+        self.stored[name] = data
+
+    def open(self, name):
+        return io.BytesIO(self.stored[name])
+
+
+def test_retries_back_off_and_resend_the_whole_object():
+    sleeps = []
+    inner = _Flaky(2)
+    RetryingBackend(inner, 3, base_delay=0.5, sleep=sleeps.append).put("01", io.BytesIO(b"all of it"))
+    assert inner.stored["01"] == b"all of it" and sleeps == [0.5, 1.0]
+    with pytest.raises(TierUnavailable):
+        RetryingBackend(_Flaky(5), 3, sleep=sleeps.append).put("02", io.BytesIO(b"x"))
+
+
+def test_an_unloaded_cartridge_is_not_retried():
+    sleeps = []
+    inner = _Flaky(1, CartridgeOffline)
+    with pytest.raises(CartridgeOffline):
+        RetryingBackend(inner, 3, sleep=sleeps.append).put("01", io.BytesIO(b"x"))
+    assert inner.calls == 1 and sleeps == []
+
+
+def test_token_bucket_holds_the_rate():
+    clock, slept = [0.0], []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock[0] += seconds
+
+    bucket = TokenBucket(1_000_000, clock=lambda: clock[0], sleep=sleep)
+    for _ in range(50):
+        bucket.take(100_000)  # 5 MB at 1 MB/s
+    assert clock[0] == pytest.approx(4.0)  # the first second's burst, then 1 MB/s
+    clock[0] += 100  # idle time does not bank more than one second
+    before = clock[0]
+    for _ in range(20):
+        bucket.take(100_000)
+    assert clock[0] - before == pytest.approx(1.0)
+
+
+def test_rate_limited_reads_and_writes_are_counted():
+    clock = [0.0]
+    bucket = TokenBucket(1000, clock=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    inner = _Flaky(0)
+    limited = RateLimitedBackend(inner, 1000, bucket=bucket)
+    limited.put("01", io.BytesIO(b"x" * 5000))
+    assert inner.stored["01"] == b"x" * 5000 and clock[0] == pytest.approx(4.0)
+    with limited.open("01") as fp:
+        assert fp.read() == b"x" * 5000
+    assert clock[0] == pytest.approx(9.0)
