@@ -286,7 +286,9 @@ def _value(kind, value: Any, default: Any, source: _Source, here: tuple) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise source.error(here, "must be a whole number")
     elif kind is str:
-        if not isinstance(value, (str, int)) or isinstance(value, bool) or (value == "" and default != ""):
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise source.error(here, "must be text (put it in quotes)")
+        if value == "" and default != "":
             raise source.error(here, "must be a non-empty text")
         value = str(value)
     return value
