@@ -112,3 +112,43 @@ def load_cartridge(path: Path, label: str) -> None:
 
     path.mkdir(parents=True, exist_ok=True)
     (path / LABEL_FILE).write_text(label_text(label))
+
+
+def make_study(directory: Path, count: int = 3, *, study_date: str = "20260101", birth_date: str = "19700101",
+               patient_id: str = "PID1", patient_name: str = "TEST^PATIENT", modality: str = "CT",
+               pixels: int = 64) -> tuple[str, list[Path]]:
+    """A small study with the attributes policies look at; returns (StudyInstanceUID, files)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    rng = np.random.default_rng(abs(hash(study_uid)) % 2**32)
+    files = []
+    for number in range(1, count + 1):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient_name, patient_id, birth_date
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.StudyDate, ds.StudyTime, ds.Modality = study_date, "120000", modality
+        ds.InstanceNumber, ds.SeriesNumber = number, 1
+        ds.Rows = ds.Columns = pixels
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = rng.integers(0, 4096, (pixels, pixels), dtype=np.uint16).tobytes()
+        path = directory / f"{study_uid}.{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return study_uid, files
+
+
+def set_config(home: Path, old: str, new: str) -> None:
+    """Change one setting of HOME/appliance.yaml as an admin would with an editor."""
+    path = home / "appliance.yaml"
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new))

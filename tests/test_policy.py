@@ -110,8 +110,7 @@ def test_retention_takes_the_latest_of_its_rules(config):
 
 def _state(uid, *, facts=None, idle_days=0, hot=1000, cold=(), held=(), now):
     facts = facts or _facts()
-    return StudyState(StudyFacts(uid, *list(vars(facts).values())[1:]) if False else
-                      StudyFacts(uid, facts.study_date, facts.birth_date, facts.last_patient_study,
+    return StudyState(StudyFacts(uid, facts.study_date, facts.birth_date, facts.last_patient_study,
                                  facts.modalities), now - idle_days * DAY, now - idle_days * DAY, hot,
                       frozenset(cold), tuple(held))
 

@@ -88,6 +88,10 @@ class FilesystemBackend:
 
     def delete(self, name: str) -> None:
         path = self.path(name)
+        for stale in self._incoming.glob(f"{name}.*.tmp"):  # a killed writer's partial put
+            pid = stale.name.split(".")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:

@@ -134,6 +134,8 @@ class LtfsBackend:
     def delete(self, name: str) -> None:
         _check_name(name)
         loaded = self._loaded()
+        for cartridge in loaded:  # the remains of a writer killed mid-pack go too
+            (cartridge.packs / f".{name}.tmp").unlink(missing_ok=True)
         for cartridge in loaded:
             path = cartridge.packs / name
             if path.exists():

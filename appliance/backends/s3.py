@@ -78,7 +78,7 @@ class S3Backend:
 
     def put(self, name: str, src: BinaryIO) -> None:
         try:
-            self._client.upload_fileobj(src, self.settings.bucket, self._key(name), Config=self._transfer,
+            self._client.upload_fileobj(_KeepOpen(src), self.settings.bucket, self._key(name), Config=self._transfer,
                                         ExtraArgs={"StorageClass": self.settings.storage_class,
                                                    "ChecksumAlgorithm": "SHA256"})
         except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError, *_NETWORK) as exc:
@@ -139,6 +139,25 @@ class S3Backend:
 
     def locate(self, name: str) -> str:
         return ""
+
+
+class _KeepOpen:
+    """boto3 closes the file it uploaded from when an upload fails; a retry needs it open."""
+
+    def __init__(self, fp: BinaryIO):
+        self._fp = fp
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fp.read(size)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
+
+    def close(self) -> None:
+        pass
 
 
 class _S3Reader(io.RawIOBase):

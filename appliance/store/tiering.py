@@ -144,7 +144,7 @@ def recall(archive: "Archive", study_uid: str, *, on_wait: Callable[[str], None]
     waited_for = None
     while True:
         try:
-            count = _recall_once(archive, study_uid)
+            count, cartridges = _recall_once(archive, study_uid)
         except CartridgeOffline as exc:
             # The alarm stays until a recall that needed the cartridge succeeds.
             if waited_for != exc.label:
@@ -157,12 +157,13 @@ def recall(archive: "Archive", study_uid: str, *, on_wait: Callable[[str], None]
                 on_wait(f"load cartridge {exc.label}")
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
             continue
-        if waited_for:
-            clear_alarm(archive.index, f"recall:{waited_for}")
+        for label in cartridges:  # the cartridge a recall asked for has been loaded
+            clear_alarm(archive.index, f"recall:{label}")
         return count
 
 
-def _recall_once(archive: "Archive", study_uid: str) -> int:
+def _recall_once(archive: "Archive", study_uid: str) -> tuple[int, set[str]]:
+    """(versions restored, cartridges read)"""
     hot = archive.hot.name
     with archive.index.read() as t:
         if t.get("studies", study_uid) is None:
@@ -171,6 +172,7 @@ def _recall_once(archive: "Archive", study_uid: str) -> int:
         pack_ids = {copy["pack"] for blob in missing.values() for copy in blob["copies"].values() if "pack" in copy}
         packs = {pack_id: t.get("packs", pack_id) for pack_id in pack_ids}
     restored: dict[bytes, str] = {}
+    cartridges: set[str] = set()
     errors: list[ApplianceError] = []
     tiers = sorted({rec["tier"] for rec in packs.values() if rec},
                    key=lambda name: (_RECALL_PREFERENCE[archive.config.tiers[name].kind], name))
@@ -187,6 +189,8 @@ def _recall_once(archive: "Archive", study_uid: str) -> int:
                 with backend.open(pack_id) as fp:
                     for ca in by_pack[pack_id]:
                         restored[ca] = _restore_blob(archive, fp, wanted[ca], tier_name)
+                if (packs.get(pack_id) or {}).get("where"):
+                    cartridges.add(packs[pack_id]["where"])
             except CartridgeOffline as exc:
                 where = (packs.get(pack_id) or {}).get("where") or exc.label
                 errors.append(_tier_error(CartridgeOffline(
@@ -204,7 +208,7 @@ def _recall_once(archive: "Archive", study_uid: str) -> int:
         if isinstance(reason, TierUnavailable):
             raise reason
         raise IntegrityError(f"{left} instances of study {study_uid} could not be recalled: {reason}")
-    return len(restored)
+    return len(restored), cartridges
 
 
 def _restore_blob(archive: "Archive", fp, blob: dict, tier_name: str) -> str:
