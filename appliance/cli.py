@@ -316,7 +316,8 @@ def cmd_recall(args) -> int:
 def cmd_fsck(args) -> int:
     if args.rebuild_index:
         report = fsck.rebuild(cfg.load(_home(args)))
-        print(f"rebuilt the index from {report.blobs} blobs: {report.instances} instances indexed, "
+        print(f"rebuilt the index from {report.blobs} blobs ({report.packs} packs on cold tiers): "
+              f"{report.instances} versions indexed, "
               f"{report.shredded} unreadable by design (study deleted), {len(report.errors)} errors")
         if report.old_index:
             print(f"  the previous index is kept at {report.old_index}")
@@ -337,7 +338,9 @@ def cmd_fsck(args) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(f"fsck: {report.versions_checked} stored versions checked, {report.files_seen} blob files, "
-              f"{len(report.errors)} errors")
+              f"{report.packs_checked} packs, {len(report.errors)} errors")
+        for line in report.unreachable:
+            print(f"  not checked now (tier unreachable): {line}")
         if report.unreferenced:
             action = "removed" if repair else "found (run fsck when the home is idle to remove them)"
             print(f"  {len(report.unreferenced)} unreferenced blob files from interrupted stores {action}")

@@ -1,16 +1,20 @@
 """`appliance fsck`: does the index match the blobs, and can the index be rebuilt from them.
 
-check: every stored version in the index has its copy on the hot tier with the
-right size and sealed-bytes hash (xxh3-128, no key needed) and a data key in the
-keyring; every instance points at indexed versions; every blob file on the hot
-tier is indexed. With the home to itself (exclusive lock), fsck also removes
+check: every stored version in the index has at least one copy; its hot copy,
+if any, has the right size and sealed-bytes hash (xxh3-128, no key needed); each
+cold copy points into a pack the index knows, on a tier that lists it with the
+right size (tiers that cannot be reached now are reported, not failed: that is
+`status`'s alarm); every version has its data key in the keyring; every
+instance points at indexed versions; every blob file on the hot tier is indexed. With the home to itself (exclusive lock), fsck also removes
 blob files nothing references (left by a store that was killed before its
 index commit) and temp files of dead writers.
 
-rebuild: the index is moved aside and rebuilt from the sealed blobs and the
-keyring alone: each blob is opened with its study's data key, verified in full,
-and its attributes are read again from the decrypted bytes, which live only in
-memory (memfd), never on a persistent disk.
+rebuild: the index is moved aside and rebuilt from the sealed blobs on the hot
+tier, the packs on every cold tier that can be reached, and the keyring alone:
+each blob is opened with its study's data key, verified in full, and its
+attributes are read again from the decrypted bytes, which live only in memory
+(memfd), never on a persistent disk. A pack is checked key-less first (its
+footer hash), then its sealed trailer says which instance each blob holds.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, IntegrityError, KeyMissing
+from appliance.errors import ApplianceError, IntegrityError, KeyMissing, TierUnavailable
 from appliance.fsutil import HomeLock
 from appliance.store import index as ix
-from appliance.store import p10, sealed
+from appliance.backends import open_tier
+from appliance.store import pack, p10, sealed
 from appliance.store.archive import Archive, hot_backend, verify_blob_file
 from appliance.store.index import Index
 from appliance.store.keys import Keyring
@@ -33,6 +38,8 @@ from appliance.store.keys import Keyring
 class FsckReport:
     versions_checked: int = 0
     files_seen: int = 0
+    packs_checked: int = 0
+    unreachable: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     unreferenced: list[str] = field(default_factory=list)
     reclaimed: int = 0
@@ -44,6 +51,7 @@ class FsckReport:
 
     def as_dict(self) -> dict:
         return {"clean": self.clean, "versions_checked": self.versions_checked, "files_seen": self.files_seen,
+                "packs_checked": self.packs_checked, "unreachable": self.unreachable,
                 "errors": self.errors, "unreferenced": len(self.unreferenced), "reclaimed": self.reclaimed,
                 "temp_files_removed": self.temp_files_removed}
 
@@ -58,20 +66,37 @@ def check(archive: Archive, *, repair: bool) -> FsckReport:
             report.versions_checked += 1
             copy = blob["copies"].get(hot.name)
             label = f"version {ca.hex()[:16]} of instance {blob['sop']}"
-            if copy is None:
-                report.errors.append(f"{label}: no copy on tier {hot.name}")
-                continue
-            referenced.add(copy["name"])
-            try:
-                verify_blob_file(hot, copy["name"], blob)
-            except IntegrityError as exc:
-                report.errors.append(f"{label}: {exc}")
+            if not blob["copies"]:
+                report.errors.append(f"{label}: no copy on any tier")
+            for tier, cold in blob["copies"].items():
+                if tier != hot.name and t.get("packs", cold["pack"]) is None:
+                    report.errors.append(f"{label}: its copy on {tier} is in pack {cold['pack']}, "
+                                         "which the index does not know")
+            if copy is not None:
+                referenced.add(copy["name"])
+                try:
+                    verify_blob_file(hot, copy["name"], blob)
+                except IntegrityError as exc:
+                    report.errors.append(f"{label}: {exc}")
             if not archive.keyring.has(blob["key_id"]):
                 report.errors.append(f"{label}: its data key is not in the keyring")
+        packs = [(key.decode(), record) for key, record in t.items("packs")]
         for sop_key, instance in t.items("instances"):
             for ca in instance["versions"]:
                 if t.get("blobs", ca) is None:
                     report.errors.append(f"instance {sop_key.decode()}: version {ca.hex()[:16]} is not indexed")
+    for pack_id, record in packs:
+        report.packs_checked += 1
+        try:
+            size = archive.tier(record["tier"]).size(pack_id)
+        except TierUnavailable as exc:
+            report.unreachable.append(f"pack {pack_id} on {record['tier']}: {exc}")
+            continue
+        except IntegrityError as exc:  # BlobMissing
+            report.errors.append(f"pack {pack_id} of study {record['study']}: {exc}")
+            continue
+        if size != record["size"]:
+            report.errors.append(f"pack {pack_id} on {record['tier']} has {size} bytes, expected {record['size']}")
     for name in hot.list():
         report.files_seen += 1
         if name not in referenced:
@@ -87,6 +112,7 @@ def check(archive: Archive, *, repair: bool) -> FsckReport:
 @dataclass
 class RebuildReport:
     blobs: int = 0
+    packs: int = 0
     instances: int = 0
     shredded: int = 0
     errors: list[str] = field(default_factory=list)
@@ -115,27 +141,63 @@ def rebuild(config: Config) -> RebuildReport:
             for name in names:
                 report.blobs += 1
                 try:
-                    _reindex_blob(archive_hot, name, keyring, index)
+                    _reindex_blob(lambda name=name: archive_hot.open(name), name, archive_hot.name, keyring, index)
                     report.instances += 1
                 except KeyMissing:
                     report.shredded += 1  # its study was deleted: unreadable by design
                 except ApplianceError as exc:
                     report.errors.append(f"blob {name}: {exc}")
+            for tier in config.cold_tiers:
+                _reindex_tier(open_tier(config, tier), keyring, index, report)
         finally:
             index.close()
             keyring.close()
     return report
 
 
-def _reindex_blob(hot, name: str, keyring: Keyring, index: Index) -> None:
+def _reindex_tier(backend, keyring: Keyring, index: Index, report: RebuildReport) -> None:
+    try:
+        names = backend.read_order(list(backend.list()))
+    except TierUnavailable as exc:
+        report.errors.append(f"tier {backend.name} not read: {exc}")
+        return
+    for pack_id in names:
+        report.packs += 1
+        try:
+            with backend.open(pack_id) as fp:
+                size, digest = pack.verify_keyless(fp)
+                study_uid, entries = pack.read_trailer(fp, keyring.data_key)
+                for entry in entries:
+                    report.blobs += 1
+                    try:
+                        if _reindex_blob(lambda e=entry: pack.Slice(fp, e.offset, e.length), pack_id, backend.name,
+                                         keyring, index):
+                            report.instances += 1
+                    except ApplianceError as exc:
+                        report.errors.append(f"blob {entry.offset} of pack {pack_id} on {backend.name}: {exc}")
+        except KeyMissing:
+            report.shredded += 1  # a pack of a deleted study, left on an unreachable medium
+            continue
+        except ApplianceError as exc:
+            report.errors.append(f"pack {pack_id} on {backend.name}: {exc}")
+            continue
+        now = int(time.time())
+        record = {"tier": backend.name, "study": study_uid, "size": size, "xxh3": digest,
+                  "where": backend.locate(pack_id), "written": now, "verified": now,
+                  "blobs": [e.ca for e in entries]}
+        index.write(lambda t: ix.add_pack(t, pack_id, record, entries))
+
+
+def _reindex_blob(opener, name: str, tier: str, keyring: Keyring, index: Index) -> bool:
+    """Index one sealed blob (on the hot tier, or inside a pack); False if it was indexed already."""
     fd = os.memfd_create("pacs-vault-rebuild", os.MFD_CLOEXEC)
     try:
-        with hot.open(name) as fp:
+        with opener() as fp:
             header, ca, chunks = sealed.open_sealed(fp, keyring.data_key)
             with os.fdopen(os.dup(fd), "wb") as plain:
                 for chunk in chunks:
                     plain.write(chunk)
-        with hot.open(name) as fp:
+        with opener() as fp:
             sealed_size, digest = sealed.sealed_digest(fp)
         info = p10.inspect(f"/proc/self/fd/{fd}")
     finally:
@@ -145,9 +207,10 @@ def _reindex_blob(hot, name: str, keyring: Keyring, index: Index) -> None:
     blob = {"name": name, "sealed_size": sealed_size, "xxh3": digest, "key_id": header.key_id,
             "compression": header.compression}
 
-    def record(t: ix.Txn) -> None:
+    def record(t: ix.Txn) -> bool:
         if t.get("study_keys", info.study_uid) is None:
             t.put("study_keys", info.study_uid, header.key_id)
-        ix.record_instance(t, info, blob, hot.name)
+        # A cold copy's entry is completed by add_pack once its whole pack is indexed.
+        return ix.record_instance(t, info, blob, tier) != "duplicate"
 
-    index.write(record)
+    return index.write(record)

@@ -100,7 +100,7 @@ def test_fsck_rebuild_index_cli(home, ct_files):
     run_cli("import", *map(str, ct_files[:3]), home=home)
     before = json.loads(run_cli("status", "--json", home=home).stdout)
     result = run_cli("fsck", "--rebuild-index", home=home)
-    assert "3 instances indexed" in result.stdout
+    assert "3 versions indexed" in result.stdout
     after = json.loads(run_cli("status", "--json", home=home).stdout)
     for key in ("patients", "studies", "series", "instances", "versions", "received_bytes", "stored_bytes"):
         assert after[key] == before[key], key

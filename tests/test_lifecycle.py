@@ -285,3 +285,28 @@ def test_a_held_study_is_never_deleted(home, tmp_path):
         assert archive.study_uids() == [uid_a]
     result = run_cli("hold", "release", uid_c, "--reason", "again", home=home, check=False)
     assert result.returncode == 66 and "no hold" in result.stderr
+
+
+def test_the_index_is_rebuilt_from_packs_alone(tiered, tmp_path):
+    home, _ = tiered
+    cold_uid, cold_files = make_study(tmp_path / "a", 3, patient_id="A")
+    run_cli("import", str(tmp_path / "a"), home=home)
+    _policy(home, "tape, s3")
+    run_cli("policy", "apply", home=home)  # study A lives only in packs now
+    hot_uid, hot_files = make_study(tmp_path / "b", 2, patient_id="B")
+    run_cli("import", str(tmp_path / "b"), home=home)
+    before = json.loads(run_cli("status", "--json", home=home).stdout)
+
+    result = run_cli("fsck", "--rebuild-index", home=home)
+    assert "5 versions indexed" in result.stdout and "2 packs on cold tiers" in result.stdout
+    after = json.loads(run_cli("status", "--json", home=home).stdout)
+    for key in ("patients", "studies", "instances", "versions", "received_bytes", "stored_bytes"):
+        assert after[key] == before[key], key
+    assert after["tiers"]["tape"]["packs"] == 1 and after["tiers"]["s3"]["packs"] == 1
+    assert run_cli("fsck", home=home).returncode == 0
+    assert json.loads(run_cli("policy", "plan", "--json", home=home).stdout)["actions"] == [
+        {"kind": "migrate", "study": hot_uid, "rule": "everything (default.yaml:2)", "targets": ["tape", "s3"],
+         "drop_hot": True, "reason": "0 days without access, 0 days stored: copy to tape, s3, then drop the hot copy"}]
+    for uid, files, out in ((cold_uid, cold_files, "out-a"), (hot_uid, hot_files, "out-b")):
+        run_cli("export", uid, str(tmp_path / out), home=home)
+        assert _sha((tmp_path / out).iterdir()) == _sha(files)
