@@ -5,8 +5,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 HOME_DIR ?= var
-# dcmtk: the DICOM clients the tests drive; orthanc: the interop peer and benchmark baseline.
-DEBIAN_PACKAGES := dcmtk rsync orthanc
+# dcmtk: the DICOM clients the tests drive; orthanc: the interop peer and benchmark baseline;
+# systemd: systemd-analyze checks the shipped units.
+DEBIAN_PACKAGES := dcmtk rsync orthanc systemd
 
 .PHONY: run test bench deps apt venv
 
@@ -41,3 +42,4 @@ bench: deps venv
 	$(PY) benchmarks/dicom_bench.py
 	$(PY) benchmarks/import_bench.py
 	$(PY) benchmarks/find_bench.py
+	$(PY) benchmarks/tier_bench.py

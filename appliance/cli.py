@@ -177,6 +177,13 @@ def _status(archive: Archive) -> dict:
     }
 
 
+def _size(count: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count / 1e6:,.2f} MB"
+
+
 def cmd_status(args) -> int:
     with _open(args) as archive:
         status = _status(archive)
@@ -186,7 +193,7 @@ def cmd_status(args) -> int:
     ratio = f"{status['stored_ratio']:.2f}" if status["stored_ratio"] is not None else "-"
     print(f"state      {status['state']}")
     print(f"home       {status['home']}")
-    print(f"holds      {status['patients']} patients, {status['studies']} studies, {status['series']} series, "
+    print(f"contents   {status['patients']} patients, {status['studies']} studies, {status['series']} series, "
           f"{status['instances']} instances ({status['versions']} versions)")
     print(f"bytes      {status['received_bytes'] / 1e6:,.1f} MB received, "
           f"{status['stored_bytes'] / 1e6:,.1f} MB stored (ratio {ratio})")
@@ -194,14 +201,15 @@ def cmd_status(args) -> int:
     for name, tier in status["tiers"].items():
         line = f"tier {name:<6} {tier['kind']:<10} {tier['role']:<4}"
         if "free_bytes" in tier:
-            line += f" {tier['path']}: {tier['used_percent']}% used, {tier['free_bytes'] / 1e9:,.1f} GB free"
+            line += f" {tier['path']}: {tier['used_percent']}% used, {_size(tier['free_bytes'])} free"
         if "cartridges" in tier:
             line += " " + ", ".join(f"{c['label']} ({'loaded' if c['loaded'] else 'not loaded'}, "
-                                    f"{c['used_bytes'] / 1e9:,.1f} GB)" for c in tier["cartridges"])
+                                    f"{_size(c['used_bytes'])} of {_size(c['capacity_bytes'])})"
+                                    for c in tier["cartridges"])
         if "bucket" in tier:
             line += f" s3://{tier['bucket']}/{tier['prefix']}"
         if tier.get("packs"):
-            line += f"; {tier['packs']} packs, {tier['pack_bytes'] / 1e6:,.1f} MB"
+            line += f"; {tier['packs']} packs, {_size(tier['pack_bytes'])}"
         print(line)
     print(f"jobs       {status['jobs']['pending']} pending ({status['jobs']['failing']} being retried), "
           f"{status['holds']} legal holds")
@@ -448,3 +456,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("appliance: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `appliance status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -44,3 +44,11 @@ def test_find_bench_quick(tmp_path):
         assert row["median_ms"] > 0 and row["p95_ms"] >= row["median_ms"], shape
     assert results["queries"]["PatientID"]["mean_matches"] >= 1  # every patient has studies
     assert results["queries"]["StudyInstanceUID"]["mean_matches"] == 1
+
+
+def test_tier_bench_quick(tmp_path):
+    results = _quick("tier_bench.py", "tiers", tmp_path)
+    assert set(results["rows"]) == {"migrate to cartridge dir", "migrate to S3", "recall from cartridge dir",
+                                    "recall from S3"}
+    for name, row in results["rows"].items():
+        assert row["pacs_vault_mb_s"] > 0 and row["baseline_mb_s"] > 0, name

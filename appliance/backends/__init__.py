@@ -11,7 +11,7 @@ from appliance.config import Config, TierConfig
 def open_tier(config: Config, tier: TierConfig):
     """The tier's backend with its retry and bandwidth wrappers."""
     if tier.kind == "filesystem":
-        backend = FilesystemBackend(tier.name, config.resolve(tier.path))
+        backend = FilesystemBackend(tier.name, config.resolve(tier.path), create=False)
     elif tier.kind == "ltfs":
         backend = LtfsBackend(tier.name, [Cartridge(c.label, config.resolve(c.path), c.capacity_mb * 10**6)
                                           for c in tier.cartridges])

@@ -18,7 +18,7 @@ from pathlib import Path
 import shutil
 from typing import BinaryIO, Iterable, Iterator
 
-from appliance.errors import BlobMissing
+from appliance.errors import BlobMissing, TierUnavailable
 from appliance.fsutil import fsync_dir, raise_if_out_of_space
 
 _NAME = re.compile(r"^[0-9a-f]{8,64}$")
@@ -27,19 +27,37 @@ _FANOUT = [f"{n:02x}" for n in range(256)]
 
 
 class FilesystemBackend:
-    def __init__(self, name: str, root: Path):
+    """`create`: make the tier's directory if it is missing (the hot tier). A cold tier's
+    directory is a mount point: when it is missing, the disk is not there, and every call
+    raises TierUnavailable instead of filling the root file system."""
+
+    def __init__(self, name: str, root: Path, *, create: bool = True):
         self.name = name
         self.root = Path(root)
         self._incoming = self.root / _INCOMING
-        self._incoming.mkdir(parents=True, exist_ok=True)
+        self._ready = False
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.is_dir():
+            self._prepare()
+
+    def _prepare(self) -> None:
+        """Check the tier's directory is there; lay out the fan-out directories on first use."""
+        if not self.root.is_dir():
+            raise TierUnavailable(f"tier {self.name}: {self.root} is not there (disk not mounted?)")
+        if self._ready:
+            return
+        self._incoming.mkdir(exist_ok=True)
         if not (self.root / _FANOUT[-1]).is_dir():
             for directory in _FANOUT:
                 (self.root / directory).mkdir(exist_ok=True)
             fsync_dir(self.root)
+        self._ready = True
 
     def path(self, name: str) -> Path:
         if not _NAME.match(name):
             raise ValueError(f"invalid object name {name!r}")
+        self._prepare()
         return self.root / name[:2] / name[2:4] / name
 
     @contextmanager
@@ -99,6 +117,7 @@ class FilesystemBackend:
         fsync_dir(path.parent)
 
     def list(self) -> Iterator[str]:
+        self._prepare()
         for first in _FANOUT:
             for second in sorted(os.listdir(self.root / first)):
                 for name in os.listdir(self.root / first / second):

