@@ -43,7 +43,9 @@ class SeaweedS3:
              "-master.volumeSizeLimitMB=64", "-master.volumePreallocate=false",
              f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
              "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.data_dir)
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.data_dir,
+            # weed turns AWS_* variables into an identity it then requires: keep it open.
+            env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
         client = self.client()
         deadline = time.monotonic() + 60
         while True:
@@ -75,7 +77,7 @@ class SeaweedS3:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(20)
+                self.process.wait(3)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -82,7 +82,9 @@ def _migrate(config: cfg.Config, tier: str) -> float:
         with Archive.open(config, writer=True) as archive:
             engine = lifecycle.Lifecycle(archive, check_policies(config))
             seconds = _timed(engine.apply)
-            assert not lifecycle.jobs(archive), "a migration job failed"
+            failed = [job["error"] for job in lifecycle.jobs(archive).values()]
+            if failed:
+                raise RuntimeError(f"migration to {tier} failed: {failed[0]}")
         return seconds
     finally:
         policy.write_text(policy.read_text().replace(tier, "TIER"))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -18,13 +20,14 @@ from appliance.errors import BlobMissing, CartridgeOffline, OutOfSpace, TierUnav
 from conftest import load_cartridge, new_bucket
 
 
-def _s3(server, bucket):
+def _s3(endpoint, bucket, **settings):
     from appliance.backends.s3 import S3Backend
 
-    settings = S3Config(bucket=bucket, endpoint_url=server.endpoint, timeout_s=5, part_size_mb=5)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test-secret")
-    return S3Backend("s3", settings)
+    credentials = Path(tempfile.mkdtemp()) / "s3-credentials"
+    credentials.write_text("[default]\naws_access_key_id = test\naws_secret_access_key = test-secret\n")
+    settings = {"timeout_s": 5, "part_size_mb": 5, **settings}
+    return S3Backend("s3", S3Config(bucket=bucket, endpoint_url=endpoint, credentials_file=str(credentials),
+                                    **settings))
 
 
 @pytest.fixture(params=["filesystem", "ltfs", "s3"])
@@ -36,7 +39,7 @@ def backend(request, tmp_path):
             load_cartridge(tmp_path / label, label)
         return LtfsBackend("tape", [Cartridge(label, tmp_path / label, 10**9) for label in ("PV0001L9", "PV0002L9")])
     server = request.getfixturevalue("s3_server")
-    return _s3(server, new_bucket(server))
+    return _s3(server.endpoint, new_bucket(server))
 
 
 def test_put_get_size_list_delete(backend):
@@ -169,7 +172,7 @@ def test_an_empty_ltfs_mount_is_labelled_on_first_use(tmp_path):
 # -- S3 ---------------------------------------------------------------------------------------
 
 def test_s3_multipart_upload_round_trips(s3_server):
-    s3 = _s3(s3_server, new_bucket(s3_server))
+    s3 = _s3(s3_server.endpoint, new_bucket(s3_server))
     data = os.urandom(12 << 20)  # above the 5 MB part size: three checked parts
     s3.put("00ff", io.BytesIO(data))
     with s3.open("00ff") as fp:
@@ -182,18 +185,17 @@ def test_s3_storage_class_is_applied(s3_server):
     from appliance.backends.s3 import S3Backend
 
     bucket = new_bucket(s3_server)
-    s3 = S3Backend("s3", S3Config(bucket=bucket, endpoint_url=s3_server.endpoint, storage_class="STANDARD_IA"))
+    s3 = _s3(s3_server.endpoint, bucket, storage_class="STANDARD_IA")
     s3.put("0a", io.BytesIO(b"cold"))
     head = s3_server.client().head_object(Bucket=bucket, Key="pacs-vault/0a")
     assert head["StorageClass"] == "STANDARD_IA"
 
 
 def test_an_s3_server_that_is_down_means_retry_later():
-    from appliance.backends.s3 import S3Backend
     from s3server import free_ports
 
     port = free_ports(1)[0]  # nothing listens there
-    s3 = S3Backend("s3", S3Config(bucket="nowhere", endpoint_url=f"http://127.0.0.1:{port}", timeout_s=2))
+    s3 = _s3(f"http://127.0.0.1:{port}", "nowhere", timeout_s=2)
     for call in (lambda: s3.put("01", io.BytesIO(b"x")), lambda: s3.open("01"), lambda: s3.size("01"),
                  lambda: list(s3.list()), lambda: s3.delete("01")):
         with pytest.raises(TierUnavailable, match="unreachable"):

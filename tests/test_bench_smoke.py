@@ -13,7 +13,7 @@ def _quick(script: str, name: str, tmp_path) -> dict:
     before = set(results_dir.glob(f"{name}-*.json"))
     result = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--workdir", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-6000:]
     assert list(tmp_path.iterdir()) == []  # the scratch directory is cleaned up
     [new] = set(results_dir.glob(f"{name}-*.json")) - before
     return json.loads(new.read_text())

@@ -160,3 +160,34 @@ def test_above_the_high_watermark_the_least_recently_used_go_first(config):
     assert [(a.study, a.kind) for a in actions] == [("3.2", "evict"), ("3.3", "migrate")]
     assert all(a.drop_hot and "high watermark" in a.reason for a in actions)
     assert plan_actions(studies, rules, now, HotUsage(900, 1100, 85, 40))[0] == []
+
+
+def test_every_match_criterion(home):
+    _write(home, """classes:
+  - name: trial
+    match: {source_ae: [TRIALWS], study_date: {on_or_after: "20240101", before: "20270101"}}
+    retention: {keep_forever: true}
+  - name: partner
+    match: {institution: ["Clinique du Parc"], sop_class: ["1.2.840.10008.5.1.4.1.1.7"]}
+    retention: {years_after_study: 20}
+  - name: teens
+    match: {patient_age_at_study: {at_least: 13, below: 18}}
+    retention: {until_patient_age: 25}
+  - name: rest
+    retention: {years_after_study: 10}
+""")
+    rules = check_policies(cfg.load(home))
+
+    def name(**kw):
+        base = dict(study_date=date(2025, 1, 1), birth=date(1980, 1, 1))
+        base.update(kw)
+        return classify(rules, _facts(**base)).name
+
+    assert name(source_aes=("TRIALWS",)) == "trial"
+    assert name(source_aes=("TRIALWS",), study_date=date(2023, 12, 31)) == "rest"
+    assert name(source_aes=("OTHER",)) == "rest"
+    assert name(institution="clinique du parc", sop_classes=("1.2.840.10008.5.1.4.1.1.7",)) == "partner"
+    assert name(institution="Clinique du Parc", sop_classes=("1.2.840.10008.5.1.4.1.1.2",)) == "rest"
+    assert name(birth=date(2010, 6, 1)) == "teens"  # 14 at the study
+    assert name(birth=date(2012, 1, 2)) == "rest"  # 12 at the study
+    assert name(birth=date(2007, 1, 1)) == "rest"  # 18 at the study

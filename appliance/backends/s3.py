@@ -29,6 +29,7 @@ _MISSING = {"404", "NoSuchKey", "NotFound"}
 _NETWORK = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
             botocore.exceptions.HTTPClientError, botocore.exceptions.ReadTimeoutError,
             botocore.exceptions.ConnectTimeoutError)
+_FAILURES = (botocore.exceptions.ClientError, botocore.exceptions.NoCredentialsError, *_NETWORK)
 
 
 def _credentials(settings: S3Config, resolve) -> dict:
@@ -69,6 +70,8 @@ class S3Backend:
 
     def _fail(self, exc: Exception, what: str):
         where = f"s3 tier {self.name} (bucket {self.settings.bucket})"
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return TierUnavailable(f"{where} has no credentials: set credentials_file in the tier")
         if isinstance(exc, botocore.exceptions.ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in _MISSING:
@@ -81,7 +84,7 @@ class S3Backend:
             self._client.upload_fileobj(_KeepOpen(src), self.settings.bucket, self._key(name), Config=self._transfer,
                                         ExtraArgs={"StorageClass": self.settings.storage_class,
                                                    "ChecksumAlgorithm": "SHA256"})
-        except (botocore.exceptions.ClientError, boto3.exceptions.S3UploadFailedError, *_NETWORK) as exc:
+        except (boto3.exceptions.S3UploadFailedError, *_FAILURES) as exc:
             raise self._fail(exc, f"upload of {name}") from None
 
     def open(self, name: str) -> BinaryIO:
@@ -97,7 +100,7 @@ class S3Backend:
                 raise TierUnavailable(f"pack {name} is in {self.settings.storage_class} on s3 tier {self.name}: "
                                       "a restore was requested; retry once it is done") from None
             raise self._fail(exc, f"read of {name}") from None
-        except _NETWORK as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, f"read of {name}") from None
 
     def _request_restore(self, name: str) -> None:
@@ -111,13 +114,13 @@ class S3Backend:
     def size(self, name: str) -> int:
         try:
             return self._client.head_object(Bucket=self.settings.bucket, Key=self._key(name))["ContentLength"]
-        except (botocore.exceptions.ClientError, *_NETWORK) as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, f"object {name}") from None
 
     def delete(self, name: str) -> None:
         try:
             self._client.delete_object(Bucket=self.settings.bucket, Key=self._key(name))
-        except (botocore.exceptions.ClientError, *_NETWORK) as exc:
+        except _FAILURES as exc:
             error = self._fail(exc, f"delete of {name}")
             if not isinstance(error, BlobMissing):
                 raise error from None
@@ -131,7 +134,7 @@ class S3Backend:
                     name = item["Key"][len(self.settings.prefix):]
                     if name and "/" not in name:
                         yield name
-        except (botocore.exceptions.ClientError, *_NETWORK) as exc:
+        except _FAILURES as exc:
             raise self._fail(exc, "listing") from None
 
     def read_order(self, names: Iterable[str]) -> list[str]:
