@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from appliance.errors import HomeLocked, OutOfSpace
 
@@ -18,22 +20,31 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write temp, fsync, rename, fsync the directory: the file is old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+@contextmanager
+def atomic_file(tmp: Path, final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write `tmp`, fsync, rename to `final`, fsync the directory: `final` is old or new,
+    never half; on any failure `tmp` is removed and a full disk raises OutOfSpace."""
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
+            yield fp
             fp.flush()
             os.fsync(fp.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise_if_out_of_space(exc)
         raise
-    fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    with atomic_file(path.with_name(f".{path.name}.tmp"), path, mode) as fp:
+        fp.write(data)
 
 
 def raise_if_out_of_space(exc: OSError) -> None:

@@ -182,7 +182,6 @@ def test_s3_multipart_upload_round_trips(s3_server):
 
 
 def test_s3_storage_class_is_applied(s3_server):
-    from appliance.backends.s3 import S3Backend
 
     bucket = new_bucket(s3_server)
     s3 = _s3(s3_server.endpoint, bucket, storage_class="STANDARD_IA")

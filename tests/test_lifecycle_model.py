@@ -27,7 +27,6 @@ from appliance import home as home_mod
 from appliance import lifecycle
 from appliance.errors import CartridgeOffline
 from appliance.policy import add_years, check_policies
-from appliance.store import index as ix
 from appliance.store.archive import Archive
 from conftest import add_tier, load_cartridge, make_study
 

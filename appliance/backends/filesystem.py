@@ -19,7 +19,7 @@ import shutil
 from typing import BinaryIO, Iterable, Iterator
 
 from appliance.errors import BlobMissing, TierUnavailable
-from appliance.fsutil import fsync_dir, raise_if_out_of_space
+from appliance.fsutil import atomic_file, fsync_dir
 
 _NAME = re.compile(r"^[0-9a-f]{8,64}$")
 _INCOMING = ".incoming"
@@ -63,24 +63,11 @@ class FilesystemBackend:
     @contextmanager
     def create(self, name: str) -> Iterator[BinaryIO]:
         final = self.path(name)
-        tmp = self._incoming / f"{name}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as fp:
-                yield fp
-                fp.flush()
-                os.fsync(fp.fileno())
-            if not final.parent.is_dir():
-                final.parent.mkdir(exist_ok=True)
-                fsync_dir(final.parent.parent)
-            os.replace(tmp, final)
-            fsync_dir(final.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise_if_out_of_space(exc)
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        if not final.parent.is_dir():
+            final.parent.mkdir(exist_ok=True)
+            fsync_dir(final.parent.parent)
+        with atomic_file(self._incoming / f"{name}.{os.getpid()}.tmp", final) as fp:
+            yield fp
 
     def put(self, name: str, src: BinaryIO) -> None:
         with self.create(name) as dst:

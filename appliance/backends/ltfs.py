@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from appliance.errors import BlobMissing, CartridgeOffline, OutOfSpace
-from appliance.fsutil import fsync_dir, raise_if_out_of_space
+from appliance.fsutil import atomic_file, fsync_dir
 
 LABEL_FILE = "PACS-VAULT-CARTRIDGE"
 _LABEL_HEADER = "pacs-vault cartridge v1"
@@ -97,21 +97,8 @@ class LtfsBackend:
         src.seek(start)
         cartridge = self._cartridge_for(size)
         cartridge.packs.mkdir(exist_ok=True)
-        tmp, final = cartridge.packs / f".{name}.tmp", cartridge.packs / name
-        try:
-            with open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, final)
-            fsync_dir(cartridge.packs)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise_if_out_of_space(exc)
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(cartridge.packs / f".{name}.tmp", cartridge.packs / name) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
 
     def _cartridge_for(self, size: int) -> Cartridge:
         offline = []

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 import xxhash
 
-from appliance.errors import (ApplianceError, BlobMissing, CartridgeOffline, IntegrityError, NotFound,
+from appliance.errors import (ApplianceError, CartridgeOffline, IntegrityError, NotFound,
                               TierUnavailable)
 from appliance.fsutil import raise_if_out_of_space
 from appliance.store import index as ix
