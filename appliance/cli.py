@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from appliance import config as cfg
-from appliance import fsck, home, importer, lifecycle, policy, registry
+from appliance import fsck, home, importer, lifecycle, policy, registry, reports, scrub
 from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
 from appliance.progress import Progress
@@ -161,7 +161,9 @@ def _status(archive: Archive) -> dict:
     for name, tier in archive.config.tiers.items():
         tiers[name] = _tier_status(archive, tier) | packs.get(name, {})
     jobs = lifecycle.jobs(archive)
+    scrub.overdue_alarms(archive, int(time.time()))
     alarms = alarm_store.alarms(archive.index)
+    runs = scrub.history(archive)
     return {
         "home": str(archive.config.home),
         "state": "DEGRADED" if alarms else "ONLINE",
@@ -173,6 +175,8 @@ def _status(archive: Archive) -> dict:
         "tiers": tiers,
         "jobs": {"pending": len(jobs), "failing": sum(1 for j in jobs.values() if j["attempts"])},
         "holds": len(lifecycle.holds(archive)),
+        "damaged": scrub.damaged_count(archive),
+        "last_scrub": runs[-1]["line"] if runs else "no scrub has run yet",
         "alarms": [{"key": key, **value} for key, value in alarms.items()],
     }
 
@@ -213,10 +217,51 @@ def cmd_status(args) -> int:
         print(line)
     print(f"jobs       {status['jobs']['pending']} pending ({status['jobs']['failing']} being retried), "
           f"{status['holds']} legal holds")
+    print(f"scrub      {status['last_scrub']}")
+    if status["damaged"]:
+        print(f"damaged    {status['damaged']} stored versions have no good copy")
     for alarm in status["alarms"]:
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(alarm["since"]))
         print(f"ALARM      {alarm['message']} (since {since})\n           action: {alarm['action']}")
     return 0
+
+
+def cmd_scrub(args) -> int:
+    with _open(args, writer=True) as archive:
+        if args.tier:
+            for tier in args.tier:
+                if tier not in archive.config.tiers:
+                    raise ApplianceError(f"no tier {tier!r} (tiers: {', '.join(sorted(archive.config.tiers))})")
+        scrub.lower_io_priority()
+        progress = Progress("deep scrub" if args.deep else "scrub", 0, 0, unit="objects")
+
+        def on_event(kind: str, data: dict) -> None:
+            if kind == "scrub.start":
+                progress.set_total(data["units"], data["bytes"])
+            elif kind == "scrub.unit":
+                progress.advance(data["bytes"])
+            progress.event(kind, **data)
+        scrubber = scrub.Scrubber(archive, deep=args.deep, rate=args.rate * 1e6, tiers=args.tier,
+                                  on_event=on_event)
+        report = scrubber.run()
+        progress.close()
+        result = report.as_dict()
+        if args.report:
+            target = Path(args.report)
+            if target.suffix in (".html", ".htm"):
+                target.write_text(reports.scrub_html(result, scrub.history(archive)))
+            else:
+                target.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(report.line())
+        for finding in report.findings:
+            print(f"  {finding.tier} {finding.copy}: instance {finding.instance} of study {finding.study}: "
+                  f"{finding.problem} -> {finding.action}")
+        for line in report.unreachable:
+            print(f"  not checked: {line}")
+    return 1 if report.unrecoverable else 0
 
 
 def _rules(archive: Archive) -> list:
@@ -416,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rebuild-index", action="store_true")
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_fsck)
+
+    scr = sub.add_parser("scrub", help="verify every copy on every tier, repair from good copies")
+    scr.add_argument("--deep", action="store_true", help="decrypt and re-hash (default: sealed-bytes hash)")
+    scr.add_argument("--rate", type=float, default=0, help="read at most this many MB/s (default: no limit)")
+    scr.add_argument("--tier", action="append", help="only this tier (repeatable)")
+    scr.add_argument("--report", help="write the report to FILE (.html: a page for people; else JSON)")
+    scr.add_argument("--json", action="store_true")
+    scr.set_defaults(func=cmd_scrub)
 
     pol = sub.add_parser("policy", help="retention and tiering policies")
     pol.add_argument("action", choices=("plan", "apply", "check", "jobs", "deletions"),

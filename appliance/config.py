@@ -141,6 +141,10 @@ class TierConfig:
     retries: int = field(default=3, metadata=_check(lambda v: 0 <= v <= 20, "must be 0 to 20"))
     # Bandwidth cap for reads and writes on this tier, 0 = none.
     rate_limit_mbps: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
+    # Every copy on this tier is verified at least this often (days; 0 = never required):
+    # fast = sealed-bytes hash, no key; deep = decrypt, decompress, re-hash the content.
+    scrub_fast_days: int = field(default=7, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
+    scrub_deep_days: int = field(default=30, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
 
 
 @dataclass(frozen=True)

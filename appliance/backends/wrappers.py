@@ -78,7 +78,9 @@ class TokenBucket:
             self._sleep(-self._tokens / self.rate)
 
 
-class _Throttled(io.RawIOBase):
+class Throttled(io.RawIOBase):
+    """A reader whose bytes are paid for from a TokenBucket."""
+
     def __init__(self, raw: BinaryIO, bucket: TokenBucket):
         self._raw, self._bucket = raw, bucket
 
@@ -113,10 +115,10 @@ class RateLimitedBackend:
         self.bucket = bucket or TokenBucket(bytes_per_second)
 
     def put(self, name: str, src: BinaryIO) -> None:
-        self.inner.put(name, io.BufferedReader(_Throttled(src, self.bucket), 1 << 20))
+        self.inner.put(name, io.BufferedReader(Throttled(src, self.bucket), 1 << 20))
 
     def open(self, name: str) -> BinaryIO:
-        return io.BufferedReader(_Throttled(self.inner.open(name), self.bucket), 1 << 20)
+        return io.BufferedReader(Throttled(self.inner.open(name), self.bucket), 1 << 20)
 
     def size(self, name: str) -> int:
         return self.inner.size(name)

@@ -169,6 +169,9 @@ class Archive:
                 study_uid = blob and t.get("instances", blob["sop"])["study"]
             if blob is None:
                 raise NotFound("no such stored version")
+            if blob.get("damaged"):
+                raise IntegrityError(f"instance {blob['sop']} is damaged (no good copy left: "
+                                     f"{blob['damaged']['reason']})")
             copy = blob["copies"].get(self.hot.name)
             if copy is None:
                 self.recall_study(study_uid)

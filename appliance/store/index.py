@@ -27,10 +27,13 @@ not spoil the others. The map grows on its own when full.
     db "blobs"             content address (32 raw bytes) -> {"sop", "size", "sealed_size",
                            "xxh3" (16 raw bytes), "key_id" (16 raw bytes), "compression",
                            "stored": unix s, "copies": {tier: copy}}
-                           hot copy = {"name": object name, "verified": unix s}
-                           cold copy = {"pack": pack id, "offset", "length", "verified": unix s}
+                           hot copy = {"name": object name, "verified": unix s, "deep": unix s}
+                           cold copy = {"pack": pack id, "offset", "length", "verified", "deep"}
+                           ("verified": last key-less check or write; "deep": last decrypt and
+                           re-hash; "damaged": {"since", "reason"} when no good copy is left)
     db "packs"             pack id (hex) -> {"tier", "study", "size", "xxh3" (16 raw bytes, whole pack),
-                           "where": cartridge label or "", "written", "verified": unix s, "blobs": [ca]}
+                           "where": cartridge label or "", "written", "verified", "deep": unix s,
+                           "blobs": [ca]}
     db "study_keys"        StudyInstanceUID -> key id (16 raw bytes) of the study's data key
     db "holds"             "study:" UID or "patient:" PatientID -> {"reason", "by", "since": unix s}
     db "jobs"              StudyInstanceUID -> the one lifecycle job of a study (lifecycle.py):
@@ -39,6 +42,9 @@ not spoil the others. The map grows on its own when full.
     db "deletions"         StudyInstanceUID -> deletion record {"time", "rule", "by", "patient_id",
                            "series": [uids], "instances": [uids], "unremoved": [{tier, pack, where}]}
     db "alarms"            alarm key -> {"message", "action", "since": unix s}
+    db "scrub"             b"current" -> the scrub run in progress {"id", "deep", "started", "tiers"};
+                           "done:<tier>:fast|deep" -> start time of the last complete run over the tier
+    db "scrub_runs"        run id (8-byte big-endian start time) -> the run's summary (scrub.py)
     dupsort dbs            key -> StudyInstanceUID unless said otherwise:
       "patient_studies"    patient key
       "study_series"       StudyInstanceUID -> SeriesInstanceUID
@@ -71,7 +77,7 @@ from appliance.store.p10 import InstanceInfo, person_name_key
 SCHEMA_VERSION = 1
 _KEY_LIMIT = 480  # LMDB keys and dupsort values stop at 511 bytes
 _PLAIN_DBS = ("meta", "patients", "studies", "series", "instances", "blobs", "study_keys", "packs", "holds",
-              "jobs", "deletions", "alarms")
+              "jobs", "deletions", "alarms", "scrub", "scrub_runs")
 _DUP_DBS = ("patient_studies", "study_series", "series_instances", "by_patient_id", "by_patient_name",
             "by_study_date", "by_accession", "by_modality")
 SECONDARY = {"PatientID": "by_patient_id", "PatientName": "by_patient_name", "StudyDate": "by_study_date",

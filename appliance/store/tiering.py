@@ -248,6 +248,24 @@ def _record_hot_copies(archive: "Archive", study_uid: str, restored: dict[bytes,
         archive.hot.delete(name)
 
 
+def forget_pack(archive: "Archive", pack_id: str) -> None:
+    """Drop a pack nothing refers to any more: from the index, then from its tier (a tier that
+    cannot be reached now keeps an unindexed object; nothing reads it)."""
+    def forget(t: ix.Txn) -> dict | None:
+        record = t.get("packs", pack_id)
+        if record is None:
+            return None
+        t.delete("packs", pack_id)
+        study = t.get("studies", record["study"])
+        if study is not None and pack_id in study.get("packs", {}).get(record["tier"], []):
+            study["packs"][record["tier"]].remove(pack_id)
+            t.put("studies", record["study"], study)
+        return record
+    record = archive.index.write(forget)
+    if record is not None:
+        delete_packs(archive, {pack_id: record})
+
+
 def delete_packs(archive: "Archive", packs: dict[str, dict]) -> list[dict]:
     """Delete packs from their tiers; return those that could not be removed now."""
     unremoved = []
