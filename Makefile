@@ -43,3 +43,4 @@ bench: deps venv
 	$(PY) benchmarks/import_bench.py
 	$(PY) benchmarks/find_bench.py
 	$(PY) benchmarks/tier_bench.py
+	$(PY) benchmarks/scrub_bench.py

@@ -248,6 +248,7 @@ def cmd_scrub(args) -> int:
         result = report.as_dict()
         if args.report:
             target = Path(args.report)
+            target.parent.mkdir(parents=True, exist_ok=True)
             if target.suffix in (".html", ".htm"):
                 target.write_text(reports.scrub_html(result, scrub.history(archive)))
             else:

@@ -52,3 +52,10 @@ def test_tier_bench_quick(tmp_path):
                                     "recall from S3"}
     for name, row in results["rows"].items():
         assert row["pacs_vault_mb_s"] > 0 and row["baseline_mb_s"] > 0, name
+
+
+def test_scrub_bench_quick(tmp_path):
+    results = _quick("scrub_bench.py", "scrub", tmp_path)
+    for key in ("fast_mb_s", "cat_mb_s", "deep_mb_s", "codec_limit_mb_s", "ingest_alone_mb_s",
+                "ingest_beside_scrub_mb_s"):
+        assert results[key] > 0, key

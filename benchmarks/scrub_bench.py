@@ -1,0 +1,139 @@
+"""Scrub speed against the disk and the codec, and what a rate-limited scrub costs ingest.
+
+    python benchmarks/scrub_bench.py [--quick] [--ct N] [--rate MBPS] [--workdir DIR]
+
+On a home holding a CT study (N instances on the hot tier):
+- fast scrub (sealed-bytes hash) MB/s vs reading the same files with `cat` (page cache
+  dropped before each when running as root);
+- deep scrub (decrypt, decompress, SHA-256) MB/s vs the one-core limit of the same work
+  on the same blobs held in memory;
+- `appliance import` of a second CT study alone, and again while `appliance scrub --rate`
+  runs over the first one.
+MB/s are sealed (stored) bytes per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+import corpus  # noqa: E402
+from common import machine, run_and_report  # noqa: E402
+
+from appliance import config as cfg  # noqa: E402
+from appliance.store import sealed  # noqa: E402
+from appliance.store.archive import Archive  # noqa: E402
+
+APPLIANCE = [sys.executable, "-m", "appliance"]
+
+
+def _drop_caches() -> bool:
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def _hot_files(home: Path) -> list[Path]:
+    return [p for p in (home / "hot").rglob("*") if p.is_file() and ".incoming" not in p.parts]
+
+
+def _codec_limit(home: Path) -> float:
+    """Seconds one core needs to unseal every hot blob from memory (decrypt, decompress, SHA-256)."""
+    with Archive.open(cfg.load(home)) as archive, archive.index.read() as t:
+        blobs = [(ca, archive.hot.path(b["copies"]["hot"]["name"]).read_bytes()) for ca, b in t.items("blobs")]
+        start = time.perf_counter()
+        for ca, raw in blobs:
+            for _ in sealed.unseal(io.BytesIO(raw), key_for=archive.keyring.data_key, content_address=ca):
+                pass
+        return time.perf_counter() - start
+
+
+def _import_mb_s(home: Path, source: Path, size: int) -> float:
+    return size / 1e6 / _timed(APPLIANCE + ["--home", str(home), "import", str(source)])
+
+
+def run(work: Path, count: int, rate: int) -> dict:
+    home = work / "home"
+    subprocess.run(APPLIANCE + ["--home", str(home), "init"], check=True, capture_output=True, cwd=REPO)
+    corpus.ct_study(work / "ct", count)
+    subprocess.run(APPLIANCE + ["--home", str(home), "import", str(work / "ct")], check=True, capture_output=True,
+                   cwd=REPO)
+    files = _hot_files(home)
+    stored = sum(p.stat().st_size for p in files)
+    (work / "list").write_text("\0".join(str(p) for p in files))
+    cold = _drop_caches()
+    cat = _timed(["sh", "-c", f"xargs -0 cat < {work / 'list'} > /dev/null"])
+    _drop_caches()
+    fast = _timed(APPLIANCE + ["--home", str(home), "scrub"])
+    _drop_caches()
+    deep = _timed(APPLIANCE + ["--home", str(home), "scrub", "--deep"])
+    limit = _codec_limit(home)
+
+    # Ingest alone, then beside a rate-limited scrub that loops over the first study.
+    second = corpus.ct_study(work / "ct2", count)
+    size = sum(p.stat().st_size for p in second)
+    alone = _import_mb_s(home, work / "ct2", size)
+    third = corpus.ct_study(work / "ct3", count)
+    scrubber = subprocess.Popen(["sh", "-c", f"while :; do {' '.join(APPLIANCE)} --home {home} scrub --rate {rate} "
+                                             ">/dev/null 2>&1; done"], cwd=REPO)
+    try:
+        time.sleep(1)
+        beside = _import_mb_s(home, work / "ct3", sum(p.stat().st_size for p in third))
+    finally:
+        scrubber.terminate()
+        scrubber.wait()
+        subprocess.run(["pkill", "-f", "--", f"--home {home} scrub"], check=False)
+    mb = stored / 1e6
+    return {"machine": machine(), "instances": count, "stored_mb": round(mb, 1), "cold_cache": cold,
+            "fast_mb_s": round(mb / fast, 1), "cat_mb_s": round(mb / cat, 1),
+            "fast_over_disk_read": round(cat / fast, 2),
+            "deep_mb_s": round(mb / deep, 1), "codec_limit_mb_s": round(mb / limit, 1),
+            "deep_over_codec_limit": round(limit / deep, 2),
+            "scrub_rate_mb_s": rate, "ingest_alone_mb_s": round(alone, 1), "ingest_beside_scrub_mb_s": round(beside, 1),
+            "ingest_kept": round(beside / alone, 2)}
+
+
+def markdown(r: dict) -> str:
+    return "\n".join([
+        f"Scrub: {r['instances']} CT instances, {r['stored_mb']} MB sealed, {r['machine']['cores']} cores, "
+        f"{'page cache dropped before each read' if r['cold_cache'] else 'warm page cache'}", "",
+        "| measure | pacs-vault | baseline | ratio |", "|---|---:|---|---:|",
+        f"| fast scrub | {r['fast_mb_s']} MB/s | cat of the same files: {r['cat_mb_s']} MB/s | "
+        f"{r['fast_over_disk_read']} |",
+        f"| deep scrub | {r['deep_mb_s']} MB/s | one-core unseal in memory: {r['codec_limit_mb_s']} MB/s | "
+        f"{r['deep_over_codec_limit']} |",
+        f"| import beside `scrub --rate {r['scrub_rate_mb_s']}` | {r['ingest_beside_scrub_mb_s']} MB/s | "
+        f"import alone: {r['ingest_alone_mb_s']} MB/s | {r['ingest_kept']} |"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")
+    parser.add_argument("--ct", type=int, default=1000, help="CT instances (512 KB each)")
+    parser.add_argument("--rate", type=int, default=50, help="MB/s of the scrub running beside the import")
+    parser.add_argument("--workdir", type=Path, help="scratch directory on the file system under test")
+    args = parser.parse_args()
+    count = 6 if args.quick else args.ct
+    return run_and_report("scrub", args.workdir, lambda work: run(work, count, args.rate), markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
