@@ -238,7 +238,7 @@ def cmd_scrub(args) -> int:
         def on_event(kind: str, data: dict) -> None:
             if kind == "scrub.start":
                 progress.set_total(data["units"], data["bytes"])
-            elif kind == "scrub.unit":
+            elif kind in ("scrub.unit", "scrub.unreachable"):
                 progress.advance(data["bytes"])
             progress.event(kind, **data)
         scrubber = scrub.Scrubber(archive, deep=args.deep, rate=args.rate * 1e6, tiers=args.tier,

@@ -26,6 +26,8 @@ import os
 import struct
 import subprocess
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -40,6 +42,7 @@ from appliance.store.archive import Archive
 
 _DAY = 86400
 _READ = 1 << 20
+_MARK_BATCH, _MARK_EVERY_S = 256, 1.0
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,8 @@ def lower_io_priority() -> None:
 class Scrubber:
     def __init__(self, archive: Archive, *, deep: bool, rate: float = 0, tiers: list[str] | None = None,
                  clock: Callable[[], float] = time.time, bucket: TokenBucket | None = None,
-                 on_event: Callable[[str, dict], None] = lambda kind, data: None):
-        self.archive, self.deep, self.tiers = archive, deep, tiers
+                 workers: int = 2, on_event: Callable[[str, dict], None] = lambda kind, data: None):
+        self.archive, self.deep, self.tiers, self.workers = archive, deep, tiers, workers
         self.clock, self.on_event = clock, on_event
         self.bucket = bucket or (TokenBucket(rate) if rate else None)
 
@@ -193,9 +196,20 @@ class Scrubber:
         self.on_event("scrub.start", {"units": len(todo), "bytes": sum(u.size for u in todo),
                                       "deep": self.deep, "resumed": resumed})
         start = time.monotonic()
-        for unit in todo:
-            self._scrub_unit(unit, report)
-            self.on_event("scrub.unit", {"tier": unit.tier, "kind": unit.kind, "id": unit.id, "bytes": unit.size})
+        self._marks, self._marked_at = [], start
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="scrub") as pool:
+                window: deque = deque()
+                for unit in todo:  # a few units ahead, in order: bounded memory, both cores busy
+                    window.append((unit, pool.submit(self._check, unit)))
+                    if len(window) > 2 * self.workers:
+                        done, future = window.popleft()
+                        self._record(done, future.result(), report)
+                while window:
+                    done, future = window.popleft()
+                    self._record(done, future.result(), report)
+        finally:
+            self._commit_marks()  # also when stopped (Ctrl-C, SIGTERM): what was checked counts
         report.seconds = round(time.monotonic() - start, 3)
         report.finished = int(self.clock())
         report.complete = True
@@ -232,19 +246,41 @@ class Scrubber:
     def _reader(self, fp):
         return io.BufferedReader(Throttled(fp, self.bucket), _READ) if self.bucket else fp
 
-    def _scrub_unit(self, unit: Unit, report: ScrubReport) -> None:
+    def _check(self, unit: Unit) -> dict[bytes, str] | TierUnavailable:
+        """Runs on a worker thread: hashing, decryption and decompression release the GIL."""
         try:
-            bad = self._check_blob(unit) if unit.kind == "blob" else self._check_pack(unit)
+            return self._check_blob(unit) if unit.kind == "blob" else self._check_pack(unit)
         except TierUnavailable as exc:
+            return exc
+
+    def _record(self, unit: Unit, bad: dict[bytes, str] | TierUnavailable, report: ScrubReport) -> None:
+        """Runs on the scrub's own thread, in order: verification marks and repairs."""
+        if isinstance(bad, TierUnavailable):
+            exc = bad
             report.unreachable.append(f"tier {unit.tier} {unit.kind} {unit.id}: {exc}")
+            self.on_event("scrub.unreachable", {"tier": unit.tier, "kind": unit.kind, "id": unit.id,
+                                                "bytes": unit.size})
             return
         report.copies_checked += len(unit.blobs)
         report.bytes_read += unit.size
         now = self.clock()
         good = [ca for ca in unit.blobs if ca not in bad]
-        self.archive.index.write(lambda t: _mark_verified(t, unit, good, now, self.deep))
+        self._marks.append((unit, good, now))
+        if bad or len(self._marks) >= _MARK_BATCH or time.monotonic() - self._marked_at > _MARK_EVERY_S:
+            self._commit_marks()
         if bad:
             report.findings += self._repair(unit, bad)
+
+    def _commit_marks(self) -> None:
+        """Record verification times in one commit for many units: a synced commit per small file
+        would cost more than reading it. A kill loses at most these marks (re-checked, not missed)."""
+        marks, self._marks = self._marks, []
+        self._marked_at = time.monotonic()
+        if marks:
+            self.archive.index.write(lambda t: [_mark_verified(t, unit, good, now, self.deep)
+                                                for unit, good, now in marks])
+        for unit, _, _ in marks:  # reported once recorded: what a resumed run will not re-check
+            self.on_event("scrub.unit", {"tier": unit.tier, "kind": unit.kind, "id": unit.id, "bytes": unit.size})
 
     def _check_blob(self, unit: Unit) -> dict[bytes, str]:
         [ca] = unit.blobs

@@ -6,6 +6,7 @@ Both take their clock and sleep as arguments so tests drive them without waiting
 from __future__ import annotations
 
 import io
+import threading
 import time
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -60,22 +61,26 @@ class RetryingBackend:
 
 
 class TokenBucket:
-    """At most `rate` bytes per second on average, bursts up to one second's worth."""
+    """At most `rate` bytes per second on average, bursts up to one second's worth.
+    Shared by threads: each waits for its own share."""
 
     def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         self.rate, self._clock, self._sleep = float(rate), clock, sleep
         self._tokens = self.rate
         self._last = clock()
+        self._lock = threading.Lock()
 
     def take(self, amount: int) -> None:
         """Account for `amount` bytes, sleeping first as long as the rate requires."""
-        now = self._clock()
-        self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        self._tokens -= amount
-        if self._tokens < 0:
-            self._sleep(-self._tokens / self.rate)
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= amount
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0
+        if wait:
+            self._sleep(wait)
 
 
 class Throttled(io.RawIOBase):
