@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from appliance import config as cfg
-from appliance import fsck, home, importer, lifecycle, policy, registry, reports, scrub
+from appliance import fsck, home, importer, lifecycle, policy, registry, replicate, reports, scrub
 from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
 from appliance.progress import Progress
@@ -164,6 +164,7 @@ def _status(archive: Archive) -> dict:
     scrub.overdue_alarms(archive, int(time.time()))
     alarms = alarm_store.alarms(archive.index)
     runs = scrub.history(archive)
+    copies = replicate.history(archive)
     return {
         "home": str(archive.config.home),
         "state": "DEGRADED" if alarms else "ONLINE",
@@ -177,6 +178,8 @@ def _status(archive: Archive) -> dict:
         "holds": len(lifecycle.holds(archive)),
         "damaged": scrub.damaged_count(archive),
         "last_scrub": runs[-1]["line"] if runs else "no scrub has run yet",
+        "last_replication": copies[-1]["line"] if copies else "never replicated",
+        "replication_lag_s": replicate.rpo_lag(archive, time.time()),
         "alarms": [{"key": key, **value} for key, value in alarms.items()],
     }
 
@@ -218,6 +221,9 @@ def cmd_status(args) -> int:
     print(f"jobs       {status['jobs']['pending']} pending ({status['jobs']['failing']} being retried), "
           f"{status['holds']} legal holds")
     print(f"scrub      {status['last_scrub']}")
+    lag = status["replication_lag_s"]
+    print(f"off-site   {status['last_replication']}; "
+          + ("everything verified off-site" if lag is None else f"oldest not yet off-site: {lag / 3600:.1f} h"))
     if status["damaged"]:
         print(f"damaged    {status['damaged']} stored versions have no good copy")
     for alarm in status["alarms"]:
@@ -263,6 +269,48 @@ def cmd_scrub(args) -> int:
         for line in report.unreachable:
             print(f"  not checked: {line}")
     return 1 if report.unrecoverable else 0
+
+
+def cmd_replicate(args) -> int:
+    with _open(args, writer=True) as archive:
+        progress = Progress("replicate", 0, 0, unit="objects")
+        report = replicate.replicate(archive, verify_all=args.verify,
+                                     on_event=lambda kind, data: progress.event(kind, **data))
+        progress.close()
+        if args.report:
+            target = Path(args.report)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            runs = replicate.history(archive)
+            target.write_text(reports.backup_html(report.as_dict(), runs, archive.config.appliance.replication.rpo_hours)
+                              if target.suffix in (".html", ".htm") else json.dumps(report.as_dict(), indent=2))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.line())
+    if not report.verified:
+        raise ApplianceError(f"replication failed: {report.failure}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    if not args.source or not args.key_file:
+        raise ApplianceError("usage: appliance --home NEWDIR restore --from TARGET --key-file FILE")
+    progress = Progress("restore", 0, 0)
+    settings = cfg.ReplicationConfig(ssh_port=args.ssh_port, ssh_key=args.ssh_key or "",
+                                     ssh_known_hosts=args.ssh_known_hosts or "",
+                                     password_file=args.password_file or "")
+    report = replicate.restore(_home(args), args.source, Path(args.key_file), settings,
+                               on_event=lambda kind, data: progress.event(kind, **data))
+    progress.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(report.snapshot_time))
+        print(f"restored {_home(args)} from {args.source}: snapshot of {when}, {report.objects} blobs, "
+              f"{report.packs} packs, {report.newer_than_snapshot} instances newer than the snapshot indexed")
+        print("  next: `appliance fsck`, then `appliance serve`; packs are on the `cold` tier")
+    for error in report.errors:
+        print(f"  {error}", file=sys.stderr)
+    if report.errors:
+        raise ApplianceError(f"{len(report.errors)} objects could not be restored")
+    return 0
 
 
 def _rules(archive: Archive) -> list:
@@ -470,6 +518,22 @@ def build_parser() -> argparse.ArgumentParser:
     scr.add_argument("--report", help="write the report to FILE (.html: a page for people; else JSON)")
     scr.add_argument("--json", action="store_true")
     scr.set_defaults(func=cmd_scrub)
+
+    rep = sub.add_parser("replicate", help="send the sealed data off-site with rsync and verify it")
+    rep.add_argument("--verify", action="store_true", help="verify (and resend) every object, not only new ones")
+    rep.add_argument("--report", help="write the backup report to FILE (.html for people; else JSON)")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=cmd_replicate)
+
+    res = sub.add_parser("restore", help="build a new home from an off-site copy and the key file")
+    res.add_argument("--from", dest="source", help="the off-site target: a path, rsync://..., or host:path")
+    res.add_argument("--key-file", help="the key-encryption key file kept apart from the data")
+    res.add_argument("--ssh-port", type=int, default=22)
+    res.add_argument("--ssh-key", help="private key for an ssh target")
+    res.add_argument("--ssh-known-hosts", help="known_hosts file pinning the ssh target's host key")
+    res.add_argument("--password-file", help="password file for an rsync daemon")
+    res.add_argument("--json", action="store_true")
+    res.set_defaults(func=cmd_restore)
 
     pol = sub.add_parser("policy", help="retention and tiering policies")
     pol.add_argument("action", choices=("plan", "apply", "check", "jobs", "deletions"),

@@ -86,6 +86,22 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True)
+class ReplicationConfig:
+    # Where the off-site copy goes: a local path (another disk, a NAS mount; relative to the
+    # home), an rsync daemon (rsync://host:port/module/path) or ssh ([user@]host:path).
+    target: str = "offsite"
+    ssh_port: int = field(default=22, metadata=_check(lambda v: 1 <= v <= 65535, "must be 1 to 65535"))
+    ssh_key: str = ""  # private key for ssh targets (BatchMode: no passwords)
+    ssh_known_hosts: str = ""  # known_hosts file pinning the target's host key
+    password_file: str = ""  # for rsync daemons that ask for one
+    bwlimit_kbps: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
+    # An alarm is raised when the oldest acknowledged instance not yet verified off-site is older.
+    rpo_hours: int = field(default=24, metadata=_check(lambda v: v >= 1, "must be at least 1"))
+    keep_manifests: int = field(default=30, metadata=_check(lambda v: v >= 1, "must be at least 1"))
+    timeout_s: int = field(default=600, metadata=_check(lambda v: v >= 10, "must be at least 10"))
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     key_file: str = "kek.key"
     keyring: str = "keyring"
@@ -95,6 +111,7 @@ class ApplianceConfig:
     dicom: DicomConfig = DicomConfig()
     imports: ImportConfig = ImportConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
+    replication: ReplicationConfig = ReplicationConfig()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,21 @@ lifecycle:
   # Packs for object storage are assembled here (sealed bytes only).
   spool_dir: spool
 
+replication:
+  # The off-site copy (`appliance replicate`, `appliance restore --from`): a local path
+  # (another disk or a NAS mount), rsync://host:port/module/path, or user@host:path (ssh).
+  # Only sealed data goes there; the key file never does.
+  target: offsite
+  ssh_port: 22
+  ssh_key: ""
+  ssh_known_hosts: ""
+  password_file: ""
+  bwlimit_kbps: 0
+  # Alarm when the oldest instance not yet verified off-site is older than this.
+  rpo_hours: 24
+  keep_manifests: 30
+  timeout_s: 600
+
 imports:
   # Files sealed in parallel by `appliance import`: more than the cores, so that
   # one file's fsync overlaps another's compression.
@@ -84,8 +100,11 @@ dicom:
 """
 
 
-def init(home: Path) -> cfg.Config:
-    """Create the home; appliance.yaml is written last, so a home that has one is complete."""
+def init(home: Path, restored: tuple[bytes, Path, Path] | None = None) -> cfg.Config:
+    """Create the home; appliance.yaml is written last, so a home that has one is complete.
+
+    `restored` = (key file bytes, keyring directory, index directory) from an off-site copy:
+    the home gets those instead of a new key, keyring and index."""
     home = Path(home)
     final = home / cfg.CONFIG_FILE
     if final.exists():
@@ -103,7 +122,13 @@ def init(home: Path) -> cfg.Config:
         for tier in config.tiers.values():
             if tier.kind == "filesystem":
                 config.resolve(tier.path).mkdir(parents=True, exist_ok=True)
-        Archive(config, lock=None, create=True).close()
+        if restored is None:
+            Archive(config, lock=None, create=True).close()
+        else:
+            key_bytes, keyring, index = restored
+            write_file_atomic(config.key_file, key_bytes, mode=0o600)
+            os.replace(keyring, config.keyring_path)
+            os.replace(index, config.index_path)
         draft.rename(final)
         fsync_dir(home)
     return cfg.load(home)

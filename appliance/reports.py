@@ -90,3 +90,21 @@ def scrub_html(report: dict, runs: list[dict]) -> str:
             + (f"<h2>Not reachable during this run</h2><ul>{unreachable}</ul>" if unreachable else "")
             + f"<h2>Trend</h2>{_trend_svg(runs)}")
     return _page("pacs-vault scrub report", body)
+
+
+def backup_html(report: dict, runs: list[dict], rpo_hours: int) -> str:
+    lag = report.get("rpo_lag_s")
+    late = lag is not None and lag > rpo_hours * 3600
+    rows = "".join(
+        f"<tr><td>{_e(_when(r['started']))}</td><td>{_e(r['target'])}</td><td class=num>{r['objects_sent']}</td>"
+        f"<td class=num>{r['bytes_sent'] / 1e6:,.1f}</td><td class=num>{r['finished'] - r['started']:,.1f}</td>"
+        f"<td>{'verified' if r['verified'] else 'FAILED: ' + _e(r['failure'])}</td></tr>"
+        for r in reversed(runs[-50:]))
+    lag_text = "everything verified off-site" if lag is None else f"{lag / 3600:.1f} h"
+    body = (f"<h1>Backup report</h1><p class='summary{' bad' if late or not report['verified'] else ''}'>"
+            f"{_e(report['line'])}</p>"
+            f"<p>RPO lag (age of the oldest acknowledged instance not yet verified off-site): <b>{_e(lag_text)}</b>, "
+            f"objective {rpo_hours} h{' — <b>exceeded</b>' if late else ''}.</p>"
+            f"<h2>Runs</h2><table><tr><th>started</th><th>target</th><th>objects</th><th>MB</th><th>seconds</th>"
+            f"<th>outcome</th></tr>{rows}</table>")
+    return _page("pacs-vault backup report", body)

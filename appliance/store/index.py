@@ -45,6 +45,9 @@ not spoil the others. The map grows on its own when full.
     db "scrub"             b"current" -> the scrub run in progress {"id", "deep", "started", "tiers"};
                            "done:<tier>:fast|deep" -> start time of the last complete run over the tier
     db "scrub_runs"        run id (8-byte big-endian start time) -> the run's summary (scrub.py)
+    db "replicas"          off-site path ("objects/ab/cd/<name>", "packs/ab/cd/<id>") -> {"size", "xxh3",
+                           "verified": unix s, "run"}: what the off-site target holds, verified
+    db "replication_runs"  run id (8-byte big-endian, microseconds) -> the run's summary (replicate.py)
     dupsort dbs            key -> StudyInstanceUID unless said otherwise:
       "patient_studies"    patient key
       "study_series"       StudyInstanceUID -> SeriesInstanceUID
@@ -77,7 +80,7 @@ from appliance.store.p10 import InstanceInfo, person_name_key
 SCHEMA_VERSION = 1
 _KEY_LIMIT = 480  # LMDB keys and dupsort values stop at 511 bytes
 _PLAIN_DBS = ("meta", "patients", "studies", "series", "instances", "blobs", "study_keys", "packs", "holds",
-              "jobs", "deletions", "alarms", "scrub", "scrub_runs")
+              "jobs", "deletions", "alarms", "scrub", "scrub_runs", "replicas", "replication_runs")
 _DUP_DBS = ("patient_studies", "study_series", "series_instances", "by_patient_id", "by_patient_name",
             "by_study_date", "by_accession", "by_modality")
 SECONDARY = {"PatientID": "by_patient_id", "PatientName": "by_patient_name", "StudyDate": "by_study_date",
@@ -198,6 +201,11 @@ class Index:
         self._queue.put(None)
         self._committer.join()
         self._env.close()
+
+    def copy_to(self, directory: Path) -> None:
+        """A consistent snapshot of the whole index into an empty directory (LMDB copy)."""
+        with self._rw.shared():
+            self._env.copy(str(directory), compact=True)
 
     @property
     def map_size(self) -> int:

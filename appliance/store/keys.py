@@ -72,6 +72,15 @@ class Kek:
                 f"key: {base64.b64encode(self.key).decode()}\n").encode()
 
 
+def snapshot_key(kek: Kek) -> bytes:
+    """The key that seals what goes off-site besides the blobs (index snapshot, keyring copy,
+    manifests): derived from the KEK, so the key file alone opens them at restore."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(hashes.SHA256(), 32, salt=kek.key_id, info=b"pacs-vault off-site v1").derive(kek.key)
+
+
 def write_key_file(path: Path, kek: Kek) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(path, kek.serialise(), mode=0o600)
@@ -169,6 +178,14 @@ class Keyring:
             raise KeyFileError(f"key file {self._kek_file} has the right id but not the right key "
                                "(damaged or edited)")
         return kek
+
+    def snapshot_key(self) -> tuple[bytes, bytes]:
+        """(KEK id, key) for sealing off-site snapshots and manifests."""
+        return self._kek.key_id, snapshot_key(self._kek)
+
+    def copy_to(self, directory: Path) -> None:
+        """A consistent copy of the keyring (wrapped keys only) into an empty directory."""
+        self._env.copy(str(directory), compact=True)
 
     @property
     def kek_id(self) -> bytes:
