@@ -44,3 +44,4 @@ bench: deps venv
 	$(PY) benchmarks/find_bench.py
 	$(PY) benchmarks/tier_bench.py
 	$(PY) benchmarks/scrub_bench.py
+	$(PY) benchmarks/replicate_bench.py

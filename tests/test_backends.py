@@ -277,3 +277,22 @@ def test_rate_limited_reads_and_writes_are_counted():
     with limited.open("01") as fp:
         assert fp.read() == b"x" * 5000
     assert clock[0] == pytest.approx(9.0)
+
+
+def test_a_partly_laid_out_filesystem_tier_is_completed(tmp_path):
+    """A tier directory filled by hand or by a restore (only some fan-out directories)."""
+    (tmp_path / "tier" / "ff" / "ee").mkdir(parents=True)
+    (tmp_path / "tier" / "ff" / "ee" / "ffee0000aa").write_bytes(b"restored")
+    tier = FilesystemBackend("cold", tmp_path / "tier", create=False)
+    assert list(tier.list()) == ["ffee0000aa"]
+    tier.put("00110000bb", io.BytesIO(b"new"))
+    assert sorted(tier.list()) == ["00110000bb", "ffee0000aa"]
+
+
+def test_an_unmounted_cold_disk_means_retry_later(tmp_path):
+    tier = FilesystemBackend("cold", tmp_path / "not-mounted", create=False)
+    for call in (lambda: tier.put("00aa00aa", io.BytesIO(b"x")), lambda: list(tier.list()),
+                 lambda: tier.open("00aa00aa")):
+        with pytest.raises(TierUnavailable, match="not mounted"):
+            call()
+    assert not (tmp_path / "not-mounted").exists()  # nothing written on the root file system

@@ -59,3 +59,9 @@ def test_scrub_bench_quick(tmp_path):
     for key in ("fast_mb_s", "cat_mb_s", "deep_mb_s", "codec_limit_mb_s", "ingest_alone_mb_s",
                 "ingest_beside_scrub_mb_s"):
         assert results[key] > 0, key
+
+
+def test_replicate_bench_quick(tmp_path):
+    results = _quick("replicate_bench.py", "replicate", tmp_path)
+    assert results["replicate_mb_s"] > 0 and results["rsync_mb_s"] > 0
+    assert results["drill"]["byte_exact"] is True

@@ -48,9 +48,10 @@ class FilesystemBackend:
         if self._ready:
             return
         self._incoming.mkdir(exist_ok=True)
-        if not (self.root / _FANOUT[-1]).is_dir():
-            for directory in _FANOUT:
-                (self.root / directory).mkdir(exist_ok=True)
+        missing = [d for d in _FANOUT if not (self.root / d).is_dir()]
+        for directory in missing:
+            (self.root / directory).mkdir(exist_ok=True)
+        if missing:
             fsync_dir(self.root)
         self._ready = True
 
