@@ -20,6 +20,7 @@ from appliance import config as cfg
 from appliance import fsck, home, importer, lifecycle, policy, registry, replicate, reports, scrub
 from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
+from appliance.fsutil import HomeLock
 from appliance.progress import Progress
 from appliance.store import alarms as alarm_store
 from appliance.store.archive import Archive
@@ -233,7 +234,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_scrub(args) -> int:
-    with _open(args, writer=True) as archive:
+    with _open(args, writer=True) as archive, HomeLock(archive.config.home, exclusive=True, name="scrub"):
         if args.tier:
             for tier in args.tier:
                 if tier not in archive.config.tiers:
@@ -272,7 +273,7 @@ def cmd_scrub(args) -> int:
 
 
 def cmd_replicate(args) -> int:
-    with _open(args, writer=True) as archive:
+    with _open(args, writer=True) as archive, HomeLock(archive.config.home, exclusive=True, name="replicate"):
         progress = Progress("replicate", 0, 0, unit="objects")
         report = replicate.replicate(archive, verify_all=args.verify,
                                      on_event=lambda kind, data: progress.event(kind, **data))

@@ -54,10 +54,12 @@ def raise_if_out_of_space(exc: OSError) -> None:
 
 class HomeLock:
     """flock on HOME/.lock: shared for everyday writers (serve, import), exclusive for
-    maintenance that must be alone (fsck repair, rebuild, key rotation)."""
+    maintenance that must be alone (fsck repair, rebuild, key rotation). With `name`, a lock
+    of its own (HOME/.<name>.lock) for jobs that must not run twice at once (scrub, replicate)."""
 
-    def __init__(self, home: Path, *, exclusive: bool):
-        self._path = home / ".lock"
+    def __init__(self, home: Path, *, exclusive: bool, name: str = ""):
+        self._path = home / (f".{name}.lock" if name else ".lock")
+        self._name = name
         self._exclusive = exclusive
         self._fd: int | None = None
 
@@ -69,6 +71,8 @@ class HomeLock:
             os.close(self._fd)
             self._fd = None
             what = "this needs the home to itself" if self._exclusive else "a maintenance command is running"
+            if self._name:
+                what = f"another {self._name} is running"
             raise HomeLocked(f"{self._path.parent} is in use by another appliance process ({what})") from None
         return self
 

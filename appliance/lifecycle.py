@@ -146,35 +146,47 @@ def _relieve_pressure(by_uid: dict, actions: list[Action], usage: HotUsage) -> l
 
 # -- reading the index into planner input ------------------------------------------------------
 
+def _study_date(study: dict) -> date:
+    """StudyDate, or the day the study was first stored when it has none."""
+    return parse_date(study.get("StudyDate", "")) or _day(study.get("first_stored", 0))
+
+
+def _state(t: ix.Txn, uid: str, study: dict, last_patient_study: date, hot: str) -> StudyState:
+    patient = t.get("patients", study["patient"]) or {}
+    blobs = ix.study_blobs(t, uid)
+    tiers = set.intersection(*(set(b["copies"]) for _, b in blobs)) if blobs else set()
+    held = tuple(h["reason"] for h in (t.get("holds", f"study:{uid}"),
+                                       t.get("holds", f"patient:{patient.get('PatientID', '')}")) if h)
+    facts = StudyFacts(uid, _study_date(study), parse_date(patient.get("PatientBirthDate", "")),
+                       last_patient_study, tuple(study.get("modalities", [])), tuple(study.get("sop_classes", [])),
+                       tuple(study.get("source_aes", [])), study.get("InstitutionName", ""))
+    return StudyState(facts, max(study.get("last_access", 0), study.get("last_stored", 0)),
+                      study.get("first_stored", 0), sum(b["sealed_size"] for _, b in blobs if hot in b["copies"]),
+                      frozenset(tiers - {hot}), held)
+
+
 def study_states(archive: Archive) -> list[StudyState]:
-    hot = archive.hot.name
-    states = []
+    """Every study, as the planner sees it."""
     with archive.index.read() as t:
-        holds = {key.decode(): value for key, value in t.items("holds")}
         last_of_patient: dict[str, date] = {}
         rows = []
         for key, study in t.items("studies"):
-            uid = key.decode()
-            stored_day = _day(study.get("first_stored", 0))
-            study_date = parse_date(study.get("StudyDate", "")) or stored_day
-            pkey = study["patient"]
-            if study_date > last_of_patient.get(pkey, date.min):
-                last_of_patient[pkey] = study_date
-            rows.append((uid, study, study_date))
-        for uid, study, study_date in rows:
-            patient = t.get("patients", study["patient"]) or {}
-            blobs = ix.study_blobs(t, uid)
-            tiers = set.intersection(*(set(b["copies"]) for _, b in blobs)) if blobs else set()
-            held = tuple(h["reason"] for h in (holds.get(f"study:{uid}"),
-                                               holds.get(f"patient:{patient.get('PatientID', '')}")) if h)
-            facts = StudyFacts(uid, study_date, parse_date(patient.get("PatientBirthDate", "")),
-                               last_of_patient[study["patient"]], tuple(study.get("modalities", [])),
-                               tuple(study.get("sop_classes", [])), tuple(study.get("source_aes", [])),
-                               study.get("InstitutionName", ""))
-            states.append(StudyState(
-                facts, max(study.get("last_access", 0), study.get("last_stored", 0)), study.get("first_stored", 0),
-                sum(b["sealed_size"] for _, b in blobs if hot in b["copies"]), frozenset(tiers - {hot}), held))
-    return states
+            day = _study_date(study)
+            if day > last_of_patient.get(study["patient"], date.min):
+                last_of_patient[study["patient"]] = day
+            rows.append((key.decode(), study))
+        return [_state(t, uid, study, last_of_patient[study["patient"]], archive.hot.name) for uid, study in rows]
+
+
+def study_state(archive: Archive, uid: str) -> StudyState | None:
+    """One study, as the planner sees it (its patient's other studies read through the index)."""
+    with archive.index.read() as t:
+        study = t.get("studies", uid)
+        if study is None:
+            return None
+        last = max(_study_date(t.get("studies", other)) for other in t.dup_values("patient_studies", study["patient"])
+                   if t.get("studies", other) is not None)
+        return _state(t, uid, study, max(last, _study_date(study)), archive.hot.name)
 
 
 def hot_usage(archive: Archive, states: list[StudyState]) -> HotUsage:
@@ -343,8 +355,8 @@ class Lifecycle:
 
     def _expire(self, study_uid: str, job: dict) -> None:
         # Look again at the moment of deletion: a hold set or a study stored since the plan wins.
-        states = {s.facts.uid: s for s in study_states(self.archive) if s.facts.uid == study_uid}
-        if study_uid not in states:
+        state = study_state(self.archive, study_uid)
+        if state is None:
             return
         with self.archive.index.read() as t:
             if is_held(t, study_uid):
@@ -353,8 +365,8 @@ class Lifecycle:
             patient = t.get("patients", study["patient"]) or {}
             series = t.dup_values("study_series", study_uid)
             instances = [sop for s in series for sop in t.dup_values("series_instances", s)]
-        rule = classify(self.rules, states[study_uid].facts)
-        end = retention_end(rule.study_class.retention, states[study_uid].facts) if rule else None
+        rule = classify(self.rules, state.facts)
+        end = retention_end(rule.study_class.retention, state.facts) if rule else None
         if (rule is None or rule.study_class.at_expiry != "delete" or end.until is None
                 or _day(int(self.clock())) < end.until):
             return  # within retention now (a new study of the patient, a policy change): kept

@@ -275,6 +275,8 @@ def replicate(archive: Archive, target: Target | None = None, *, verify_all: boo
     target = target or Target.parse(config.appliance.replication.target, config.appliance.replication, config.home)
     started = time.time()
     report = ReplicationReport(int(started * 1e6), str(target), started)
+    for stale in config.home.glob(".replicate-*"):  # left by a run that was killed (callers hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".replicate-", dir=config.home))
     try:
         _replicate(archive, target, staging, report, verify_all, on_event)

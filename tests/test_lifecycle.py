@@ -351,9 +351,10 @@ def test_the_hot_watermark_moves_the_least_recently_used_first(home, tmp_path):
     # about a fifth of the capacity: usage ~85% > 50%; down to 30% takes three studies.
     _policy(home, "cold", after_days=365)
     capacity_mb = -(-total * 100 // 85 // 10**6)
-    (home / "tiers" / "hot-raid.yaml").write_text((home / "tiers" / "hot-raid.yaml").read_text()
-                                                  + f"capacity_mb: {capacity_mb}\nhigh_watermark_percent: 50\n"
-                                                  "low_watermark_percent: 30\n")
+    hot_yaml = home / "tiers" / "hot-raid.yaml"
+    hot_yaml.write_text(hot_yaml.read_text().replace("high_watermark_percent: 85", "high_watermark_percent: 50")
+                        .replace("low_watermark_percent: 70", "low_watermark_percent: 30")
+                        + f"capacity_mb: {capacity_mb}\n")
     plan = json.loads(run_cli("policy", "plan", "--json", home=home).stdout)["actions"]
     # The three least recently used, never the one just read (stores within one second tie).
     assert sorted(a["study"] for a in plan) == sorted(uid for uid, _ in studies[1:])
