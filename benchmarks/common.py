@@ -42,3 +42,20 @@ def run_and_report(name: str, workdir: Path | None, run: Callable[[Path], dict],
     (RESULTS / f"{name}-{stamp}.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+def bench_main(name: str, doc: str, run: Callable, markdown: Callable[[dict], str], *, default_ct: int,
+               add_arguments: Callable | None = None) -> int:
+    """The command line the CT-corpus benchmarks share: --quick, --ct N, --workdir DIR (and
+    whatever `add_arguments` adds); `run(work, count, args)` does the measuring."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")
+    parser.add_argument("--ct", type=int, default=default_ct, help="CT instances (512 KB each)")
+    parser.add_argument("--workdir", type=Path, help="scratch directory on the file system under test")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args()
+    count = 6 if args.quick else args.ct
+    return run_and_report(name, args.workdir, lambda work: run(work, count, args), markdown)

@@ -12,7 +12,6 @@ A CT study (N instances) is imported into a fresh home. Measured in one run:
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402
-from common import machine, run_and_report  # noqa: E402
+from common import bench_main, machine  # noqa: E402
 
 APPLIANCE = [sys.executable, "-m", "appliance"]
 
@@ -80,13 +79,7 @@ def markdown(r: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")
-    parser.add_argument("--ct", type=int, default=400, help="CT instances (512 KB each)")
-    parser.add_argument("--workdir", type=Path, help="scratch directory on the file system under test")
-    args = parser.parse_args()
-    count = 6 if args.quick else args.ct
-    return run_and_report("replicate", args.workdir, lambda work: run(work, count), markdown)
+    return bench_main("replicate", __doc__, lambda work, count, args: run(work, count), markdown, default_ct=400)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ MB/s are sealed (stored) bytes per second.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import subprocess
@@ -28,7 +27,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 import corpus  # noqa: E402
-from common import machine, run_and_report  # noqa: E402
+from common import bench_main, machine  # noqa: E402
 
 from appliance import config as cfg  # noqa: E402
 from appliance.store import sealed  # noqa: E402
@@ -136,15 +135,13 @@ def markdown(r: dict) -> str:
         f"import alone: {r['ingest_alone_mb_s']} MB/s | {r['ingest_kept']} |"])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")
-    parser.add_argument("--ct", type=int, default=1000, help="CT instances (512 KB each)")
+def _arguments(parser) -> None:
     parser.add_argument("--rate", type=int, default=50, help="MB/s of the scrub running beside the import")
-    parser.add_argument("--workdir", type=Path, help="scratch directory on the file system under test")
-    args = parser.parse_args()
-    count = 6 if args.quick else args.ct
-    return run_and_report("scrub", args.workdir, lambda work: run(work, count, args.rate), markdown)
+
+
+def main() -> int:
+    return bench_main("scrub", __doc__, lambda work, count, args: run(work, count, args.rate), markdown,
+                      default_ct=1000, add_arguments=_arguments)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ MB/s are sealed (stored) bytes per second.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import corpus  # noqa: E402
-from common import machine, run_and_report  # noqa: E402
+from common import bench_main, machine  # noqa: E402
 from s3server import SeaweedS3  # noqa: E402
 
 from appliance import config as cfg  # noqa: E402
@@ -145,13 +144,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")
-    parser.add_argument("--ct", type=int, default=400, help="CT instances (512 KB each)")
-    parser.add_argument("--workdir", type=Path, help="scratch directory on the file system under test")
-    args = parser.parse_args()
-    count = 6 if args.quick else args.ct
-    return run_and_report("tiers", args.workdir, lambda work: run(work, count), markdown)
+    return bench_main("tiers", __doc__, lambda work, count, args: run(work, count), markdown, default_ct=400)
 
 
 if __name__ == "__main__":
