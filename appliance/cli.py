@@ -162,8 +162,8 @@ def _status(archive: Archive) -> dict:
     for name, tier in archive.config.tiers.items():
         tiers[name] = _tier_status(archive, tier) | packs.get(name, {})
     jobs = lifecycle.jobs(archive)
-    scrub.overdue_alarms(archive, int(time.time()))
-    alarms = alarm_store.alarms(archive.index)
+    alarms = [{"key": key, **value} for key, value in alarm_store.alarms(archive.index).items()]
+    alarms += scrub.overdue_alarms(archive, time.time())
     runs = scrub.history(archive)
     copies = replicate.history(archive)
     return {
@@ -181,7 +181,7 @@ def _status(archive: Archive) -> dict:
         "last_scrub": runs[-1]["line"] if runs else "no scrub has run yet",
         "last_replication": copies[-1]["line"] if copies else "never replicated",
         "replication_lag_s": replicate.rpo_lag(archive, time.time()),
-        "alarms": [{"key": key, **value} for key, value in alarms.items()],
+        "alarms": alarms,
     }
 
 

@@ -239,7 +239,6 @@ class Scrubber:
                         "restore them from an off-site copy or the sender; `appliance scrub --json` lists them")
         else:
             clear_alarm(self.archive.index, "damaged")
-        overdue_alarms(self.archive, int(self.clock()))
 
     # -- one unit ------------------------------------------------------------------------------
 
@@ -476,12 +475,14 @@ class Scrubber:
             self._remember_pending(tier, None)
 
 
-def _mark_verified(t: ix.Txn, unit: Unit, good: list[bytes], now: int, deep: bool) -> None:
+def _mark_verified(t: ix.Txn, unit: Unit, good: list[bytes], now: float, deep: bool) -> None:
     for ca in good:
         blob = t.get("blobs", ca)
         if blob is None or unit.tier not in blob["copies"]:
             continue
         copy = blob["copies"][unit.tier]
+        if copy.get("pack", copy.get("name")) != unit.id:
+            continue  # its copy on this tier is elsewhere now (repaired meanwhile)
         copy["verified"] = now
         if deep:
             copy["deep"] = now
@@ -555,19 +556,14 @@ def overdue(archive: Archive, now: int) -> list[dict]:
     return late
 
 
-def overdue_alarms(archive: Archive, now: int) -> None:
-    late = {f"scrub-overdue:{row['tier']}:{row['kind']}": row for row in overdue(archive, now)}
-    for key, row in late.items():
-        raise_alarm(archive.index, key, f"{row['copies']} copies on {row['tier']} are past their {row['kind']} "
-                    f"scrub interval ({row['days']} days)",
-                    f"run `appliance scrub{' --deep' if row['kind'] == 'deep' else ''}` (or check its timer)")
-    for key in [k for k in _alarm_keys(archive) if k.startswith("scrub-overdue:") and k not in late]:
-        clear_alarm(archive.index, key)
-
-
-def _alarm_keys(archive: Archive) -> list[str]:
-    with archive.index.read() as t:
-        return [key.decode() for key, _ in t.items("alarms")]
+def overdue_alarms(archive: Archive, now: float) -> list[dict]:
+    """Alarms for copies past their deadline, computed when asked (never stored: time alone
+    raises them, a scrub alone clears them)."""
+    return [{"key": f"scrub-overdue:{row['tier']}:{row['kind']}",
+             "message": f"{row['copies']} copies on {row['tier']} are past their {row['kind']} scrub interval "
+                        f"({row['days']} days)",
+             "action": f"run `appliance scrub{' --deep' if row['kind'] == 'deep' else ''}` (or check its timer)",
+             "since": row["last_complete_run"] or now} for row in overdue(archive, int(now))]
 
 
 def history(archive: Archive) -> list[dict]:
