@@ -218,3 +218,41 @@ def test_rpo_lag_raises_an_alarm_and_the_backup_report_says_why(home, tmp_path):
     assert "FAILED" in page and "exceeded" in page
     keys = [a["key"] for a in json.loads(run_cli("status", "--json", home=home).stdout)["alarms"]]
     assert "replication-rpo" in keys and "replication-failed" in keys
+
+
+def test_objects_sent_by_a_run_that_failed_before_its_manifest_are_restored(home, tmp_path, monkeypatch):
+    from appliance import replicate
+
+    first_uid, _ = make_study(tmp_path / "a", 2, patient_id="A")
+    run_cli("import", str(tmp_path / "a"), home=home)
+    run_cli("replicate", home=home)
+    second_uid, second = make_study(tmp_path / "b", 2, patient_id="B")
+    run_cli("import", str(tmp_path / "b"), home=home)
+    real_push = replicate._push
+
+    def push_until_the_manifest(target, source, files, dest, **kwargs):
+        if any(f.startswith("manifests/") for f in files):
+            raise replicate.ReplicationError("the link went down")  # the run dies at its commit point
+        return real_push(target, source, files, dest, **kwargs)
+
+    monkeypatch.setattr(replicate, "_push", push_until_the_manifest)
+    with Archive.open(cfg.load(home), writer=True) as archive:
+        report = replicate.replicate(archive)
+    assert not report.verified and "link went down" in report.failure
+    monkeypatch.undo()
+    restored = tmp_path / "restored"
+    result = run_cli("restore", "--from", str(home / "offsite"), "--key-file", str(home / "kek.key"), home=restored)
+    assert "2 instances newer than the snapshot indexed" in result.stdout
+    run_cli("export", second_uid, str(tmp_path / "out"), home=restored)
+    assert _sha((tmp_path / "out").iterdir()) == _sha(second)
+    assert run_cli("fsck", home=restored).returncode == 0
+
+
+def test_old_manifests_go_by_count(home, tmp_path):
+    set_config(home, "keep_manifests: 30", "keep_manifests: 2")
+    for number in range(3):
+        run_cli("import", str(make_study(tmp_path / f"s{number}", 1, patient_id=f"P{number}")[1][0].parent),
+                home=home)
+        run_cli("replicate", home=home)
+    assert len(list((home / "offsite" / "manifests").iterdir())) == 2
+    assert len(list((home / "offsite" / "snapshots").glob("*.index"))) == 2
