@@ -163,7 +163,7 @@ def _status(archive: Archive) -> dict:
         tiers[name] = _tier_status(archive, tier) | packs.get(name, {})
     jobs = lifecycle.jobs(archive)
     alarms = [{"key": key, **value} for key, value in alarm_store.alarms(archive.index).items()]
-    alarms += scrub.overdue_alarms(archive, time.time())
+    alarms += scrub.computed_alarms(archive, time.time())
     runs = scrub.history(archive)
     copies = replicate.history(archive)
     return {

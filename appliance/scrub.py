@@ -37,7 +37,6 @@ from appliance.backends.wrappers import Throttled, TokenBucket
 from appliance.errors import ApplianceError, BlobMissing, IntegrityError, KeyMissing, TierUnavailable
 from appliance.store import index as ix
 from appliance.store import pack, sealed, tiering
-from appliance.store.alarms import clear_alarm, raise_alarm
 from appliance.store.archive import Archive
 
 _DAY = 86400
@@ -233,12 +232,6 @@ class Scrubber:
                         t.put("scrub", f"done:{tier}:{kind}", report.started)
             t.delete("scrub", b"current")
         self.archive.index.write(record)
-        damaged = damaged_count(self.archive)
-        if damaged:
-            raise_alarm(self.archive.index, "damaged", f"{damaged} stored versions have no good copy left",
-                        "restore them from an off-site copy or the sender; `appliance scrub --json` lists them")
-        else:
-            clear_alarm(self.archive.index, "damaged")
 
     # -- one unit ------------------------------------------------------------------------------
 
@@ -556,10 +549,15 @@ def overdue(archive: Archive, now: int) -> list[dict]:
     return late
 
 
-def overdue_alarms(archive: Archive, now: float) -> list[dict]:
-    """Alarms for copies past their deadline, computed when asked (never stored: time alone
-    raises them, a scrub alone clears them)."""
-    return [{"key": f"scrub-overdue:{row['tier']}:{row['kind']}",
+def computed_alarms(archive: Archive, now: float) -> list[dict]:
+    """Alarms read off the index when asked, never stored: copies past their scrub deadline
+    (time alone raises them, a scrub clears them) and damaged versions (a scrub finds them,
+    the sender storing them again heals them)."""
+    damaged = damaged_count(archive)
+    alarms = [{"key": "damaged", "message": f"{damaged} stored versions have no good copy left",
+               "action": "store them again from the sender or a backup; `appliance scrub --json` lists them",
+               "since": now}] if damaged else []
+    return alarms + [{"key": f"scrub-overdue:{row['tier']}:{row['kind']}",
              "message": f"{row['copies']} copies on {row['tier']} are past their {row['kind']} scrub interval "
                         f"({row['days']} days)",
              "action": f"run `appliance scrub{' --deep' if row['kind'] == 'deep' else ''}` (or check its timer)",

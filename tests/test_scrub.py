@@ -177,6 +177,12 @@ def test_a_copy_with_no_good_twin_is_reported_and_never_served(home, tmp_path):
         assert len(list(out.iterdir())) == 1, got.stdout + got.stderr  # the damaged one is never sent
     finally:
         server.stop()
+    # The sender still has it: storing it again heals the damaged version.
+    run_cli("import", str(tmp_path / "in"), home=home)
+    run_cli("export", study_uid, str(tmp_path / "healed"), home=home)
+    assert _sha((tmp_path / "healed").iterdir()) == _sha(files)
+    assert json.loads(run_cli("status", "--json", home=home).stdout)["damaged"] == 0
+    assert _scrub(home, "--deep")["findings"] == []
 
 
 def test_a_killed_scrub_resumes_without_rechecking_or_missing_anything(home, tmp_path):

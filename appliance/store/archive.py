@@ -110,8 +110,10 @@ class Archive:
         `source`: the calling AE title, or "import"."""
         info = p10.inspect(path)
         with self.index.read() as t:
-            if t.get("blobs", info.content_address) is not None:
+            known = t.get("blobs", info.content_address)
+            if known is not None and not known.get("damaged"):
                 return StoreOutcome("duplicate", info)
+            # A damaged version sent again (by the PACS, or imported from a backup) is stored anew.
         key_id = self.study_key(info.study_uid)
         settings = self.config.appliance.store
         name = os.urandom(16).hex()
@@ -140,6 +142,16 @@ class Archive:
         return StoreOutcome(status, info)
 
     def _record(self, t: ix.Txn, info: p10.InstanceInfo, blob: dict, source: str) -> tuple[str, list[str]]:
+        known = t.get("blobs", info.content_address)
+        if known is not None and known.get("damaged"):
+            # Its copies failed verification: the bytes just received replace them all.
+            old = known["copies"].get(self.hot.name)
+            known.update(sealed_size=blob["sealed_size"], xxh3=blob["xxh3"], key_id=blob["key_id"],
+                         compression=blob["compression"])
+            known["copies"] = {self.hot.name: {"name": blob["name"], "verified": int(time.time())}}
+            del known["damaged"]
+            t.put("blobs", info.content_address, known)
+            return "stored", [old["name"]] if old else []
         previous = t.get("instances", info.sop_uid)
         status = ix.record_instance(t, info, blob, self.hot.name, source)
         superseded = []
