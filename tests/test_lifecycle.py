@@ -344,6 +344,7 @@ def test_the_hot_watermark_moves_the_least_recently_used_first(home, tmp_path):
     studies = [make_study(tmp_path / f"s{n}", 3, pixels=512, patient_id=f"P{n}") for n in range(4)]
     for number in range(4):  # stored one after the other: s0 is the oldest
         run_cli("import", str(tmp_path / f"s{number}"), home=home)
+    time.sleep(1.1)  # access times are kept in whole seconds
     run_cli("export", studies[0][0], str(tmp_path / "touched"), home=home)  # now the most recently used
     with Archive.open(cfg.load(home)) as archive:
         total = sum(archive.study(uid)["stored_bytes"] for uid, _ in studies)
