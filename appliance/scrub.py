@@ -169,7 +169,7 @@ def lower_io_priority() -> None:
 class Scrubber:
     def __init__(self, archive: Archive, *, deep: bool, rate: float = 0, tiers: list[str] | None = None,
                  clock: Callable[[], float] = time.time, bucket: TokenBucket | None = None,
-                 workers: int = 2, on_event: Callable[[str, dict], None] = lambda kind, data: None):
+                 workers: int = 3, on_event: Callable[[str, dict], None] = lambda kind, data: None):
         self.archive, self.deep, self.tiers, self.workers = archive, deep, tiers, workers
         self.clock, self.on_event = clock, on_event
         self.bucket = bucket or (TokenBucket(rate) if rate else None)
