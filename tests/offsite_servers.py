@@ -4,25 +4,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from dicom_server import free_port
-
-
-def _wait(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"daemon exited: {log.read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"daemon did not listen on {port}")
+from dicom_server import free_port, wait_for_port
 
 
 class RsyncDaemon:
@@ -42,7 +27,7 @@ class RsyncDaemon:
         self.process = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={self.port}",
                                          "--address=127.0.0.1", f"--log-file={log}"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(self.port, self.process, log)
+        wait_for_port(self.port, self.process)
         return self
 
     @property
@@ -83,7 +68,7 @@ class SshServer:
         log = self.root / "sshd.log"
         self.process = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
                                         stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        _wait(self.port, self.process, log)
+        wait_for_port(self.port, self.process)
         return self
 
     def target(self, path: Path) -> str:
