@@ -21,7 +21,7 @@ from appliance import fsck, home, importer, lifecycle, policy, registry, replica
 from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
 from appliance.fsutil import HomeLock
-from appliance.progress import Progress
+from appliance.progress import Progress, human_bytes
 from appliance.store import alarms as alarm_store
 from appliance.store.archive import Archive
 
@@ -162,8 +162,9 @@ def _status(archive: Archive) -> dict:
     for name, tier in archive.config.tiers.items():
         tiers[name] = _tier_status(archive, tier) | packs.get(name, {})
     jobs = lifecycle.jobs(archive)
+    damaged = scrub.damaged_count(archive)
     alarms = [{"key": key, **value} for key, value in alarm_store.alarms(archive.index).items()]
-    alarms += scrub.computed_alarms(archive, time.time())
+    alarms += scrub.computed_alarms(archive, time.time(), damaged)
     runs = scrub.history(archive)
     copies = replicate.history(archive)
     return {
@@ -177,19 +178,12 @@ def _status(archive: Archive) -> dict:
         "tiers": tiers,
         "jobs": {"pending": len(jobs), "failing": sum(1 for j in jobs.values() if j["attempts"])},
         "holds": len(lifecycle.holds(archive)),
-        "damaged": scrub.damaged_count(archive),
+        "damaged": damaged,
         "last_scrub": runs[-1]["line"] if runs else "no scrub has run yet",
         "last_replication": copies[-1]["line"] if copies else "never replicated",
         "replication_lag_s": replicate.rpo_lag(archive, time.time()),
         "alarms": alarms,
     }
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if count >= scale:
-            return f"{count / scale:,.1f} {unit}"
-    return f"{count / 1e6:,.2f} MB"
 
 
 def cmd_status(args) -> int:
@@ -209,15 +203,15 @@ def cmd_status(args) -> int:
     for name, tier in status["tiers"].items():
         line = f"tier {name:<6} {tier['kind']:<10} {tier['role']:<4}"
         if "free_bytes" in tier:
-            line += f" {tier['path']}: {tier['used_percent']}% used, {_size(tier['free_bytes'])} free"
+            line += f" {tier['path']}: {tier['used_percent']}% used, {human_bytes(tier['free_bytes'])} free"
         if "cartridges" in tier:
             line += " " + ", ".join(f"{c['label']} ({'loaded' if c['loaded'] else 'not loaded'}, "
-                                    f"{_size(c['used_bytes'])} of {_size(c['capacity_bytes'])})"
+                                    f"{human_bytes(c['used_bytes'])} of {human_bytes(c['capacity_bytes'])})"
                                     for c in tier["cartridges"])
         if "bucket" in tier:
             line += f" s3://{tier['bucket']}/{tier['prefix']}"
         if tier.get("packs"):
-            line += f"; {tier['packs']} packs, {_size(tier['pack_bytes'])}"
+            line += f"; {tier['packs']} packs, {human_bytes(tier['pack_bytes'])}"
         print(line)
     print(f"jobs       {status['jobs']['pending']} pending ({status['jobs']['failing']} being retried), "
           f"{status['holds']} legal holds")

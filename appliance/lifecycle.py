@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from typing import Callable
 
-from appliance.errors import ApplianceError, NotFound, TierUnavailable
+from appliance.errors import ApplianceError, NotFound
 from appliance.policy import Rule, StudyFacts, classify, parse_date, retention_end
 from appliance.store import index as ix
 from appliance.store import tiering
@@ -342,15 +342,8 @@ class Lifecycle:
         self.archive.index.write(note)
 
     def _clean_orphans(self, study_uid: str, job: dict) -> None:
-        """A pack noted as pending but never recorded is the remains of a killed run: remove it."""
         for tier, pack_id in list(job.get("pending", {}).items()):
-            with self.archive.index.read() as t:
-                recorded = t.get("packs", pack_id) is not None
-            if not recorded:
-                try:
-                    self.archive.tier(tier).delete(pack_id)
-                except TierUnavailable as exc:
-                    raise tiering._tier_error(exc, tier)
+            tiering.discard_if_unrecorded(self.archive, tier, pack_id)
             self._pending(study_uid, tier, None)
 
     def _expire(self, study_uid: str, job: dict) -> None:

@@ -12,6 +12,14 @@ import time
 from typing import TextIO
 
 
+def human_bytes(count: float) -> str:
+    """Bytes for people: "16.8 MB", "1.2 TB"; below a megabyte still in MB ("0.26 MB")."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count / 1e6:,.2f} MB"
+
+
 class Progress:
     def __init__(self, what: str, total_items: int, total_bytes: int, stream: TextIO | None = None,
                  unit: str = "files"):

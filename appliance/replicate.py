@@ -26,14 +26,16 @@ packs on the home's `cold` tier.
 
 from __future__ import annotations
 
-import io
+import hashlib
 import os
 import shutil
 import struct
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import msgpack
 import sh
@@ -41,10 +43,11 @@ import xxhash
 
 from appliance import config as cfg
 from appliance import home as home_mod
+from appliance.backends.filesystem import fanout_path
 from appliance.errors import ApplianceError, IntegrityError, KeyFileError, KeyMissing, NotFound
 from appliance.fsutil import fsync_dir
 from appliance.store import index as ix
-from appliance.store import sealed
+from appliance.store import sealed, tiering
 from appliance.store.alarms import clear_alarm, raise_alarm
 from appliance.store.archive import Archive
 from appliance.store.index import Index
@@ -113,19 +116,23 @@ def _rsync(target: Target, *args: str) -> str:
         raise ReplicationError("rsync is not installed") from None
 
 
+@contextmanager
+def _files_from(names: list[str]) -> Iterator[str]:
+    """rsync's --files-from option for `names` (paths relative to the source), cleaned up after."""
+    with tempfile.NamedTemporaryFile("w", suffix=".list") as listing:
+        listing.write("\n".join(names) + "\n")
+        listing.flush()
+        yield f"--files-from={listing.name}"
+
+
 def _push(target: Target, source: Path, files: list[str], dest: str, *, again: bool = False) -> None:
     """Copy `files` (relative to `source`) to `dest` on the target; they appear whole at the end.
     `again`: send even where size and time match (a copy that rotted in place)."""
     if not files:
         return
-    with tempfile.NamedTemporaryFile("w", delete=False, suffix=".list") as listing:
-        listing.write("\n".join(files) + "\n")
-    try:
+    with _files_from(files) as listing:
         _rsync(target, "-a", "--mkpath", f"--partial-dir={_PARTIAL}", "--delay-updates",
-               *(["--ignore-times"] if again else []),
-               f"--files-from={listing.name}", f"{source}/", target.url(dest))
-    finally:
-        os.unlink(listing.name)
+               *(["--ignore-times"] if again else []), listing, f"{source}/", target.url(dest))
 
 
 def _pull(target: Target, files: list[str], source: str, dest: Path) -> Path:
@@ -138,12 +145,8 @@ def _pull(target: Target, files: list[str], source: str, dest: Path) -> Path:
         parts = target.url(source).split("/", 4)  # rsync:, "", host:port, module, path
         base = "/".join(parts[:4]) + "/"
         prefix = parts[4] if len(parts) > 4 else ""
-    with tempfile.NamedTemporaryFile("w", delete=False, suffix=".list") as listing:
-        listing.write("\n".join(prefix + name for name in files) + "\n")
-    try:
-        _rsync(target, "-a", f"--files-from={listing.name}", base, f"{dest}/")
-    finally:
-        os.unlink(listing.name)
+    with _files_from([prefix + name for name in files]) as listing:
+        _rsync(target, "-a", listing, base, f"{dest}/")
     return dest / prefix if prefix else dest
 
 
@@ -159,11 +162,8 @@ def _remove(target: Target, files: list[str]) -> None:
     for name in files:  # the parents must exist for rsync to see only the files as missing
         (empty / name).parent.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.NamedTemporaryFile("w", delete=False, suffix=".list") as listing:
-            listing.write("\n".join(files) + "\n")
-        _rsync(target, "-r", "--delete-missing-args", "--omit-dir-times", f"--files-from={listing.name}",
-               f"{empty}/", target.url())
-        os.unlink(listing.name)
+        with _files_from(files) as listing:
+            _rsync(target, "-r", "--delete-missing-args", "--omit-dir-times", listing, f"{empty}/", target.url())
     finally:
         shutil.rmtree(empty, ignore_errors=True)
 
@@ -185,8 +185,6 @@ def _list(target: Target, sub: str) -> list[str]:
 # -- sealing what is not a blob ----------------------------------------------------------------
 
 def _seal_file(src: Path, dst: Path, key_id: bytes, key: bytes) -> None:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(src, "rb") as fp:
         while chunk := fp.read(1 << 20):
@@ -210,20 +208,7 @@ def _unseal_file(src: Path, dst: Path, kek_id: bytes, key: bytes) -> None:
             raise KeyFileError(f"the key file does not open this off-site copy ({exc})") from None
 
 
-def _seal_bytes(data: bytes, key_id: bytes, key: bytes) -> bytes:
-    import hashlib
-
-    out = io.BytesIO()
-    sealed.seal(io.BytesIO(data), len(data), out, data_key=key, key_id=key_id,
-                content_address=hashlib.sha256(data).digest())
-    return out.getvalue()
-
-
 # -- replicate -------------------------------------------------------------------------------
-
-def _fanout(name: str) -> str:
-    return f"{name[:2]}/{name[2:4]}/{name}"
-
 
 @dataclass
 class ReplicationReport:
@@ -250,21 +235,22 @@ class ReplicationReport:
                 f"{self.objects_deleted} deleted, {state}, {when}")
 
 
-def _wanted(snapshot: Index, hot_name: str) -> dict[str, tuple[str, str, dict]]:
+def _wanted(snapshot: Index, archive: Archive) -> dict[str, tuple[str, str, dict]]:
     """Off-site path -> (source tier, object name, record) for every stored version: its hot
-    file, or for a version with no hot copy one pack that holds it."""
+    file, or for a version with no hot copy one pack that holds it (quickest tier first)."""
+    hot_name = archive.hot.name
     wanted = {}
     with snapshot.read() as t:
         packs = {key.decode(): rec for key, rec in t.items("packs")}
         for _, blob in t.items("blobs"):
             hot = blob["copies"].get(hot_name)
             if hot is not None:
-                wanted[f"objects/{_fanout(hot['name'])}"] = (hot_name, hot["name"], blob)
+                wanted[f"objects/{fanout_path(hot['name'])}"] = (hot_name, hot["name"], blob)
                 continue
-            for tier, copy in sorted(blob["copies"].items()):
-                pack_id = copy.get("pack")
+            for tier in tiering.by_read_preference(archive.config, blob["copies"]):
+                pack_id = blob["copies"][tier].get("pack")
                 if pack_id in packs:
-                    wanted[f"packs/{_fanout(pack_id)}"] = (tier, pack_id, packs[pack_id])
+                    wanted[f"packs/{fanout_path(pack_id)}"] = (tier, pack_id, packs[pack_id])
                     break
     return wanted
 
@@ -303,7 +289,7 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     archive.keyring.copy_to(staging / "keyring")
     snapshot = Index(staging / "index", map_size=archive.index.map_size)
     try:
-        wanted = _wanted(snapshot, archive.hot.name)
+        wanted = _wanted(snapshot, archive)
     finally:
         snapshot.close()
     with archive.index.read() as t:
@@ -356,7 +342,8 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     manifest = {"version": 1, "run": report.run, "time": report.started, "kek_id": kek_id,
                 "snapshot": f"snapshots/{run}.index", "keyring": f"snapshots/{run}.keyring",
                 "objects": {path: [_size(w), _xxh3(w)] for path, w in wanted.items()}}
-    (sealed_dir / "manifests" / f"{run}.manifest").write_bytes(_seal_bytes(msgpack.packb(manifest), kek_id, key))
+    with open(sealed_dir / "manifests" / f"{run}.manifest", "wb") as out:
+        sealed.seal_bytes(msgpack.packb(manifest), out, data_key=key, key_id=kek_id)
     snapshot_files = [f"snapshots/{run}.index", f"snapshots/{run}.keyring"]
     _push(target, sealed_dir, snapshot_files, "")
     checks = {p: (os.path.getsize(sealed_dir / p), xxhash.xxh3_128((sealed_dir / p).read_bytes()).digest())
@@ -431,13 +418,9 @@ def _verify_by_checksum(target: Target, expected: dict[str, tuple[int, bytes]],
         files = [path[len(prefix):] for path in expected if path.startswith(prefix)]
         if not files:
             continue
-        with tempfile.NamedTemporaryFile("w", delete=False, suffix=".list") as listing:
-            listing.write("\n".join(files) + "\n")
-        try:
-            out = _rsync(target, "-a", "--dry-run", "--checksum", "--itemize-changes",
-                         f"--files-from={listing.name}", f"{source}/", target.url(prefix.rstrip("/")))
-        finally:
-            os.unlink(listing.name)
+        with _files_from(files) as listing:
+            out = _rsync(target, "-a", "--dry-run", "--checksum", "--itemize-changes", listing, f"{source}/",
+                         target.url(prefix.rstrip("/")))
         for line in out.splitlines():
             if len(line) > 12 and line[1] == "f":
                 bad.append(prefix + line[12:].strip())
@@ -454,7 +437,7 @@ def rpo_lag(archive: Archive, now: float) -> float | None:
         packs_on = {p.split("/")[-1] for p in replicas if p.startswith("packs/")}
         for _, blob in t.items("blobs"):
             hot = blob["copies"].get(archive.hot.name)
-            covered = (hot is not None and f"objects/{_fanout(hot['name'])}" in replicas) or any(
+            covered = (hot is not None and f"objects/{fanout_path(hot['name'])}" in replicas) or any(
                 copy.get("pack") in packs_on for copy in blob["copies"].values())
             if not covered and (oldest is None or blob["stored"] < oldest):
                 oldest = blob["stored"]
@@ -568,7 +551,7 @@ def _place(source: Path, tier_root: Path) -> None:
     for path in source.rglob("*"):
         # Hidden names are rsync's temporary files left by a transfer that was killed.
         if path.is_file() and _PARTIAL not in path.parts and not path.name.startswith("."):
-            dest = tier_root / _fanout(path.name)
+            dest = tier_root / fanout_path(path.name)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, dest)
             fsync_dir(dest.parent)

@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 import xxhash
 
 from appliance.backends.wrappers import Throttled, TokenBucket
+from appliance.progress import human_bytes
 from appliance.errors import ApplianceError, BlobMissing, IntegrityError, KeyMissing, TierUnavailable
 from appliance.store import index as ix
 from appliance.store import pack, sealed, tiering
@@ -135,7 +136,7 @@ class ScrubReport:
         minutes = self.seconds / 60
         duration = f"{minutes:.0f} min" if minutes >= 1 else f"{self.seconds:.0f} s"
         text = (f"{kind} repaired {self.repaired} copies, {self.unrecoverable} unrecoverable, "
-                f"{_human(self.bytes_read)} in {duration}, {state} {when}")
+                f"{human_bytes(self.bytes_read)} in {duration}, {state} {when}")
         if self.unreachable:
             text += f"; {len(self.unreachable)} copies not reachable"
         return text
@@ -145,13 +146,6 @@ class ScrubReport:
         out.update(findings=[f.as_dict() for f in self.findings], repaired=self.repaired,
                    unrecoverable=self.unrecoverable, line=self.line())
         return out
-
-
-def _human(count: int) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} B"
 
 
 def lower_io_priority() -> None:
@@ -282,20 +276,10 @@ class Scrubber:
             return {}  # deleted meanwhile
         try:
             with self.archive.hot.open(unit.id) as raw:
-                reader = _Hashing(self._reader(raw))
-                buffered = io.BufferedReader(reader, _READ)
-                if self.deep:
-                    for _ in sealed.unseal(buffered, key_for=self.archive.keyring.data_key, content_address=ca):
-                        pass
-                while buffered.read(_READ):
-                    pass
+                problem = self._check_copy(self._reader(raw), ca, blob)
         except BlobMissing:
             return {ca: "missing"}
-        except (IntegrityError, KeyMissing) as exc:
-            return {ca: str(exc)}
-        if (reader.size, reader.xxh.digest()) != (blob["sealed_size"], blob["xxh3"]):
-            return {ca: f"sealed bytes differ from the index ({reader.size} bytes)"}
-        return {}
+        return {ca: problem} if problem else {}
 
     def _check_pack(self, unit: Unit) -> dict[bytes, str]:
         backend = self.archive.tier(unit.tier)
@@ -319,7 +303,8 @@ class Scrubber:
             bad = {}
             if self.deep or not whole_ok:
                 for ca, blob in blobs.items():
-                    problem = self._check_entry(fp, ca, blob, blob["copies"][unit.tier])
+                    copy = blob["copies"][unit.tier]
+                    problem = self._check_copy(pack.Slice(fp, copy["offset"], copy["length"]), ca, blob)
                     if problem:
                         bad[ca] = problem
             trailer = ""
@@ -334,9 +319,10 @@ class Scrubber:
                 return {ca: f"pack footer or trailer damaged{trailer}" for ca in blobs}
             return bad
 
-    def _check_entry(self, fp, ca: bytes, blob: dict, copy: dict) -> str:
-        entry = pack.Slice(fp, copy["offset"], copy["length"])
-        reader = _Hashing(entry)
+    def _check_copy(self, raw, ca: bytes, blob: dict) -> str:
+        """One copy of a version, read once: its sealed bytes against the index (size, xxh3-128)
+        and, when deep, unsealed to its content address. Returns the problem, or ""."""
+        reader = _Hashing(raw)
         buffered = io.BufferedReader(reader, _READ)
         try:
             if self.deep:
@@ -347,7 +333,7 @@ class Scrubber:
         except (IntegrityError, KeyMissing) as exc:
             return str(exc)
         if (reader.size, reader.xxh.digest()) != (blob["sealed_size"], blob["xxh3"]):
-            return "sealed bytes differ from the index"
+            return f"sealed bytes differ from the index ({reader.size} bytes)"
         return ""
 
     # -- repair --------------------------------------------------------------------------------
@@ -461,10 +447,7 @@ class Scrubber:
         """A pack a killed run was writing for a repair, never recorded: remove it."""
         if current.get("pending"):
             tier, pack_id = current["pending"]
-            with self.archive.index.read() as t:
-                recorded = t.get("packs", pack_id) is not None
-            if not recorded:
-                self.archive.tier(tier).delete(pack_id)
+            tiering.discard_if_unrecorded(self.archive, tier, pack_id)
             self._remember_pending(tier, None)
 
 
@@ -549,11 +532,10 @@ def overdue(archive: Archive, now: int) -> list[dict]:
     return late
 
 
-def computed_alarms(archive: Archive, now: float) -> list[dict]:
+def computed_alarms(archive: Archive, now: float, damaged: int) -> list[dict]:
     """Alarms read off the index when asked, never stored: copies past their scrub deadline
-    (time alone raises them, a scrub clears them) and damaged versions (a scrub finds them,
-    the sender storing them again heals them)."""
-    damaged = damaged_count(archive)
+    (time alone raises them, a scrub clears them) and `damaged` versions (damaged_count: a
+    scrub finds them, the sender storing them again heals them)."""
     alarms = [{"key": "damaged", "message": f"{damaged} stored versions have no good copy left",
                "action": "store them again from the sender or a backup; `appliance scrub --json` lists them",
                "since": now}] if damaged else []

@@ -26,6 +26,11 @@ _INCOMING = ".incoming"
 _FANOUT = [f"{n:02x}" for n in range(256)]
 
 
+def fanout_path(name: str) -> str:
+    """Where an object lives relative to a filesystem tier's root (also the layout off-site)."""
+    return f"{name[:2]}/{name[2:4]}/{name}"
+
+
 class FilesystemBackend:
     """`create`: make the tier's directory if it is missing (the hot tier). A cold tier's
     directory is a mount point: when it is missing, the disk is not there, and every call
@@ -59,7 +64,7 @@ class FilesystemBackend:
         if not _NAME.match(name):
             raise ValueError(f"invalid object name {name!r}")
         self._prepare()
-        return self.root / name[:2] / name[2:4] / name
+        return self.root / fanout_path(name)
 
     @contextmanager
     def create(self, name: str) -> Iterator[BinaryIO]:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from appliance import backends
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
-from concurrent.futures import Future
-
-from appliance import backends
 from appliance.errors import ApplianceError, BlobMissing, IntegrityError, NotFound
 from appliance.fsutil import HomeLock, raise_if_out_of_space
 from appliance.store import index as ix
@@ -57,6 +56,7 @@ class Archive:
         self.hot = hot_backend(config)
         self._key_lock = threading.Lock()
         self._tiers: dict = {}
+        self._tiers_lock = threading.Lock()
         self._recalls: dict[str, Future] = {}
         self._recall_lock = threading.Lock()
         if lock is not None:
@@ -99,7 +99,7 @@ class Archive:
 
     def tier(self, name: str):
         """The backend of a cold tier (opened on first use)."""
-        with self._key_lock:
+        with self._tiers_lock:
             if name not in self._tiers:
                 self._tiers[name] = backends.open_tier(self.config, self.config.tiers[name])
             return self._tiers[name]

@@ -29,7 +29,6 @@ Pack names are random ids: no UID, name or plaintext hash is visible on the tier
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import struct
@@ -98,8 +97,7 @@ def write_pack(dst: BinaryIO, blobs: Iterable[tuple[bytes, dict, Callable[[], Bi
                                "entries": [{"ca": e.ca, "offset": e.offset, "length": e.length,
                                             "xxh3": e.xxh3, "sop": e.sop} for e in entries]})
     trailer_offset = out.size
-    sealed.seal(io.BytesIO(plaintext), len(plaintext), out, data_key=data_key, key_id=key_id,
-                content_address=hashlib.sha256(plaintext).digest(), level=3)
+    sealed.seal_bytes(plaintext, out, data_key=data_key, key_id=key_id)
     trailer_length = out.size - trailer_offset
     body_hash = out.xxh.digest()
     out.write(FOOTER.pack(MAGIC, VERSION, len(entries), trailer_offset, trailer_length, body_hash))

@@ -239,6 +239,12 @@ def seal(src: BinaryIO, length: int, dst: BinaryIO, *, data_key: bytes, key_id: 
     return SealResult(writer.size, digest, compression)
 
 
+def seal_bytes(data: bytes, dst: BinaryIO, *, data_key: bytes, key_id: bytes) -> SealResult:
+    """Seal a small in-memory payload (a pack trailer, a manifest); its content address is its SHA-256."""
+    return seal(io.BytesIO(data), len(data), dst, data_key=data_key, key_id=key_id,
+                content_address=hashlib.sha256(data).digest())
+
+
 class _DecryptingReader(io.RawIOBase):
     """File-like view of the decrypted payload; every byte it returns has passed its GCM tag."""
 

@@ -32,8 +32,14 @@ from appliance.store.alarms import clear_alarm, raise_alarm
 if TYPE_CHECKING:
     from appliance.store.archive import Archive
 
-# Which cold tier a recall reads first: the quickest to answer.
-_RECALL_PREFERENCE = {"filesystem": 0, "ltfs": 1, "s3": 2}
+# Which cold tier is read first (recall, replication): the quickest to answer.
+_READ_PREFERENCE = {"filesystem": 0, "ltfs": 1, "s3": 2}
+
+
+def by_read_preference(config, tiers) -> list[str]:
+    """Cold tier names, quickest to read first (a disk, then tape, then object storage)."""
+    return sorted(tiers, key=lambda name: (_READ_PREFERENCE[config.tiers[name].kind], name)
+                  if name in config.tiers else (len(_READ_PREFERENCE), name))
 
 
 def _tier_error(exc: ApplianceError, tier: str) -> ApplianceError:
@@ -100,6 +106,18 @@ def pack_study(archive: "Archive", study_uid: str, tier_name: str, *,
         remember_pending(None)
         written += info.size
     return written
+
+
+def discard_if_unrecorded(archive: "Archive", tier_name: str, pack_id: str) -> None:
+    """A pack noted as pending but never recorded in the index is the remains of a killed
+    write (a migration or a scrub repair): remove it from its tier."""
+    with archive.index.read() as t:
+        if t.get("packs", pack_id) is not None:
+            return
+    try:
+        archive.tier(tier_name).delete(pack_id)
+    except TierUnavailable as exc:
+        raise _tier_error(exc, tier_name)
 
 
 def verify_pack(archive: "Archive", tier_name: str, pack_id: str, size: int, digest: bytes) -> None:
@@ -174,8 +192,7 @@ def _recall_once(archive: "Archive", study_uid: str) -> tuple[int, set[str]]:
     restored: dict[bytes, str] = {}
     cartridges: set[str] = set()
     errors: list[ApplianceError] = []
-    tiers = sorted({rec["tier"] for rec in packs.values() if rec},
-                   key=lambda name: (_RECALL_PREFERENCE[archive.config.tiers[name].kind], name))
+    tiers = by_read_preference(archive.config, {rec["tier"] for rec in packs.values() if rec})
     for tier_name in tiers:
         wanted = {ca: blob for ca, blob in missing.items() if ca not in restored and tier_name in blob["copies"]}
         if not wanted:
