@@ -16,8 +16,10 @@ import time
 import warnings
 from pathlib import Path
 
+from appliance import access, audit, fsck, home, importer, lifecycle, policy, registry, replicate, reports, scrub
 from appliance import config as cfg
-from appliance import fsck, home, importer, lifecycle, policy, registry, replicate, reports, scrub
+from appliance.access import ADMIN, AUDITOR, AccessDenied
+from appliance.audit import AuditTrail
 from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
 from appliance.fsutil import HomeLock
@@ -51,8 +53,9 @@ def cmd_init(args) -> int:
 def cmd_serve(args) -> int:
     from appliance.dicom.server import DicomServer  # pynetdicom is only needed here
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
     with _open(args, writer=True) as archive:
         DicomServer(archive, port=args.port, ae_title=args.ae_title).serve_until_signalled()
     return 0
@@ -89,12 +92,17 @@ def cmd_import(args) -> int:
     if missing:
         raise ApplianceError(f"no such file or directory: {missing[0]}")
     total_bytes = sum(p.stat().st_size for p in files)
+    studies: dict[str, dict] = {}
     with _open(args, writer=True) as archive:
         progress = Progress("import", len(files), total_bytes)
 
         def on_result(path, outcome, reason):
             size = path.stat().st_size if path.exists() else 0
             progress.advance(size)
+            if outcome is not None:
+                study = studies.setdefault(outcome.info.study_uid, {
+                    "patient": str(outcome.info.patient.get("PatientID", "")), "stored": 0, "duplicates": 0})
+                study["duplicates" if outcome.status == "duplicate" else "stored"] += 1
             if outcome is None:
                 progress.event("import.rejected", path=str(path), reason=reason)
                 if sys.stderr.isatty():
@@ -102,7 +110,13 @@ def cmd_import(args) -> int:
             else:
                 progress.event(f"import.{outcome.status}", path=str(path), bytes=outcome.info.length)
 
-        summary = importer.run_import(archive, files, archive.config.appliance.imports.workers, on_result)
+        try:
+            summary = importer.run_import(archive, files, archive.config.appliance.imports.workers, on_result)
+        finally:
+            for study_uid, study in sorted(studies.items()):
+                archive.audit.record(audit.event(
+                    "Import", op="import", action="C", study=study_uid, patient=study["patient"],
+                    instances=study["stored"], duplicates=study["duplicates"], source=", ".join(args.paths)[:500]))
         progress.close()
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
@@ -120,6 +134,10 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     with _open(args) as archive:
         written, failures = archive.export_study(args.study_uid, Path(args.dest))
+        archive.audit.record(audit.event(
+            "Export", op="export", action="R", outcome=4 if failures else 0, study=args.study_uid,
+            patient=archive.patient_id_of(args.study_uid), instances=len(written),
+            dest=str(Path(args.dest).resolve()), failed=len(failures)))
     print(f"exported {len(written)} instances of {args.study_uid} to {args.dest}")
     for sop_uid, reason in failures:
         print(f"  FAILED {sop_uid}: {reason}", file=sys.stderr)
@@ -165,6 +183,10 @@ def _status(archive: Archive) -> dict:
     damaged = scrub.damaged_count(archive)
     alarms = [{"key": key, **value} for key, value in alarm_store.alarms(archive.index).items()]
     alarms += scrub.computed_alarms(archive, time.time(), damaged)
+    head = archive.audit.head() or {}
+    if not archive.config.appliance.audit.enabled:
+        alarms.append({"key": "audit-off", "message": "the audit trail is turned off (audit.enabled: false)",
+                       "action": "set audit.enabled: true in appliance.yaml", "since": time.time()})
     runs = scrub.history(archive)
     copies = replicate.history(archive)
     return {
@@ -182,6 +204,8 @@ def _status(archive: Archive) -> dict:
         "last_scrub": runs[-1]["line"] if runs else "no scrub has run yet",
         "last_replication": copies[-1]["line"] if copies else "never replicated",
         "replication_lag_s": replicate.rpo_lag(archive, time.time()),
+        "audit": {"enabled": archive.config.appliance.audit.enabled, "records": head.get("seq", 0),
+                  "signed": head.get("time", "")},
         "alarms": alarms,
     }
 
@@ -219,6 +243,9 @@ def cmd_status(args) -> int:
     lag = status["replication_lag_s"]
     print(f"off-site   {status['last_replication']}; "
           + ("everything verified off-site" if lag is None else f"oldest not yet off-site: {lag / 3600:.1f} h"))
+    trail = status["audit"]
+    print(f"audit      {trail['records']} records, last signed {trail['signed'][:19].replace('T', ' ')} UTC"
+          if trail["enabled"] else "audit      OFF")
     if status["damaged"]:
         print(f"damaged    {status['damaged']} stored versions have no good copy")
     for alarm in status["alarms"]:
@@ -393,7 +420,7 @@ def cmd_hold(args) -> int:
         else:
             if not (args.reason or "").strip():
                 raise ApplianceError("releasing a hold needs a reason (--reason TEXT)")
-            lifecycle.release_hold(archive, key)
+            lifecycle.release_hold(archive, key, args.reason)
             print(f"hold released on {key.replace(':', ' ', 1)}: {args.reason}")
     return 0
 
@@ -452,15 +479,104 @@ def cmd_keys(args) -> int:
     if args.action == "rotate":
         with _open(args, exclusive=True) as archive:
             old, new, count = archive.keyring.rotate()
+            archive.audit.record(audit.event(
+                "Security Alert", type="Security Configuration", op="keys rotate", action="U",
+                old_kek=old.hex(), new_kek=new.hex(), data_keys=count))
         print(f"rotated KEK {old.hex()[:8]} -> {new.hex()[:8]}: {count} data keys re-wrapped, no blob touched")
         print("  the old key file is kept under retired-keys/: older off-site keyring snapshots need it; "
               "store it offline")
         return 0
     with _open(args) as archive:
+        created = archive.keyring.kek_created
         status = {"kek_id": archive.keyring.kek_id.hex(), "key_file": str(archive.config.key_file),
-                  "data_keys": archive.keyring.count()}
-    print(json.dumps(status, indent=2) if args.json else
-          f"KEK {status['kek_id'][:8]} in {status['key_file']}, {status['data_keys']} data keys")
+                  "kek_created": created, "kek_age_days": int((time.time() - created) // 86400),
+                  "data_keys": archive.keyring.count(), "audit_key_file": str(archive.config.audit_key_file),
+                  "audit_public_key": archive.audit.public_key()}
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"KEK        {status['kek_id']} in {status['key_file']}, made "
+              f"{time.strftime('%Y-%m-%d', time.localtime(created))} ({status['kek_age_days']} days ago)")
+        print(f"data keys  {status['data_keys']} wrapped under it (one per study)")
+        print(f"audit key  {status['audit_key_file']}, public key {status['audit_public_key']}")
+        print("           (note the public key apart: `audit verify --public-key` checks the trail against it)")
+    return 0
+
+
+def _since(text: str | None) -> str:
+    """--since as the prefix of a record's UTC time (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS])."""
+    if not text:
+        return ""
+    for form in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return time.strftime("%Y-%m-%dT%H:%M:%S", time.strptime(text, form))
+        except ValueError:
+            continue
+    raise ApplianceError(f"--since {text!r}: give YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] (UTC)")
+
+
+def _pinned_keys(values: list[str] | None) -> list[str]:
+    keys = []
+    for value in values or []:
+        text = Path(value).read_text().strip() if Path(value).is_file() else value.strip()
+        if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+            raise ApplianceError(f"--public-key {value!r}: give the 64 hex digits `keys status` shows, or a file")
+        keys.append(text.lower())
+    return keys
+
+
+def cmd_audit(args) -> int:
+    config = cfg.load(_home(args))
+    trail = AuditTrail(config.audit_dir, config.audit_key_file)
+    if args.action == "verify":
+        result = trail.verify(_pinned_keys(args.public_key))
+        if args.json:
+            print(json.dumps(result.as_dict(), indent=2))
+        elif result.intact:
+            print(f"audit trail intact: {result.records} records, hash chain unbroken, signed head and "
+                  f"{result.checkpoints} checkpoints valid (keys {', '.join(k[:16] for k in result.keys)})")
+        else:
+            print(f"audit trail DOES NOT VERIFY: {len(result.problems)} problems in {result.records} records")
+            for problem in result.problems:
+                print(f"  {problem}")
+        return 0 if result.intact else 1
+    since = _since(args.since)
+    if args.action == "export":
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        try:
+            for record in trail.records():
+                if since and record["time"] < since:
+                    continue
+                if args.format == "syslog":
+                    out.write(audit.to_syslog(record, trail.host) + "\n")
+                elif args.format == "atna-xml":
+                    out.write(audit.to_atna_xml(record, f"pacs-vault@{trail.host}") + "\n")
+                else:
+                    out.write(json.dumps(record, sort_keys=True) + "\n")
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        return 0
+    if sum(bool(v) for v in (args.patient, args.study, args.ae)) != 1:
+        raise ApplianceError("audit report needs one of --patient ID, --study UID, --ae AET")
+    subject = (f"patient {args.patient}" if args.patient else f"study {args.study}" if args.study
+               else f"AE {args.ae}") + (f" since {since}" if since else "")
+    records = [r for r in trail.records() if audit.matches(r, patient=args.patient or "", study=args.study or "",
+                                                           ae=args.ae or "", since=since)]
+    summary = audit.access_summary(records)
+    verification = trail.verify().as_dict()
+    if args.html:
+        Path(args.html).write_text(reports.audit_html(subject, records, summary, verification), encoding="utf-8")
+    if args.json:
+        print(json.dumps({"subject": subject, "trail_intact": verification["intact"], "summary": summary,
+                          "records": records}, indent=2))
+        return 0
+    for row in summary:
+        print(f"{row['user']:<16} {row['host'] or '-':<15} {row['event']} / {row['op']}: {row['records']} "
+              f"records, {row['instances']} instances, {row['failures']} failures, {row['first'][:16]} .. "
+              f"{row['last'][:16]}")
+    print(f"{len(records)} records about {subject}"
+          + ("" if verification["intact"] else "; THE TRAIL DOES NOT VERIFY (`appliance audit verify`)"))
     return 0
 
 
@@ -475,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the DICOM server")
     serve.add_argument("--port", type=int)
     serve.add_argument("--ae-title")
+    serve.add_argument("--debug", action="store_true",
+                       help="log every PDU and DIMSE message (never identifiers or other patient data)")
     serve.set_defaults(func=cmd_serve)
 
     ae = sub.add_parser("ae", help="remote application entities and their roles")
@@ -549,6 +667,21 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("study_uid")
     recall.set_defaults(func=cmd_recall)
 
+    aud = sub.add_parser("audit", help="the audit trail: verify it, export it, report who accessed what")
+    aud.add_argument("action", choices=("verify", "export", "report"))
+    aud.add_argument("--public-key", action="append",
+                     help="verify: trust only a trail this public key (hex, or a file) signed (repeatable)")
+    aud.add_argument("--format", choices=("json", "syslog", "atna-xml"), default="json",
+                     help="export: JSON lines, RFC 5424 syslog lines, or one DICOM AuditMessage per line")
+    aud.add_argument("--output", help="export: write to FILE instead of standard output")
+    aud.add_argument("--since", help="export, report: records at or after this UTC date or time")
+    aud.add_argument("--patient", help="report: a PatientID")
+    aud.add_argument("--study", help="report: a Study Instance UID")
+    aud.add_argument("--ae", help="report: an AE title (as caller or destination)")
+    aud.add_argument("--html", help="report: also write a self-contained HTML page to FILE")
+    aud.add_argument("--json", action="store_true")
+    aud.set_defaults(func=cmd_audit)
+
     keys = sub.add_parser("keys", help="key management")
     keys.add_argument("action", choices=("status", "rotate"))
     keys.add_argument("--json", action="store_true")
@@ -556,19 +689,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _required_role(args) -> str | None:
+    action = getattr(args, "action", None)
+    if args.command == "audit":
+        return AUDITOR
+    if (args.command, action) in (("keys", "rotate"), ("hold", "release"), ("policy", "apply"), ("ae", "add"),
+                                  ("ae", "remove")) \
+            or args.command == "restore" or (args.command == "fsck" and args.rebuild_index):
+        return ADMIN
+    return None
+
+
+class _Session:
+    """The audit side of one command: who runs it, whether they may, and its record."""
+
+    def __init__(self, args, argv: list[str]):
+        self.args = args
+        words = [w for w in argv if not w.startswith("--home=")]
+        if "--home" in words:
+            at = words.index("--home")
+            del words[at:at + 2]
+        self.command = " ".join(words)[:1000]
+        self.home = _home(args) if args.home or os.environ.get("APPLIANCE_HOME") else None
+        self.config: cfg.Config | None = None
+        self.trail: AuditTrail | None = None
+        self.caller: access.Caller | None = None
+        self.refused = False
+
+    def _open(self) -> bool:
+        if self.trail is None and self.home is not None and (self.home / cfg.CONFIG_FILE).exists():
+            self.config = cfg.load(self.home)
+            settings = self.config.appliance.access
+            self.caller = access.identify(self.home, settings.admin_group, settings.auditor_group)
+            self.trail = AuditTrail(self.config.audit_dir, self.config.audit_key_file,
+                                    enabled=self.config.appliance.audit.enabled, user=self.caller.user)
+        return self.trail is not None
+
+    def begin(self) -> None:
+        if self._open():
+            self.trail.note_config_changes(self.config.files())
+            settings = self.config.appliance.access
+        else:  # init, restore: no home yet
+            settings = cfg.AccessConfig()
+            self.caller = access.identify(self.home or Path.cwd(), settings.admin_group, settings.auditor_group)
+        role = _required_role(self.args)
+        if self.caller.may(role):
+            return
+        self.refused = True
+        group = settings.admin_group if role == ADMIN else settings.auditor_group
+        if self.trail is not None:
+            self.trail.record(audit.event("Security Alert", type="Use of Restricted Function", op="command",
+                                          outcome=4, command=self.command, reason=f"needs the {role} role",
+                                          runs_as=self.caller.runs_as), force=True)
+        raise AccessDenied(f"`{self.args.command}{' ' + self.args.action if getattr(self.args, 'action', None) else ''}`"
+                           f" needs the {role} role: user {self.caller.user} is not in group {group}")
+
+    def finish(self, code: int, error: str) -> None:
+        if self.refused or not self._open():
+            return
+        self.trail.note_config_changes(self.config.files(), by_command=self.command)
+        reading = self.args.command == "audit"
+        self.trail.record(audit.event(
+            "Audit Log Used" if reading else "Application Activity", op="command", action="R" if reading else "E",
+            outcome=0 if code == 0 else 8 if code == 70 else 4, command=self.command, exit=code,
+            reason=error, runs_as=self.caller.runs_as if self.caller.runs_as != self.caller.user else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     # pydicom warns about every non-conformant value it reads; the archive keeps such files
     # byte-exact on purpose, and the warnings would drown the progress and log lines.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    session = _Session(args, argv)
     try:
-        return args.func(args)
+        session.begin()
+        code, error = args.func(args), ""
     except ApplianceError as exc:
-        print(f"appliance: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code, error = exc.exit_code, str(exc)
     except KeyboardInterrupt:
-        print("appliance: interrupted", file=sys.stderr)
-        return 130
+        code, error = 130, "interrupted"
     except BrokenPipeError:  # `appliance status | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        code, error = 0, ""
+    except Exception as exc:
+        session.finish(70, f"internal error ({type(exc).__name__})")
+        raise
+    if error:
+        print(f"appliance: {error}", file=sys.stderr)
+    try:
+        session.finish(code, error)
+    except ApplianceError as exc:
+        print(f"appliance: {exc}", file=sys.stderr)
+        return code or exc.exit_code
+    return code

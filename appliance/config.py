@@ -102,6 +102,21 @@ class ReplicationConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    # Turning the trail off is for benchmarks only: `status` raises an alarm while it is off.
+    enabled: bool = True
+    # Ed25519 key that signs the trail's checkpoints; kept apart from the KEK, never replicated.
+    key_file: str = "audit.key"
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    # Unix groups: admins run destructive and key commands, auditors read the audit trail.
+    admin_group: str = "pacsvault-admin"
+    auditor_group: str = "pacsvault-audit"
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     key_file: str = "kek.key"
     keyring: str = "keyring"
@@ -112,6 +127,8 @@ class ApplianceConfig:
     imports: ImportConfig = ImportConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     replication: ReplicationConfig = ReplicationConfig()
+    audit: AuditConfig = AuditConfig()
+    access: AccessConfig = AccessConfig()
 
 
 @dataclass(frozen=True)
@@ -189,6 +206,20 @@ class Config:
     @property
     def remote_aes_path(self) -> Path:
         return self.home / "remote-aes.yaml"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.home / "audit"
+
+    @property
+    def audit_key_file(self) -> Path:
+        return self.resolve(self.appliance.audit.key_file)
+
+    def files(self) -> list[Path]:
+        """The configuration files whose changes the audit trail records."""
+        tiers_dir = self.resolve(self.appliance.tiers_dir)
+        return sorted([self.home / CONFIG_FILE, self.remote_aes_path, *tiers_dir.glob("*.yaml"),
+                       *self.policies_path.glob("*.yaml")])
 
     @property
     def hot_tier(self) -> TierConfig:

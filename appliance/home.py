@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from appliance import config as cfg
+from appliance.audit import AuditTrail
 from appliance.errors import ApplianceError
 from appliance.fsutil import HomeLock, fsync_dir, write_file_atomic
 from appliance.store.archive import Archive
@@ -71,6 +72,22 @@ replication:
   keep_manifests: 30
   timeout_s: 600
 
+audit:
+  # Every access and change is appended to a hash-chained trail in audit/
+  # (`appliance audit verify|export|report`). Off only for benchmarks: `status`
+  # raises an alarm while it is off.
+  enabled: true
+  # Ed25519 key signing the trail's checkpoints. Keep it apart from the KEK and
+  # back it up with it; it is never replicated.
+  key_file: audit.key
+
+access:
+  # Unix groups. Admins: policy apply (expiry deletes), hold release, keys rotate,
+  # restore, ae add/remove, fsck --rebuild-index. Auditors: audit verify|export|report.
+  # Root and the home's owner are admins; under sudo, SUDO_USER's groups decide.
+  admin_group: pacsvault-admin
+  auditor_group: pacsvault-audit
+
 imports:
   # Files sealed in parallel by `appliance import`: more than the cores, so that
   # one file's fsync overlaps another's compression.
@@ -100,11 +117,12 @@ dicom:
 """
 
 
-def init(home: Path, restored: tuple[bytes, Path, Path] | None = None) -> cfg.Config:
+def init(home: Path, restored: tuple[bytes, Path, Path, Path | None] | None = None) -> cfg.Config:
     """Create the home; appliance.yaml is written last, so a home that has one is complete.
 
-    `restored` = (key file bytes, keyring directory, index directory) from an off-site copy:
-    the home gets those instead of a new key, keyring and index."""
+    `restored` = (key file bytes, keyring directory, index directory, audit directory or None)
+    from an off-site copy: the home gets those instead of a new key, keyring, index and trail.
+    The audit key is new either way (it never leaves a home): its first record announces it."""
     home = Path(home)
     final = home / cfg.CONFIG_FILE
     if final.exists():
@@ -125,10 +143,17 @@ def init(home: Path, restored: tuple[bytes, Path, Path] | None = None) -> cfg.Co
         if restored is None:
             Archive(config, lock=None, create=True).close()
         else:
-            key_bytes, keyring, index = restored
+            key_bytes, keyring, index, audit_dir = restored
             write_file_atomic(config.key_file, key_bytes, mode=0o600)
             os.replace(keyring, config.keyring_path)
             os.replace(index, config.index_path)
+            if audit_dir is not None:
+                os.replace(audit_dir, config.audit_dir)
+        AuditTrail.create(config.audit_dir, config.audit_key_file,
+                          reason="restore from an off-site copy" if restored else "appliance init")
         draft.rename(final)
         fsync_dir(home)
-    return cfg.load(home)
+    config = cfg.load(home)
+    # What the configuration is now: later changes are recorded.
+    AuditTrail(config.audit_dir, config.audit_key_file).note_config_changes(config.files())
+    return config

@@ -14,14 +14,13 @@ deletion, and never a study under a legal hold.
 
 from __future__ import annotations
 
-import getpass
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from typing import Callable
 
+from appliance import audit
 from appliance.errors import ApplianceError, NotFound
 from appliance.policy import Rule, StudyFacts, classify, parse_date, retention_end
 from appliance.store import index as ix
@@ -201,13 +200,6 @@ def hot_usage(archive: Archive, states: list[StudyState]) -> HotUsage:
 
 # -- holds -----------------------------------------------------------------------------------
 
-def _who() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
-
-
 def hold_key(study_uid: str | None, patient_id: str | None) -> str:
     if bool(study_uid) == bool(patient_id):
         raise ApplianceError("name either a study UID or --patient ID")
@@ -219,18 +211,29 @@ def set_hold(archive: Archive, key: str, reason: str, now: int | None = None) ->
         raise ApplianceError("a hold needs a reason (--reason TEXT)")
     if key.startswith("study:"):
         archive.study(key[6:])  # NotFound for a study the archive does not hold
-    record = {"reason": reason, "by": _who(), "since": int(now or time.time())}
+    record = {"reason": reason, "by": archive.audit.user, "since": int(now or time.time())}
     archive.index.write(lambda t: t.put("holds", key, record))
+    _audit_hold(archive, key, "hold set", reason)
 
 
-def release_hold(archive: Archive, key: str) -> dict:
+def _audit_hold(archive: Archive, key: str, op: str, reason: str) -> None:
+    kind, name = key.split(":", 1)
+    study = name if kind == "study" else ""
+    archive.audit.record(audit.event("DICOM Instances Accessed", op=op, action="U", study=study,
+                                     patient=name if kind == "patient" else archive.patient_id_of(study),
+                                     reason=reason))
+
+
+def release_hold(archive: Archive, key: str, reason: str) -> dict:
     def release(t: ix.Txn) -> dict:
         record = t.get("holds", key)
         if record is None:
             raise NotFound(f"no hold on {key.replace(':', ' ', 1)}")
         t.delete("holds", key)
         return record
-    return archive.index.write(release)
+    record = archive.index.write(release)
+    _audit_hold(archive, key, "hold release", reason)
+    return record
 
 
 def holds(archive: Archive) -> dict[str, dict]:
@@ -303,6 +306,11 @@ class Lifecycle:
                 on_event("job.failed", {"study": study_uid, "kind": job["kind"], "error": str(exc)})
                 continue
             report.bytes_written += written
+            if job["kind"] != "expire":
+                self.archive.audit.record(audit.event(
+                    "DICOM Instances Accessed", op=job["kind"], action="U", study=study_uid,
+                    patient=self.archive.patient_id_of(study_uid), dest=",".join(job["targets"]),
+                    bytes=written, hot_copy_dropped=job["drop_hot"], rule=job["rule"]))
             self.archive.index.write(lambda t, uid=study_uid: t.delete("jobs", uid))
             for key in [f"tier:{tier}" for tier in job["targets"]] + [f"job:{study_uid}"]:
                 clear_alarm(self.archive.index, key)
@@ -365,10 +373,14 @@ class Lifecycle:
             return  # within retention now (a new study of the patient, a policy change): kept
         _, unremoved = self.archive.delete_study(study_uid)
         record = {"time": int(self.clock()), "rule": f"{rule.name} ({rule.source})",
-                  "reason": f"retention ended {end.until.isoformat()} ({end.reason})", "by": _who(),
+                  "reason": f"retention ended {end.until.isoformat()} ({end.reason})", "by": self.archive.audit.user,
                   "patient_id": patient.get("PatientID", ""), "series": series, "instances": instances,
                   "unremoved": unremoved}
         self.archive.index.write(lambda t: t.put("deletions", study_uid, record))
+        self.archive.audit.record(audit.event(
+            "DICOM Study Deleted", op="expire", action="D", study=study_uid, patient=record["patient_id"],
+            instances=len(instances), rule=record["rule"], reason=record["reason"], shredded=True,
+            copies_left=len(unremoved)))
         if unremoved:
             raise_alarm(self.archive.index, "shred-cleanup", f"{len(unremoved)} copies of deleted studies remain "
                         "(unreadable: their keys are destroyed)",

@@ -6,6 +6,7 @@ Layout of an off-site target (every name opaque: no UID, name or plaintext hash)
     packs/ab/cd/<id>          packs, for versions that have no hot copy
     snapshots/<run>.index     the index (LMDB copy), sealed
     snapshots/<run>.keyring   the keyring (wrapped data keys only), sealed
+    snapshots/<run>.audit     the audit trail with a checkpoint signed at the run (tar), sealed
     manifests/<run>.manifest  sealed: every object of the run with its size and xxh3-128
 
 Snapshots and manifests are sealed with a key derived from the KEK (keys.snapshot_key):
@@ -30,6 +31,7 @@ import hashlib
 import os
 import shutil
 import struct
+import tarfile
 import tempfile
 import time
 from contextlib import contextmanager
@@ -41,6 +43,7 @@ import msgpack
 import sh
 import xxhash
 
+from appliance import audit
 from appliance import config as cfg
 from appliance import home as home_mod
 from appliance.backends.filesystem import fanout_path
@@ -275,6 +278,9 @@ def replicate(archive: Archive, target: Target | None = None, *, verify_all: boo
         report.rpo_lag_s = rpo_lag(archive, report.finished)
         archive.index.write(lambda t: t.put("replication_runs", struct.pack(">Q", report.run), report.as_dict()))
         _rpo_alarm(archive, report)
+        archive.audit.record(audit.event(
+            "Application Activity", op="replicate", action="E", outcome=0 if report.verified else 8,
+            dest=str(target), line=report.line(), reason=report.failure))
     return report
 
 
@@ -287,6 +293,7 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     (staging / "keyring").mkdir()
     archive.index.copy_to(staging / "index")
     archive.keyring.copy_to(staging / "keyring")
+    archive.audit.copy_to(staging / "audit")
     snapshot = Index(staging / "index", map_size=archive.index.map_size)
     try:
         wanted = _wanted(snapshot, archive)
@@ -339,12 +346,16 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
 
     # 4. The index snapshot, then the manifest: the commit point of the run.
     _seal_file(staging / "index" / "data.mdb", sealed_dir / "snapshots" / f"{run}.index", kek_id, key)
+    with tarfile.open(staging / "audit.tar", "w") as tar:
+        tar.add(staging / "audit", arcname="audit")
+    _seal_file(staging / "audit.tar", sealed_dir / "snapshots" / f"{run}.audit", kek_id, key)
     manifest = {"version": 1, "run": report.run, "time": report.started, "kek_id": kek_id,
                 "snapshot": f"snapshots/{run}.index", "keyring": f"snapshots/{run}.keyring",
+                "audit": f"snapshots/{run}.audit",
                 "objects": {path: [_size(w), _xxh3(w)] for path, w in wanted.items()}}
     with open(sealed_dir / "manifests" / f"{run}.manifest", "wb") as out:
         sealed.seal_bytes(msgpack.packb(manifest), out, data_key=key, key_id=kek_id)
-    snapshot_files = [f"snapshots/{run}.index", f"snapshots/{run}.keyring"]
+    snapshot_files = [f"snapshots/{run}.index", f"snapshots/{run}.keyring", f"snapshots/{run}.audit"]
     _push(target, sealed_dir, snapshot_files, "")
     checks = {p: (os.path.getsize(sealed_dir / p), xxhash.xxh3_128((sealed_dir / p).read_bytes()).digest())
               for p in snapshot_files}
@@ -360,7 +371,7 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     manifests = _list(target, "manifests")
     old = manifests[:-archive.config.appliance.replication.keep_manifests]
     stale = [f"manifests/{m}" for m in old] + [f"snapshots/{m.split('.')[0]}.{kind}" for m in old
-                                                for kind in ("index", "keyring")]
+                                                for kind in ("index", "keyring", "audit")]
     _remove(target, stale)
 
 
@@ -507,10 +518,17 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
         # The newest keyring off-site: it also holds the keys of objects sent after the snapshot.
         keyrings = [f"snapshots/{n}" for n in _list(target, "snapshots") if n.endswith(".keyring")]
         newest_keyring = max(keyrings + [manifest["keyring"]])
-        fetched = _pull(target, [manifest["snapshot"], newest_keyring], "", staging / "fetched")
+        fetched = _pull(target, [manifest["snapshot"], newest_keyring] + ([manifest["audit"]] if "audit" in manifest
+                                                                          else []), "", staging / "fetched")
         for part, name in (("index", manifest["snapshot"]), ("keyring", newest_keyring)):
             (staging / part).mkdir()
             _unseal_file(fetched / name, staging / part / "data.mdb", kek.key_id, key)
+        audit_dir = None
+        if "audit" in manifest:
+            _unseal_file(fetched / manifest["audit"], staging / "audit.tar", kek.key_id, key)
+            with tarfile.open(staging / "audit.tar") as tar:
+                tar.extractall(staging / "unpacked", filter="data")
+            audit_dir = staging / "unpacked" / "audit"
         on_event("restore.snapshot", {"manifest": report.manifest, "objects": len(manifest["objects"])})
         # Every object off-site, including any sent after the snapshot by a run that did not finish.
         for sub in ("objects", "packs"):
@@ -524,13 +542,17 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
                         report.errors.append(f"{path}: differs from the manifest")
             except OSError:
                 report.errors.append(f"{path}: missing off-site")
-        home_mod.init(new_home, (Path(key_file).read_bytes(), staging / "keyring", staging / "index"))
+        home_mod.init(new_home, (Path(key_file).read_bytes(), staging / "keyring", staging / "index", audit_dir))
         config = cfg.load(new_home)
         _place(staging / "objects", config.resolve(config.hot_tier.path))
         _place(staging / "packs", config.resolve(config.tiers["cold"].path))
         with Archive.open(config, writer=True) as archive:
             report.objects, report.packs = _adopt(archive, report)
             report.newer_than_snapshot = _index_newer(archive, report)
+            archive.audit.record(audit.event(
+                "Application Activity", op="restore", action="C", outcome=4 if report.errors else 0,
+                source=str(target), manifest=report.manifest, snapshot_time=audit.utc(report.snapshot_time),
+                objects=report.objects, packs=report.packs, errors=len(report.errors)))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

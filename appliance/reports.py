@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 import time
 
+from appliance.audit import describe
+
 _STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#1b1f24;padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -108,3 +110,30 @@ def backup_html(report: dict, runs: list[dict], rpo_hours: int) -> str:
             f"<h2>Runs</h2><table><tr><th>started</th><th>target</th><th>objects</th><th>MB</th><th>seconds</th>"
             f"<th>outcome</th></tr>{rows}</table>")
     return _page("pacs-vault backup report", body)
+
+
+def audit_html(subject: str, records: list[dict], summary: list[dict], verification: dict) -> str:
+    """Who accessed what, when and from where, for one patient, study or AE."""
+    intact = verification["intact"]
+    rows = "".join(
+        f"<tr><td>{_e(r['user'])}</td><td>{_e(r['host'] or '-')}</td><td>{_e(r['event'])}</td><td>{_e(r['op'])}</td>"
+        f"<td class=num>{r['records']}</td><td class=num>{r['instances']}</td><td class=num>{r['failures']}</td>"
+        f"<td>{_e(r['first'][:19])}</td><td>{_e(r['last'][:19])}</td></tr>"
+        for r in summary) or "<tr><td colspan=9 class=muted>No record.</td></tr>"
+    events = "".join(
+        f"<tr><td class=num>{r['seq']}</td><td>{_e(r['time'][:23])}</td><td>{_e(r.get('user', ''))}</td>"
+        f"<td>{_e(r.get('host', ''))}</td><td>{_e(r['event'])}{' / ' + _e(r['type']) if r.get('type') else ''}</td>"
+        f"<td>{_e(r['action'])}</td><td>{'success' if not r['outcome'] else '<b>failure</b>'}</td>"
+        f"<td>{_e(r.get('study', ''))}</td><td>{_e(describe(r))}</td></tr>"
+        for r in records[-5000:])
+    state = (f"The trail verifies: {verification['records']} records, hash chain intact, signed head and "
+             f"{verification['checkpoints']} checkpoints valid." if intact else
+             "THE TRAIL DOES NOT VERIFY: " + "; ".join(verification["problems"][:5]))
+    body = (f"<h1>Access report</h1><p class=muted>{_e(subject)}: {len(records)} audit records.</p>"
+            f"<p class='summary{'' if intact else ' bad'}'>{_e(state)}</p>"
+            f"<h2>Who accessed it</h2><table><tr><th>user / AE</th><th>from</th><th>event</th><th>operation</th>"
+            f"<th>records</th><th>instances</th><th>failures</th><th>first</th><th>last (UTC)</th></tr>{rows}</table>"
+            f"<h2>Every event{' (the last 5,000)' if len(records) > 5000 else ''}</h2><table><tr><th>seq</th>"
+            f"<th>time (UTC)</th><th>user / AE</th><th>from</th><th>event</th><th>action</th><th>outcome</th>"
+            f"<th>study</th><th>what</th></tr>{events}</table>")
+    return _page("pacs-vault access report", body)

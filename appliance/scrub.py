@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 
 import xxhash
 
+from appliance import audit
 from appliance.backends.wrappers import Throttled, TokenBucket
 from appliance.progress import human_bytes
 from appliance.errors import ApplianceError, BlobMissing, IntegrityError, KeyMissing, TierUnavailable
@@ -208,6 +209,10 @@ class Scrubber:
         report.complete = True
         report.coverage = coverage(self.archive, report.finished)
         self._finish(report, tiers)
+        self.archive.audit.record(audit.event(
+            "Application Activity", op="deep scrub" if self.deep else "scrub", action="E",
+            outcome=4 if report.unrecoverable else 0, line=report.line(), repaired=report.repaired,
+            unrecoverable=report.unrecoverable))
         return report
 
     def _current(self) -> dict | None:

@@ -7,8 +7,9 @@ ratios against the peers measured in the same run.
 
     python benchmarks/dicom_bench.py [--quick] [--ct N] [--small N] [--workdir DIR]
 
-pacs-vault runs with its defaults: zstd, AES-256-GCM and durable acknowledgement
-(fsync of the blob and a synced index commit before Success). storescp writes
+pacs-vault runs with its defaults: zstd, AES-256-GCM, durable acknowledgement (fsync
+of the blob and a synced index commit before Success) and the audit trail (a durable
+record per instance); once more with the trail off, to show what it costs. storescp writes
 files without fsync; Orthanc is run with storage compression off and on.
 """
 
@@ -86,17 +87,22 @@ class Peer:
 
 
 class Vault(Peer):
-    name, ae_title = "pacs-vault", "ARCHIVE"
+    ae_title = "ARCHIVE"
 
-    def __init__(self, work: Path):
-        self.home = work / "vault"
+    def __init__(self, work: Path, audit: bool = True):
+        """`audit=False`: the same with the audit trail off, to measure what the trail costs."""
+        self.name = "pacs-vault" if audit else "pacs-vault (audit off)"
+        self.home = work / ("vault" if audit else "vault-no-audit")
         appliance = [sys.executable, "-m", "appliance", "--home", str(self.home)]
         subprocess.run(appliance + ["init"], check=True, capture_output=True, cwd=REPO)
+        if not audit:
+            config = self.home / "appliance.yaml"
+            config.write_text(config.read_text().replace("  enabled: true", "  enabled: false", 1))
         subprocess.run(appliance + ["ae", "add", CLIENT_AE, "127.0.0.1", str(free_port()), "--roles",
                                     "store,query,retrieve"], check=True, capture_output=True, cwd=REPO)
         self.port = free_port()
         self.process = subprocess.Popen(appliance + ["serve", "--port", str(self.port)], cwd=REPO,
-                                        stderr=open(work / "vault.log", "w"))
+                                        stderr=open(self.home / "serve.log", "w"))
         wait_port(self.port)
 
     def stored_bytes(self) -> int:
@@ -172,7 +178,7 @@ def run(work: Path, ct_count: int, small_count: int) -> dict:
     import pydicom
     study_uid = pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
 
-    peers: list[Peer] = [Vault(work), Storescp(work)]
+    peers: list[Peer] = [Vault(work), Vault(work, audit=False), Storescp(work)]
     if Path(ORTHANC).exists():
         peers += [Orthanc(work, compression=False), Orthanc(work, compression=True)]
     results = {"machine": machine(), "corpus": {"ct_instances": len(ct), "ct_bytes": ct_bytes,

@@ -42,15 +42,16 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> 
 class Server:
     """`appliance serve` in a subprocess; stderr goes to a log file the test can read."""
 
-    def __init__(self, home: Path, port: int | None = None):
+    def __init__(self, home: Path, port: int | None = None, extra: tuple[str, ...] = ()):
         self.home = home
+        self.extra = extra
         self.port = port or free_port()
         self.log = home / f"serve-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--home", str(self.home), "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "appliance", "--home", str(self.home), "serve", "--port", str(self.port), *self.extra],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), cwd=REPO)
         self.process.stderr = open(self.log)  # for wait_for_port's message
         wait_for_port(self.port, self.process)

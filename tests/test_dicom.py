@@ -20,6 +20,8 @@ from pynetdicom.sop_class import (CTImageStorage, PatientRootQueryRetrieveInform
                                   Verification)
 
 import corpus
+from appliance import audit
+from appliance import config as cfg
 from appliance.store import p10
 from appliance.errors import InvalidInstance
 from conftest import dicom_test_files, run_cli
@@ -524,6 +526,12 @@ def test_server_stopped_mid_store_keeps_every_acknowledged_instance(home, tmp_pa
     assert acknowledged <= set(exported)
     for sop_uid, data in exported.items():  # nothing half-stored is visible
         assert data == originals[sop_uid]
+    # every acknowledged store has its audit record, and the trail is intact
+    config = cfg.load(home)
+    audited = {r["detail"]["sop"] for r in audit.AuditTrail(config.audit_dir, config.audit_key_file).records()
+               if r["op"] == "c-store"}
+    assert acknowledged <= audited
+    assert run_cli("audit", "verify", home=home).returncode == 0
     # and it goes on serving
     srv = Server(home, srv.port).start()
     try:

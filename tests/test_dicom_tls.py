@@ -16,6 +16,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet, Verification
 
+from appliance import audit
+from appliance import config as cfg
 from dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
 
 
@@ -111,6 +113,19 @@ def test_without_client_certificate_or_without_tls_no_association(tls_server, pk
     assert not plain.is_established
     tls_server.process.poll()
     assert tls_server.process.returncode is None  # still serving
+    with_cert = ae.associate("127.0.0.1", tls_server.port, ae_title="ARCHIVE",
+                             tls_args=(_client_context(pki), "127.0.0.1"))
+    assert with_cert.is_established
+    with_cert.release()
+    # Both refusals are Security Alerts; the TLS association is recorded with the client's certificate.
+    config = cfg.load(tls_server.home)
+    records = list(audit.AuditTrail(config.audit_dir, config.audit_key_file).records())
+    alerts = [r for r in records if r["event"] == "Security Alert" and r["op"] == "association"]
+    assert len(alerts) == 2 and all("TLS handshake failed" in r["detail"]["reason"] for r in alerts)
+    assert all(r["host"] == "127.0.0.1" and r["outcome"] == 4 for r in alerts)
+    login = next(r for r in records if r["event"] == "User Authentication")
+    assert login["user"] == CLIENT_AE and login["detail"]["tls"] is True
+    assert "commonName=client" in login["detail"]["certificate"]
 
 
 def test_dcmtk_echo_over_tls(tls_server, pki):

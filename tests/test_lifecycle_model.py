@@ -179,7 +179,7 @@ class LifecycleModel(RuleBasedStateMachine):
             lifecycle.set_hold(self.archive, key, "model")
             self.held.add(number)
         elif number in self.held:
-            lifecycle.release_hold(self.archive, key)
+            lifecycle.release_hold(self.archive, key, "model")
             self.held.discard(number)
 
     @precondition(lambda self: self.stored)

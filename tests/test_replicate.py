@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+from appliance import audit
 from appliance import config as cfg
 from appliance.store import index as ix
 from appliance.store.archive import Archive
@@ -84,6 +85,17 @@ def test_disaster_recovery_drill(home, tmp_path):
     finally:
         server.stop()
     print(f"DR drill: restore + fsck + retrieve of 5 instances took {time.monotonic() - started:.1f} s")
+    # The audit trail came back with the data, continues under the new home's own audit key,
+    # and still verifies: the stores before the disaster, the restore, the retrieves after it.
+    assert run_cli("audit", "verify", home=new_home).returncode == 0
+    config = cfg.load(new_home)
+    records = list(audit.AuditTrail(config.audit_dir, config.audit_key_file).records())
+    ops = [r["op"] for r in records]
+    assert ops.count("c-store") == 3 and ops.index("c-store") < ops.index("hold set") < ops.index("restore")
+    assert ops.index("restore") < ops.index("c-get")
+    keys = [r["detail"]["audit_key"] for r in records if "audit_key" in r.get("detail", {})]
+    assert len(keys) == 2 and keys[1] == audit.public_hex(audit.load_key(config.audit_key_file))
+    assert not (offsite / "audit.key").exists() and not any("audit.key" in p.name for p in _offsite_files(offsite))
 
 
 def test_restore_refuses_what_it_must(home, tmp_path, ct_files):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from appliance import audit
+from appliance.audit import AuditError
 from appliance.dicom import query as q
 from appliance.errors import ApplianceError, InvalidInstance, OutOfSpace
 from appliance.store.archive import Archive
@@ -63,16 +65,30 @@ def handle_echo(event) -> int:
     return 0x0000
 
 
+def requestor(assoc) -> dict:
+    """Who an audit record is about: the calling AE and its address."""
+    return {"user": str(assoc.requestor.ae_title).strip(), "host": str(assoc.requestor.address)}
+
+
+def refuse(archive: Archive, assoc, op: str, role: str) -> None:
+    """Audit a request the calling AE has no role for."""
+    archive.audit.record(audit.event("Security Alert", type="Use of Restricted Function", op=op, outcome=4,
+                                     reason=f"calling AE has no {role} role", **requestor(assoc)))
+
+
 def handle_store(event, archive: Archive, authorise, stats_of) -> Dataset | int:
     stats = stats_of(event.assoc)
     path = event.dataset_path
     try:
         if not authorise(event.assoc, "store"):
+            refuse(archive, event.assoc, "c-store", "store")
             return _status(STATUS_NOT_AUTHORISED, "calling AE may not store")
         try:
             outcome = archive.store_file(path, source=str(event.assoc.requestor.ae_title).strip())
         except InvalidInstance as exc:
             stats.count("C-STORE", failed=1)
+            archive.audit.record(audit.event("DICOM Instances Transferred", op="c-store", action="C", outcome=4,
+                                             reason=str(exc), **requestor(event.assoc)))
             return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
         except OutOfSpace as exc:
             stats.count("C-STORE", failed=1)
@@ -82,22 +98,35 @@ def handle_store(event, archive: Archive, authorise, stats_of) -> Dataset | int:
             stats.count("C-STORE", failed=1)
             LOG.error("C-STORE failed: %s", exc)
             return _status(STATUS_PROCESSING_FAILURE, str(exc))
+        info = outcome.info
+        # Acknowledged only once its record is durable too: every Success has its audit record.
+        archive.audit.record(audit.event(
+            "DICOM Instances Transferred", op="c-store", action="C", patient=str(info.patient.get("PatientID", "")),
+            study=info.study_uid, instances=1, sop=info.sop_uid, duplicate=outcome.status == "duplicate",
+            **requestor(event.assoc)))
         if outcome.status == "duplicate":
             stats.count("C-STORE", duplicates=1)
         else:
             stats.count("C-STORE", stored=1, bytes=outcome.info.length)
         return 0x0000
+    except AuditError as exc:
+        LOG.error("C-STORE not acknowledged: %s", exc)
+        return _status(STATUS_OUT_OF_RESOURCES, "audit trail cannot be written")
     finally:
         Path(path).unlink(missing_ok=True)  # the received file; its sealed copy is all we keep
 
 
 def handle_find(event, archive: Archive, model_of, authorise, stats_of, ae_title: str):
+    sop_class = str(event.request.AffectedSOPClassUID)
     if not authorise(event.assoc, "query"):
+        refuse(archive, event.assoc, "c-find", "query")
         yield STATUS_NOT_AUTHORISED, None
         return
     try:
-        query = q.parse(event.identifier, model_of(event.request.AffectedSOPClassUID))
+        query = q.parse(event.identifier, model_of(sop_class))
     except q.QueryError as exc:
+        archive.audit.record(audit.event("Query", op="c-find", outcome=4, reason=str(exc), sop_class=sop_class,
+                                         **requestor(event.assoc)))
         yield _status(exc.status, str(exc)), None
         return
     stats_of(event.assoc).count("C-FIND", queries=1)
@@ -105,6 +134,9 @@ def handle_find(event, archive: Archive, model_of, authorise, stats_of, ae_title
     # index (a map resize waits for every reader).
     with archive.index.read() as t:
         views = list(q.find(t, query))
+    keys = {keyword: value for keyword, (_, value) in query.keys.items()}
+    archive.audit.record(audit.event("Query", op="c-find", patient=keys.get("PatientID", ""), level=query.level, sop_class=sop_class, keys=keys, matches=len(views),
+                                     **requestor(event.assoc)))
     for view in views:
         if event.is_cancelled:
             yield 0xFE00, None
@@ -150,6 +182,7 @@ def handle_commitment(event, archive: Archive, authorise, send_report):
     if event.action_type != 1:
         return 0x0123, None  # no such action
     if not authorise(event.assoc, "store"):
+        refuse(archive, event.assoc, "storage commitment", "store")
         return STATUS_NOT_AUTHORISED, None
     request = event.action_information
     if "TransactionUID" not in request:

@@ -36,7 +36,9 @@ from pynetdicom import build_context
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 
+from appliance import audit
 from appliance.dicom import query as q
+from appliance.dicom.handlers import refuse, requestor
 from appliance.errors import ApplianceError
 from appliance.store.archive import Archive
 
@@ -164,7 +166,9 @@ class RetrieveService:
                 rsp.ErrorComment = comment[:64]
             assoc.dimse.send_msg(rsp, cx_id)
 
+        op = "c-get" if isinstance(req, C_GET) else "c-move"
         if not self._authorise(assoc, "retrieve"):
+            refuse(self._archive, assoc, op, "retrieve")
             return finish(0x0124, comment="calling AE may not retrieve")
         try:
             ident = q.parse(_identifier(req, context), self._model_of(context.abstract_syntax))
@@ -189,10 +193,17 @@ class RetrieveService:
 
         target = assoc
         originator = None
+        who = requestor(assoc)
+        dest = f"{who['user']}@{who['host']}"
         if isinstance(req, C_MOVE):
-            destination = self._destination(str(req.MoveDestination).strip())
+            dest = str(req.MoveDestination).strip()
+            destination = self._destination(dest)
             if destination is None:
+                self._archive.audit.record(audit.event(
+                    "Security Alert", type="Use of Restricted Function", op=op, outcome=4, dest=dest,
+                    reason="move destination unknown or without the move-destination role", **who))
                 return finish(0xA801, comment="move destination unknown or not allowed")
+            dest = f"{dest}@{destination[0]}:{destination[1]}"
             pairs = sorted({(rec["SOPClassUID"], rec["transfer_syntax"]) for _, rec in instances})
             if len(pairs) > _MAX_CONTEXTS:
                 return finish(0xA701, comment="too many SOP class / transfer syntax pairs for one association")
@@ -201,6 +212,12 @@ class RetrieveService:
             if target is None or not target.is_established:
                 return finish(0xA801, comment="move destination refused the association")
             originator = (assoc.requestor.ae_title, req.MessageID)
+        per_study = {uid: [0, 0] for uid in studies}  # instances sent, failed
+        for study_uid in studies:
+            self._archive.audit.record(audit.event(
+                "Begin Transferring DICOM Instances", op=op, action="E", dest=dest, study=study_uid,
+                patient=self._archive.patient_id_of(study_uid),
+                instances=sum(1 for _, rec in instances if rec["study"] == study_uid), **who))
         try:
             for number, (sop_uid, record) in enumerate(instances):
                 if req.MessageID in assoc.dimse.cancel_req:
@@ -208,10 +225,12 @@ class RetrieveService:
                     subops.failed_uids.extend(uid for uid, _ in instances[number:])
                     return finish(_CANCEL, subops)
                 msg_id = (req.MessageID + number + 1) % 65536 or 1
-                if record["study"] in unavailable:
-                    subops.record(sop_uid, None)
-                else:
-                    subops.record(sop_uid, _send_one(self._archive, target, sop_uid, record, msg_id, originator))
+                status = None
+                if record["study"] not in unavailable:
+                    status = _send_one(self._archive, target, sop_uid, record, msg_id, originator)
+                subops.record(sop_uid, status)
+                delivered = status is not None and (status == 0x0000 or (status & 0xF000) == 0xB000)
+                per_study[record["study"]][0 if delivered else 1] += 1
                 rsp.Status = _PENDING
                 subops.fill(rsp)
                 rsp.Identifier = None
@@ -219,6 +238,11 @@ class RetrieveService:
         finally:
             if target is not assoc:
                 target.release()
+            for study_uid, (sent, failed) in per_study.items():
+                self._archive.audit.record(audit.event(
+                    "DICOM Instances Transferred", op=op, action="R", outcome=4 if failed else 0, dest=dest,
+                    study=study_uid, patient=self._archive.patient_id_of(study_uid), instances=sent,
+                    failed=failed, reason=unavailable.get(study_uid, ""), **who))
         self._stats_of(assoc).count("C-GET" if isinstance(req, C_GET) else "C-MOVE", retrieved=subops.completed)
         comment = next(iter(unavailable.values()), "")
         if subops.failed == len(instances):

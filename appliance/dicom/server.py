@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from pydicom._uid_dict import UID_dictionary
 from pynetdicom import AE, _config, build_context, evt, register_uid
@@ -46,7 +47,8 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   Verification)
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from appliance import registry
+from appliance import audit, registry
+from appliance.audit import AuditError
 from appliance.config import Config
 from appliance.dicom import handlers
 from appliance.dicom.query import PATIENT_ROOT, STUDY_ROOT
@@ -167,6 +169,25 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+class _AuditedServer(ThreadedAssociationServer):
+    """pynetdicom's server, with failed TLS handshakes reported (pynetdicom drops them silently)."""
+
+    on_handshake_failure: Callable[[tuple, Exception], None]
+
+    def get_request(self):
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+            except OSError as exc:  # ssl.SSLError included; socketserver drops the connection
+                client.close()
+                # A peer that hangs up without a word (a port probe) attempted nothing to audit.
+                if not isinstance(exc, (ssl.SSLEOFError, ConnectionError)):
+                    self.on_handshake_failure(address, exc)
+                raise
+        return client, address
+
+
 class DicomServer:
     def __init__(self, archive: Archive, *, port: int | None = None, ae_title: str | None = None):
         self.archive = archive
@@ -195,6 +216,8 @@ class DicomServer:
         if mtime == self._registry_mtime and self._registry_mtime is not None:
             return
         self._registry = registry.load(self._registry_path)
+        if self._registry_mtime is not None:
+            self.archive.audit.note_config_changes(self.config.files())
         self._registry_mtime = mtime
         allow_unknown = self.config.appliance.dicom.allow_unknown_callers
         self.ae.require_calling_aet = [] if allow_unknown else (sorted(self._registry) or [_NOBODY])
@@ -255,6 +278,7 @@ class DicomServer:
     def _handlers(self) -> list:
         return [
             (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
@@ -297,10 +321,41 @@ class DicomServer:
         _nodelay(event.assoc.dul.socket.socket)
         self._reload_registry()
 
+    def _audit(self, entry: dict) -> None:
+        """Record from a notification handler (pynetdicom would only log an exception)."""
+        try:
+            self.archive.audit.record(entry)
+        except AuditError as exc:
+            LOG.error(json.dumps({"event": "audit.failed", "error": str(exc)}))
+
+    def _on_accepted(self, event) -> None:
+        assoc = event.assoc
+        tls = isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
+        peer = assoc.dul.socket.socket.getpeercert() if tls else None
+        subject = ", ".join(f"{k}={v}" for rdn in (peer or {}).get("subject", ()) for k, v in rdn)
+        self._audit(audit.event("User Authentication", type="Login", op="association", **handlers.requestor(assoc),
+                                called_ae=str(assoc.acceptor.ae_title).strip(), tls=tls, certificate=subject))
+
     def _on_rejected(self, event) -> None:
-        LOG.warning(json.dumps({"event": "association.rejected", "calling_ae": event.assoc.requestor.ae_title,
-                                "called_ae": event.assoc.acceptor.ae_title,
-                                "address": str(event.assoc.requestor.address)}))
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        if self.ae.require_calling_aet and calling not in self.ae.require_calling_aet:
+            reason = "calling AE title not registered"
+        elif self.ae.require_called_aet and called != self.ae_title:
+            reason = f"called AE title {called!r} is not this archive's"
+        else:
+            reason = "too many associations"
+        LOG.warning(json.dumps({"event": "association.rejected", "calling_ae": calling, "called_ae": called,
+                                "address": str(assoc.requestor.address), "reason": reason}))
+        self._audit(audit.event("Security Alert", type="Node Authentication", op="association", outcome=4,
+                                called_ae=called, reason=reason, **handlers.requestor(assoc)))
+
+    def _on_handshake_failure(self, address: tuple, exc: Exception) -> None:
+        reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
+        LOG.warning(json.dumps({"event": "association.rejected", "address": address[0], "reason": reason}))
+        self._audit(audit.event("Security Alert", type="Node Authentication", op="association", outcome=4,
+                                user="-", host=str(address[0]), reason=reason))
 
     def _on_ended(self, event) -> None:
         with self._stats_lock:
@@ -319,6 +374,9 @@ class DicomServer:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = self.config.appliance.dicom.allow_unknown_sop_classes
+        # pynetdicom logs query and retrieve identifiers (patient names) otherwise: PHI stays out of logs.
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
         self._sweep_receive_dirs()
         self.receive_dir.mkdir(parents=True, exist_ok=True)
         # pynetdicom writes received datasets with NamedTemporaryFile: keep them on the data volume.
@@ -326,7 +384,8 @@ class DicomServer:
         self.server = self.ae.make_server(
             (self.config.appliance.dicom.bind_address, self.port), ae_title=self.ae_title,
             ssl_context=_tls_context(self.config), evt_handlers=self._handlers(),
-            server_class=ThreadedAssociationServer, request_handler=_RequestHandler)
+            server_class=_AuditedServer, request_handler=_RequestHandler)
+        self.server.on_handshake_failure = self._on_handshake_failure
         self.server.retrieve_service = RetrieveService(self.archive, self.model_of, self.authorise,
                                                        self.move_destination, self.open_association,
                                                        self.stats_of)
@@ -334,6 +393,10 @@ class DicomServer:
         threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
         LOG.info(json.dumps({"event": "serve.started", "ae_title": self.ae_title, "port": self.port,
                              "tls": self.server.ssl_context is not None}))
+        self.archive.audit.note_config_changes(self.config.files())
+        self.archive.audit.record(audit.event("Application Activity", type="Application Start", op="serve",
+                                              ae_title=self.ae_title, port=self.port,
+                                              tls=self.server.ssl_context is not None))
         return self.server
 
     def _sweep_receive_dirs(self) -> None:
@@ -362,4 +425,5 @@ class DicomServer:
         for assoc in self.ae.active_associations:
             assoc.abort()
         shutil.rmtree(self.receive_dir, ignore_errors=True)
+        self._audit(audit.event("Application Activity", type="Application Stop", op="serve", ae_title=self.ae_title))
         LOG.info(json.dumps({"event": "serve.stopped"}))

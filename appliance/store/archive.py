@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from appliance import backends
+from appliance import audit, backends
+from appliance.audit import AuditTrail
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing, IntegrityError, NotFound
@@ -54,6 +55,7 @@ class Archive:
             self.keyring.close()
             raise NotFound(f"index {config.index_path} is missing: run `appliance fsck --rebuild-index`") from None
         self.hot = hot_backend(config)
+        self.audit = AuditTrail(config.audit_dir, config.audit_key_file, enabled=settings.audit.enabled)
         self._key_lock = threading.Lock()
         self._tiers: dict = {}
         self._tiers_lock = threading.Lock()
@@ -211,7 +213,12 @@ class Archive:
 
         def run():
             try:
-                future.set_result(tiering.recall(self, study_uid, on_wait=on_wait))
+                count = tiering.recall(self, study_uid, on_wait=on_wait)
+                if count:
+                    self.audit.record(audit.event("DICOM Instances Accessed", op="recall", action="U",
+                                                  study=study_uid, patient=self.patient_id_of(study_uid),
+                                                  instances=count))
+                future.set_result(count)
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                 future.set_exception(exc)
             finally:
@@ -260,6 +267,13 @@ class Archive:
         if record is None:
             raise NotFound(f"no study {study_uid}")
         return record
+
+    def patient_id_of(self, study_uid: str) -> str:
+        """The PatientID of a study ("" when unknown): for audit records."""
+        with self.index.read() as t:
+            study = t.get("studies", study_uid) if study_uid else None
+            patient = t.get("patients", study["patient"]) if study else None
+        return (patient or {}).get("PatientID", "")
 
     def study_uids(self) -> list[str]:
         with self.index.read() as t:

@@ -12,6 +12,7 @@ so the index can be thrown away and rebuilt from the blobs and the keyring.
 
     db "meta"       b"kek_id"    -> 16 bytes, the KEK every data key is wrapped under
                     b"kek_check" -> HMAC-SHA256(KEK, "pacs-vault kek check v1"), 32 bytes
+                    b"kek_created" -> 8 bytes big-endian, unix seconds (init or last rotation)
     db "data_keys"  key id (16)  -> msgpack {"w": nonce (12) || AES-256-GCM(KEK, data key) (48),
                                              "k": KEK id (16), "c": created, unix seconds}
                     the wrap's associated data is key id || KEK id, so a wrapped key
@@ -33,6 +34,7 @@ import base64
 import hmac
 import os
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -152,6 +154,7 @@ class Keyring:
         with self._env.begin(write=True) as txn:
             txn.put(b"kek_id", kek.key_id, db=self._meta)
             txn.put(b"kek_check", kek.check, db=self._meta)
+            txn.put(b"kek_created", struct.pack(">Q", int(time.time())), db=self._meta)
 
     def _stored_kek(self) -> tuple[bytes, bytes]:
         with self._env.begin() as txn:
@@ -190,6 +193,13 @@ class Keyring:
     @property
     def kek_id(self) -> bytes:
         return self._kek.key_id
+
+    @property
+    def kek_created(self) -> int:
+        """When the KEK was made (init or the last rotation), unix seconds."""
+        with self._env.begin() as txn:
+            raw = txn.get(b"kek_created", db=self._meta)
+        return struct.unpack(">Q", raw)[0] if raw else int(self._kek_file.stat().st_mtime)
 
     def new_data_key(self) -> bytes:
         """Create, wrap and durably store a fresh data key; return its id."""
@@ -255,6 +265,7 @@ class Keyring:
                 count += 1
             txn.put(b"kek_id", new.key_id, db=self._meta)
             txn.put(b"kek_check", new.check, db=self._meta)
+            txn.put(b"kek_created", struct.pack(">Q", int(time.time())), db=self._meta)
         self._retire_and_install(pending)
         self._kek = new
         return old.key_id, new.key_id, count
