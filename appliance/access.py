@@ -10,7 +10,7 @@ file is readable by it alone). Inside, two roles:
 A caller is an admin when it is root, the owner of the home (the service account the
 systemd units run as) or a member of `access.admin_group`; an auditor when it is an admin
 or a member of `access.auditor_group`. People reach the appliance with sudo
-(`sudo -u pacsvault appliance ...`): then the person is SUDO_USER and *their* groups
+(`sudo -u pacs-vault appliance ...`): then the person is SUDO_USER and *their* groups
 decide. SUDO_USER is believed only when the process runs as root or as the home's owner,
 who could do anything anyway; from anyone else it is ignored. Every refusal is audited.
 """

@@ -7,6 +7,8 @@ Layout (`HOME/audit/`):
     checkpoints.log                    signed checkpoints kept for good: every 1,000 records,
                                        every hour, and before every off-site copy
     config.digest                      SHA-256 of each configuration file, to notice changes
+    reserve                            1 MB set aside: released when the volume fills, so the
+                                       records of the last stores still fit
 
 A record is one line of canonical JSON (sorted keys, no spaces): `seq` (1, 2, ...), `time`
 (UTC), `prev` (SHA-256 of the previous record's line, newline included), then the event
@@ -28,6 +30,7 @@ its record is durable.
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import hashlib
 import json
@@ -51,6 +54,7 @@ from appliance.errors import ApplianceError, KeyFileError
 from appliance.fsutil import fsync_dir, write_file_atomic
 
 SEGMENT_BYTES = 64 << 20
+RESERVE_BYTES = 1 << 20
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_INTERVAL_S = 3600
 GENESIS = "0" * 64
@@ -184,10 +188,11 @@ class Verification:
 
 
 def verify(lines: Iterable[tuple[str, bytes]], head: dict | None, checkpoints: Iterable[bytes],
-           pinned: Iterable[str] = ()) -> Verification:
+           pinned: Iterable[str] = (), offsite: dict | None = None) -> Verification:
     """Check a trail: `lines` = (where, line bytes incl. newline) in order; `head` the signed
-    head; `checkpoints` the lines of checkpoints.log; `pinned` public keys the auditor trusts.
-    Every problem names the record (seq) or line it is about."""
+    head; `checkpoints` the lines of checkpoints.log; `pinned` public keys the auditor trusts;
+    `offsite` the signed head of the trail in the latest off-site copy (the local trail must
+    still hold what it signed). Every problem names the record (seq) or line it is about."""
     result = Verification()
     wanted: dict[int, list[dict]] = {}
     parsed_checkpoints = []
@@ -204,6 +209,8 @@ def verify(lines: Iterable[tuple[str, bytes]], head: dict | None, checkpoints: I
         except (KeyError, ValueError, TypeError):
             result.problems.append("the signed head is not a checkpoint (edited or damaged)")
             head = None
+    if offsite is not None:
+        wanted.setdefault(int(offsite["seq"]), []).append(offsite)
     hashes: dict[int, str] = {}
     expected, prev = 1, GENESIS
     for where, line in lines:
@@ -236,8 +243,10 @@ def verify(lines: Iterable[tuple[str, bytes]], head: dict | None, checkpoints: I
     pins = set(pinned)
     if pins and not pins & set(result.keys):
         result.problems.append("no record announces the pinned public key: the trail was signed by another key")
-    for cp in parsed_checkpoints + ([head] if head is not None else []):
-        name = "the signed head" if cp is head else f"the checkpoint at record {cp['seq']}"
+    named = [(f"the checkpoint at record {cp['seq']}", cp) for cp in parsed_checkpoints]
+    named += [("the signed head", head)] if head is not None else []
+    named += [(f"the off-site copy's head (record {offsite['seq']})", offsite)] if offsite is not None else []
+    for name, cp in named:
         if not checkpoint_signed(cp):
             result.problems.append(f"{name}: bad signature (edited or forged)")
         elif cp["key"] not in trusted:
@@ -394,6 +403,7 @@ class AuditTrail:
         self._durable = 0  # every ticket up to this one is written (or failed)
         self._failed: dict[int, Exception] = {}
         self._flushing = False
+        self._reserve_tried = 0.0
 
     @property
     def segments_dir(self) -> Path:
@@ -406,6 +416,7 @@ class AuditTrail:
         (Path(directory) / "trail").mkdir(parents=True, exist_ok=True)
         public = public_hex(load_key(key_file)) if Path(key_file).exists() else generate_key(Path(key_file))
         trail = cls(directory, key_file)
+        trail.make_reserve()
         trail.record(event("Security Alert", type="Audit Recording Started", op="audit", action="E",
                            user=trail.user, host=trail.host, reason=reason, audit_key=public))
         return trail
@@ -433,7 +444,7 @@ class AuditTrail:
                 error = None
                 try:
                     self._append([e for _, e in batch])
-                except (OSError, ApplianceError) as exc:
+                except Exception as exc:  # noqa: BLE001 - every waiter of the batch gets it
                     error = exc
                 finally:
                     self._cond.acquire()
@@ -465,9 +476,19 @@ class AuditTrail:
                                                         "died mid-write were dropped (never acknowledged)")] + entries
             if segment is None or segment.stat().st_size >= SEGMENT_BYTES:
                 segment = self.segments_dir / f"{seq + 1:012d}.log"
-            lines, seq, prev = chain(entries, seq, prev, now)
             new = not segment.exists()
-            _append_durably(segment, b"".join(lines))
+            for attempt in (1, 2):
+                lines, last, digest = chain(entries, seq, prev, now)
+                try:
+                    _append_durably(segment, b"".join(lines))
+                    break
+                except OSError as exc:
+                    if attempt == 2 or exc.errno != errno.ENOSPC or not self._use_reserve():
+                        raise
+                    entries = entries + [event(
+                        "Security Alert", op="audit", outcome=8, user=self.user, host=self.host,
+                        reason="the volume of the audit trail is full: writing into its reserve; free space now")]
+            seq, prev = last, digest
             if new:
                 fsync_dir(self.segments_dir)
             head = sign_checkpoint(key, seq, prev, now)
@@ -478,6 +499,29 @@ class AuditTrail:
             if last is None or seq // CHECKPOINT_EVERY > last["seq"] // CHECKPOINT_EVERY \
                     or now - _parse_time(last["time"]) >= CHECKPOINT_INTERVAL_S:
                 self._write_checkpoint(head)
+            if now - self._reserve_tried >= 60:
+                self._reserve_tried = now
+                self.make_reserve()
+
+    def make_reserve(self) -> None:
+        """Keep RESERVE_BYTES aside on the trail's volume (when there is room): a full disk stops
+        the stores (answered 0xA700) before it stops their audit records."""
+        reserve = self.directory / "reserve"
+        if reserve.exists():
+            return
+        tmp = self.directory / f".reserve.{os.getpid()}"
+        try:
+            _append_durably(tmp, bytes(RESERVE_BYTES))
+            os.replace(tmp, reserve)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    def _use_reserve(self) -> bool:
+        try:
+            (self.directory / "reserve").unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
     def checkpoint(self) -> dict:
         """Sign the current end of the trail into checkpoints.log now (before an off-site copy)."""
@@ -522,7 +566,11 @@ class AuditTrail:
                     os.fsync(fp.fileno())
                     dropped += size - end
                 if line:
-                    return segments[-1], json.loads(line)["seq"], link(line), dropped
+                    try:
+                        return segments[-1], int(json.loads(line)["seq"]), link(line), dropped
+                    except (ValueError, KeyError, TypeError):
+                        raise AuditError(f"the last record of the audit trail ({segment.name}) is damaged: "
+                                         "run `appliance audit verify`") from None
         return (segments[-1] if segments else None), 0, GENESIS, dropped
 
     def _last_checkpoint(self) -> dict | None:
@@ -565,9 +613,9 @@ class AuditTrail:
         path = self.directory / "checkpoints.log"
         return path.read_bytes().splitlines() if path.exists() else []
 
-    def verify(self, pinned: Iterable[str] = ()) -> Verification:
+    def verify(self, pinned: Iterable[str] = (), offsite: dict | None = None) -> Verification:
         with self._locked():  # a consistent view: no append half-way
-            return verify(self.lines(), self.head(), self.checkpoint_lines(), pinned)
+            return verify(self.lines(), self.head(), self.checkpoint_lines(), pinned, offsite)
 
     def public_key(self) -> str:
         return public_hex(self._signing_key())

@@ -110,13 +110,11 @@ def cmd_import(args) -> int:
             else:
                 progress.event(f"import.{outcome.status}", path=str(path), bytes=outcome.info.length)
 
-        try:
-            summary = importer.run_import(archive, files, archive.config.appliance.imports.workers, on_result)
-        finally:
-            for study_uid, study in sorted(studies.items()):
-                archive.audit.record(audit.event(
-                    "Import", op="import", action="C", study=study_uid, patient=study["patient"],
-                    instances=study["stored"], duplicates=study["duplicates"], source=", ".join(args.paths)[:500]))
+        summary = importer.run_import(archive, files, archive.config.appliance.imports.workers, on_result)
+        for study_uid, study in sorted(studies.items()):
+            archive.audit.record(audit.event(
+                "Import", op="import", action="C", study=study_uid, patient=study["patient"],
+                instances=study["stored"], duplicates=study["duplicates"], source=", ".join(args.paths)[:500]))
         progress.close()
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
@@ -529,7 +527,10 @@ def cmd_audit(args) -> int:
     config = cfg.load(_home(args))
     trail = AuditTrail(config.audit_dir, config.audit_key_file)
     if args.action == "verify":
-        result = trail.verify(_pinned_keys(args.public_key))
+        offsite = replicate.offsite_audit_head(config) if args.offsite else None
+        if args.offsite and offsite is None:
+            print("no off-site copy of the trail yet: checked the local trail only")
+        result = trail.verify(_pinned_keys(args.public_key), offsite)
         if args.json:
             print(json.dumps(result.as_dict(), indent=2))
         elif result.intact:
@@ -671,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("action", choices=("verify", "export", "report"))
     aud.add_argument("--public-key", action="append",
                      help="verify: trust only a trail this public key (hex, or a file) signed (repeatable)")
+    aud.add_argument("--offsite", action="store_true",
+                     help="verify: also check that the trail holds everything the latest off-site copy signed")
     aud.add_argument("--format", choices=("json", "syslog", "atna-xml"), default="json",
                      help="export: JSON lines, RFC 5424 syslog lines, or one DICOM AuditMessage per line")
     aud.add_argument("--output", help="export: write to FILE instead of standard output")
@@ -745,7 +748,10 @@ class _Session:
                            f" needs the {role} role: user {self.caller.user} is not in group {group}")
 
     def finish(self, code: int, error: str) -> None:
-        if self.refused or not self._open():
+        try:
+            if self.refused or not self._open():
+                return
+        except ApplianceError:  # the configuration cannot be read (said already): nowhere to record
             return
         self.trail.note_config_changes(self.config.files(), by_command=self.command)
         reading = self.args.command == "audit"

@@ -112,8 +112,8 @@ class AuditConfig:
 @dataclass(frozen=True)
 class AccessConfig:
     # Unix groups: admins run destructive and key commands, auditors read the audit trail.
-    admin_group: str = "pacsvault-admin"
-    auditor_group: str = "pacsvault-audit"
+    admin_group: str = "pacs-vault-admin"
+    auditor_group: str = "pacs-vault-audit"
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,8 @@ access:
   # Unix groups. Admins: policy apply (expiry deletes), hold release, keys rotate,
   # restore, ae add/remove, fsck --rebuild-index. Auditors: audit verify|export|report.
   # Root and the home's owner are admins; under sudo, SUDO_USER's groups decide.
-  admin_group: pacsvault-admin
-  auditor_group: pacsvault-audit
+  admin_group: pacs-vault-admin
+  auditor_group: pacs-vault-audit
 
 imports:
   # Files sealed in parallel by `appliance import`: more than the cores, so that

@@ -28,6 +28,7 @@ packs on the home's `cold` tier.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -510,10 +511,7 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
     new_home.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=new_home.parent))
     try:
-        fetched = _pull(target, [f"manifests/{report.manifest}"], "", staging / "fetched")
-        plain = staging / "manifest.plain"
-        _unseal_file(fetched / "manifests" / report.manifest, plain, kek.key_id, key)
-        manifest = msgpack.unpackb(plain.read_bytes())
+        manifest = _fetch_manifest(target, report.manifest, kek.key_id, key, staging)
         report.snapshot_time = manifest["time"]
         # The newest keyring off-site: it also holds the keys of objects sent after the snapshot.
         keyrings = [f"snapshots/{n}" for n in _list(target, "snapshots") if n.endswith(".keyring")]
@@ -523,12 +521,8 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
         for part, name in (("index", manifest["snapshot"]), ("keyring", newest_keyring)):
             (staging / part).mkdir()
             _unseal_file(fetched / name, staging / part / "data.mdb", kek.key_id, key)
-        audit_dir = None
-        if "audit" in manifest:
-            _unseal_file(fetched / manifest["audit"], staging / "audit.tar", kek.key_id, key)
-            with tarfile.open(staging / "audit.tar") as tar:
-                tar.extractall(staging / "unpacked", filter="data")
-            audit_dir = staging / "unpacked" / "audit"
+        audit_dir = _unpack_audit(fetched / manifest["audit"], kek.key_id, key, staging) if "audit" in manifest \
+            else None
         on_event("restore.snapshot", {"manifest": report.manifest, "objects": len(manifest["objects"])})
         # Every object off-site, including any sent after the snapshot by a run that did not finish.
         for sub in ("objects", "packs"):
@@ -556,6 +550,43 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def _fetch_manifest(target: Target, name: str, kek_id: bytes, key: bytes, staging: Path) -> dict:
+    fetched = _pull(target, [f"manifests/{name}"], "", staging / "fetched")
+    plain = staging / "manifest.plain"
+    _unseal_file(fetched / "manifests" / name, plain, kek_id, key)
+    return msgpack.unpackb(plain.read_bytes())
+
+
+def _unpack_audit(sealed_tar: Path, kek_id: bytes, key: bytes, staging: Path) -> Path:
+    """The audit directory of an off-site copy, unsealed under `staging`."""
+    _unseal_file(sealed_tar, staging / "audit.tar", kek_id, key)
+    with tarfile.open(staging / "audit.tar") as tar:
+        tar.extractall(staging / "unpacked", filter="data")
+    return staging / "unpacked" / "audit"
+
+
+def offsite_audit_head(config: cfg.Config) -> dict | None:
+    """The signed head of the audit trail in the latest off-site copy (None: no copy yet).
+    The local trail must still hold what it signed: a trail cut short at home is caught."""
+    settings = config.appliance.replication
+    target = Target.parse(settings.target, settings, config.home)
+    manifests = _list(target, "manifests")
+    if not manifests:
+        return None
+    kek = read_key_file(config.key_file)
+    key = snapshot_key(kek)
+    staging = Path(tempfile.mkdtemp(prefix=".audit-check-", dir=config.home))
+    try:
+        manifest = _fetch_manifest(target, manifests[-1], kek.key_id, key, staging)
+        if "audit" not in manifest:
+            return None
+        fetched = _pull(target, [manifest["audit"]], "", staging / "fetched")
+        head = _unpack_audit(fetched / manifest["audit"], kek.key_id, key, staging) / "head"
+        return json.loads(head.read_bytes())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _list_tree(target: Target, sub: str) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -54,6 +56,19 @@ def ct_files(tmp_path_factory) -> list[Path]:
     import corpus
 
     return corpus.ct_study(tmp_path_factory.mktemp("ct"), 12)
+
+
+@contextmanager
+def small_volume(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "2m") mounted at `path`: a disk that fills up, or a cartridge
+    that can be unloaded. Skips the test where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def tree_bytes(root: Path, skip: tuple[str, ...] = ()) -> bytes:

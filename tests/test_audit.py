@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from appliance import audit
 from appliance import config as cfg
 from appliance.store.keys import read_key_file, snapshot_key
-from conftest import REPO, make_study, run_cli, set_config
+from conftest import REPO, make_study, run_cli, set_config, small_volume
 from dicom_server import CLIENT_AE, DEST_AE, Server, dcmtk, free_port, register
 
 
@@ -175,11 +175,7 @@ def test_concurrent_writers_and_a_writer_killed_mid_append_leave_one_intact_chai
 
 
 def test_a_full_disk_refuses_the_record_and_leaves_no_half_record(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_volume(tmp_path / "small", "256k") as mount:
         trail = audit.AuditTrail.create(mount / "audit", tmp_path / "audit.key")
         with pytest.raises(audit.AuditError):
             for number in range(100_000):
@@ -189,8 +185,6 @@ def test_a_full_disk_refuses_the_record_and_leaves_no_half_record(tmp_path):
         result = trail.verify()
         assert [p for p in result.problems if "checkpoint" not in p] == []
         assert list(trail.records())[-1]["op"] == "after"
-    finally:
-        subprocess.run(["umount", str(mount)])
 
 
 # -- the CLI: who may do what, and what every command leaves --------------------------------
@@ -205,13 +199,13 @@ def test_roles_are_enforced_and_every_refusal_is_audited(home, tmp_path):
     run_cli("import", str(tmp_path / "s"), home=home)
     run_cli("hold", "set", uid, "--reason", "court order", home=home)
     # nobody's own group (nogroup) is the auditor group; nobody is not in the admin group.
-    set_config(home, "auditor_group: pacsvault-audit", "auditor_group: nogroup")
+    set_config(home, "auditor_group: pacs-vault-audit", "auditor_group: nogroup")
     refused = {("keys", "rotate"), ("hold", "release", uid, "--reason", "x"), ("policy", "apply"),
                ("ae", "add", "X", "127.0.0.1", "104"), ("fsck", "--rebuild-index")}
     for command in refused:
         result = run_cli(*command, home=home, check=False, env=_as("nobody"))
         assert result.returncode == 77, (command, result.stderr)
-        assert "needs the admin role: user nobody is not in group pacsvault-admin" in result.stderr
+        assert "needs the admin role: user nobody is not in group pacs-vault-admin" in result.stderr
     restore = run_cli("--home", str(tmp_path / "new"), "restore", "--from", str(home / "offsite"), "--key-file",
                       str(home / "kek.key"), check=False, env=_as("nobody"))
     assert restore.returncode == 77 and not (tmp_path / "new").exists()
@@ -308,6 +302,27 @@ def test_a_tampered_trail_fails_verify_and_the_report_says_so(home, tmp_path):
     report = run_cli("audit", "report", "--patient", "PID-T", "--html", str(tmp_path / "r.html"), home=home)
     assert "THE TRAIL DOES NOT VERIFY" in report.stdout
     assert "THE TRAIL DOES NOT VERIFY" in (tmp_path / "r.html").read_text()
+
+
+def test_a_tail_cut_by_someone_holding_the_audit_key_is_caught_by_the_off_site_copy(home, tmp_path):
+    make_study(tmp_path / "s", 2, patient_id="PID-CUT")
+    run_cli("import", str(tmp_path / "s"), home=home)
+    run_cli("status", home=home)
+    run_cli("status", home=home)
+    run_cli("replicate", home=home)  # its copy of the trail: 5 records
+    assert "intact" in run_cli("audit", "verify", "--offsite", home=home).stdout
+    # Cut the trail back to record 3 and sign it again, as someone with the audit key could.
+    segment = sorted((home / "audit" / "trail").iterdir())[-1]
+    lines = segment.read_bytes().splitlines(keepends=True)[:3]
+    segment.write_bytes(b"".join(lines))
+    (home / "audit" / "checkpoints.log").write_bytes(
+        b"".join(line + b"\n" for line in (home / "audit" / "checkpoints.log").read_bytes().splitlines()
+                 if json.loads(line)["seq"] <= 3))
+    key = audit.load_key(home / "audit.key")
+    (home / "audit" / "head").write_bytes(audit.canonical(audit.sign_checkpoint(key, 3, audit.link(lines[-1]), 0)))
+    assert run_cli("audit", "verify", home=home).returncode == 0  # locally consistent
+    caught = run_cli("audit", "verify", "--offsite", home=home, check=False)
+    assert caught.returncode == 1 and "the off-site copy's head" in caught.stdout, caught.stdout
 
 
 def test_export_formats(home, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from appliance.backends.ltfs import Cartridge, LtfsBackend
 from appliance.backends.wrappers import RateLimitedBackend, RetryingBackend, TokenBucket
 from appliance.config import S3Config
 from appliance.errors import BlobMissing, CartridgeOffline, OutOfSpace, TierUnavailable
-from conftest import load_cartridge, new_bucket
+from conftest import load_cartridge, new_bucket, small_volume
 
 
 def _s3(endpoint, bucket, **settings):
@@ -152,17 +151,12 @@ def test_reads_go_in_on_tape_order(tmp_path):
 
 def test_an_empty_ltfs_mount_is_labelled_on_first_use(tmp_path):
     mount = tmp_path / "drive0"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("mounting needs root")
-    try:
+    with small_volume(mount, "4m"):
         tape = LtfsBackend("tape", [Cartridge("PV0007L9", mount, 10**9)])
         tape.put("0001", io.BytesIO(b"first pack"))
         assert tape.locate("0001") == "PV0007L9"
         assert "PV0007L9" in (mount / "PACS-VAULT-CARTRIDGE").read_text()
-        # An unmounted (empty, not mounted) mount point is never written to.
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+    # An unmounted (empty, not mounted) mount point is never written to.
     tape = LtfsBackend("tape", [Cartridge("PV0007L9", mount, 10**9)])
     with pytest.raises(CartridgeOffline):
         tape.put("0002", io.BytesIO(b"x"))

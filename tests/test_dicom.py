@@ -24,7 +24,7 @@ from appliance import audit
 from appliance import config as cfg
 from appliance.store import p10
 from appliance.errors import InvalidInstance
-from conftest import dicom_test_files, run_cli
+from conftest import dicom_test_files, run_cli, small_volume
 from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register
 
 
@@ -541,28 +541,27 @@ def test_server_stopped_mid_store_keeps_every_acknowledged_instance(home, tmp_pa
 
 
 def test_full_disk_answers_a700_and_stores_again_when_space_returns(tmp_path, ct_files):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    srv = None
-    try:
+    with small_volume(tmp_path / "small", "2m") as mount:
         home = mount / "home"
         run_cli("init", home=home)
         register(home, CLIENT_AE, free_port(), "store")
         srv = Server(home).start()
-        result = dcmtk("storescu", "-v", "-nh", *_addr(srv), *map(str, ct_files), check=False)
-        assert "Received Store Response (Refused: OutOfResources)" in result.stderr  # 0xA700
-        dcmtk("echoscu", *_addr(srv))  # still serving
-        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
-        dcmtk("storescu", "-nh", *_addr(srv), *map(str, ct_files))
-        srv.stop()
+        try:
+            result = dcmtk("storescu", "-v", "-nh", *_addr(srv), *map(str, ct_files), check=False)
+            assert "Received Store Response (Refused: OutOfResources)" in result.stderr  # 0xA700
+            dcmtk("echoscu", *_addr(srv))  # still serving
+            subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+            dcmtk("storescu", "-nh", *_addr(srv), *map(str, ct_files))
+        finally:
+            srv.stop()
         assert json.loads(run_cli("status", "--json", home=home).stdout)["instances"] == len(ct_files)
         assert run_cli("fsck", home=home).returncode == 0
-    finally:
-        if srv is not None:
-            srv.stop()
-        subprocess.run(["umount", "-l", str(mount)])
+        # every stored instance has its record; the disk filling up broke nothing in the trail
+        config = cfg.load(home)
+        audited = {r["detail"]["sop"] for r in audit.AuditTrail(config.audit_dir, config.audit_key_file).records()
+                   if r["op"] == "c-store" and r["outcome"] == 0}
+        assert audited == {_sop(p) for p in ct_files}
+        assert run_cli("audit", "verify", home=home).returncode == 0
 
 
 def test_large_multiframe_stored_and_retrieved_in_bounded_memory(home, server, tmp_path):

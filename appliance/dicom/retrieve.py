@@ -37,6 +37,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode, encode
 
 from appliance import audit
+from appliance.audit import AuditError
 from appliance.dicom import query as q
 from appliance.dicom.handlers import refuse, requestor
 from appliance.errors import ApplianceError
@@ -213,11 +214,17 @@ class RetrieveService:
                 return finish(0xA801, comment="move destination refused the association")
             originator = (assoc.requestor.ae_title, req.MessageID)
         per_study = {uid: [0, 0] for uid in studies}  # instances sent, failed
-        for study_uid in studies:
-            self._archive.audit.record(audit.event(
-                "Begin Transferring DICOM Instances", op=op, action="E", dest=dest, study=study_uid,
-                patient=self._archive.patient_id_of(study_uid),
-                instances=sum(1 for _, rec in instances if rec["study"] == study_uid), **who))
+        try:
+            for study_uid in studies:
+                self._archive.audit.record(audit.event(
+                    "Begin Transferring DICOM Instances", op=op, action="E", dest=dest, study=study_uid,
+                    patient=self._archive.patient_id_of(study_uid),
+                    instances=sum(1 for _, rec in instances if rec["study"] == study_uid), **who))
+        except AuditError as exc:  # nothing leaves unaudited
+            LOG.error("retrieve refused: %s", exc)
+            if target is not assoc:
+                target.release()
+            return finish(0xA701, comment="audit trail cannot be written")
         try:
             for number, (sop_uid, record) in enumerate(instances):
                 if req.MessageID in assoc.dimse.cancel_req:
@@ -239,10 +246,13 @@ class RetrieveService:
             if target is not assoc:
                 target.release()
             for study_uid, (sent, failed) in per_study.items():
-                self._archive.audit.record(audit.event(
-                    "DICOM Instances Transferred", op=op, action="R", outcome=4 if failed else 0, dest=dest,
-                    study=study_uid, patient=self._archive.patient_id_of(study_uid), instances=sent,
-                    failed=failed, reason=unavailable.get(study_uid, ""), **who))
+                try:
+                    self._archive.audit.record(audit.event(
+                        "DICOM Instances Transferred", op=op, action="R", outcome=4 if failed else 0, dest=dest,
+                        study=study_uid, patient=self._archive.patient_id_of(study_uid), instances=sent,
+                        failed=failed, reason=unavailable.get(study_uid, ""), **who))
+                except AuditError as exc:  # sent already: the Begin record stands; say so loudly
+                    LOG.error("retrieve of a study sent but its end not recorded: %s", exc)
         self._stats_of(assoc).count("C-GET" if isinstance(req, C_GET) else "C-MOVE", retrieved=subops.completed)
         comment = next(iter(unavailable.values()), "")
         if subops.failed == len(instances):
