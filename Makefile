@@ -6,8 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOME_DIR ?= var
 # dcmtk: the DICOM clients the tests drive; orthanc: the interop peer and benchmark baseline;
-# systemd: systemd-analyze checks the shipped units; openssh-server: the ssh off-site target.
-DEBIAN_PACKAGES := dcmtk rsync orthanc systemd openssh-server
+# systemd: systemd-analyze checks the shipped units; openssh-server: the ssh off-site target;
+# chromium: renders the auditor report headless in a test.
+DEBIAN_PACKAGES := dcmtk rsync orthanc systemd openssh-server chromium
 
 .PHONY: run test bench deps apt venv
 

@@ -55,6 +55,7 @@ from appliance.fsutil import fsync_dir, write_file_atomic
 
 SEGMENT_BYTES = 64 << 20
 RESERVE_BYTES = 1 << 20
+_HEAD_BYTES = 512
 CHECKPOINT_EVERY = 1000
 CHECKPOINT_INTERVAL_S = 3600
 GENESIS = "0" * 64
@@ -404,6 +405,8 @@ class AuditTrail:
         self._failed: dict[int, Exception] = {}
         self._flushing = False
         self._reserve_tried = 0.0
+        self._known: tuple[Path, int, int, str] | None = None  # (segment, size, seq, hash) after our last append
+        self._checkpointed: dict | None = None  # the last checkpoint this process wrote or read
 
     @property
     def segments_dir(self) -> Path:
@@ -468,7 +471,7 @@ class AuditTrail:
     def _append(self, entries: list[dict]) -> None:
         key = self._signing_key()
         with self._locked():
-            segment, seq, prev, dropped = self._tail()
+            segment, seq, prev, dropped = self._tail_cached()
             now = time.time()
             if dropped:
                 entries = [event("Security Alert", op="audit", action="E", outcome=4, user=self.user,
@@ -489,13 +492,19 @@ class AuditTrail:
                         "Security Alert", op="audit", outcome=8, user=self.user, host=self.host,
                         reason="the volume of the audit trail is full: writing into its reserve; free space now")]
             seq, prev = last, digest
+            self._known = (segment, segment.stat().st_size, seq, prev)
             if new:
                 fsync_dir(self.segments_dir)
             head = sign_checkpoint(key, seq, prev, now)
-            tmp = self.directory / f".head.{os.getpid()}.{threading.get_ident()}"
-            tmp.write_bytes(canonical(head))
-            os.replace(tmp, self.directory / "head")
-            last = self._last_checkpoint()
+            # Rewritten in place, padded to one fixed block: no new file per append.
+            fd = os.open(self.directory / "head", os.O_WRONLY | os.O_CREAT, 0o640)
+            try:
+                os.pwrite(fd, canonical(head).ljust(_HEAD_BYTES), 0)
+            finally:
+                os.close(fd)
+            if self._checkpointed is None:
+                self._checkpointed = self._last_checkpoint()
+            last = self._checkpointed  # another process's checkpoints may be newer: one too many is harmless
             if last is None or seq // CHECKPOINT_EVERY > last["seq"] // CHECKPOINT_EVERY \
                     or now - _parse_time(last["time"]) >= CHECKPOINT_INTERVAL_S:
                 self._write_checkpoint(head)
@@ -548,6 +557,19 @@ class AuditTrail:
 
     def _write_checkpoint(self, checkpoint: dict) -> None:
         _append_durably(self.directory / "checkpoints.log", canonical(checkpoint) + b"\n")
+        self._checkpointed = checkpoint
+
+    def _tail_cached(self) -> tuple[Path | None, int, str, int]:
+        """_tail, without reading the file when it is as this process left it: another writer
+        would have made it longer (a new segment starts only once the current one is full)."""
+        if self._known is not None:
+            segment, size, seq, prev = self._known
+            try:
+                if size < SEGMENT_BYTES and segment.stat().st_size == size:
+                    return segment, seq, prev, 0
+            except FileNotFoundError:
+                pass
+        return self._tail()
 
     def _locked(self):
         return _FileLock(self.directory / "lock")
@@ -669,7 +691,7 @@ def _append_durably(path: Path, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            os.fdatasync(fd)
         except OSError:
             os.ftruncate(fd, start)
             raise

@@ -16,15 +16,15 @@ import time
 import warnings
 from pathlib import Path
 
-from appliance import access, audit, fsck, home, importer, lifecycle, policy, registry, replicate, reports, scrub
+from appliance import (access, audit, auditor, fsck, health, home, importer, lifecycle, metrics, policy, registry,
+                       replicate, reports, scrub, units)
 from appliance import config as cfg
 from appliance.access import ADMIN, AUDITOR, AccessDenied
 from appliance.audit import AuditTrail
 from appliance.config import is_ae_title
 from appliance.errors import ApplianceError, HomeLocked
-from appliance.fsutil import HomeLock
+from appliance.fsutil import HomeLock, write_file_atomic
 from appliance.progress import Progress, human_bytes
-from appliance.store import alarms as alarm_store
 from appliance.store.archive import Archive
 
 
@@ -144,73 +144,9 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _tier_status(archive: Archive, tier) -> dict:
-    """Usage of one tier, from the index (bytes of copies) and, where it can be asked, the medium."""
-    entry = {"kind": tier.kind, "role": "hot" if tier.name == archive.hot.name else "cold"}
-    if tier.kind == "filesystem":
-        path = archive.config.resolve(tier.path)
-        entry["path"] = str(path)
-        try:
-            usage = shutil.disk_usage(path)
-            entry.update(free_bytes=usage.free, capacity_bytes=tier.capacity_mb * 10**6 or usage.total,
-                         used_percent=round(100 * usage.used / usage.total, 1))
-        except OSError as exc:
-            entry["error"] = exc.strerror
-    elif tier.kind == "ltfs":
-        backend = archive.tier(tier.name).inner
-        entry["cartridges"] = [{"label": c.label, "path": str(c.path), "loaded": c.loaded(),
-                                "used_bytes": c.used(), "capacity_bytes": c.capacity} for c in backend.cartridges]
-    else:
-        entry["bucket"], entry["prefix"] = tier.s3.bucket, tier.s3.prefix
-    return entry
-
-
-def _status(archive: Archive) -> dict:
-    counters = archive.counters()
-    received, stored = counters["received_bytes"], counters["stored_bytes"]
-    with archive.index.read() as t:
-        packs: dict[str, dict] = {}
-        for _, record in t.items("packs"):
-            tier = packs.setdefault(record["tier"], {"packs": 0, "pack_bytes": 0})
-            tier["packs"] += 1
-            tier["pack_bytes"] += record["size"]
-    tiers = {}
-    for name, tier in archive.config.tiers.items():
-        tiers[name] = _tier_status(archive, tier) | packs.get(name, {})
-    jobs = lifecycle.jobs(archive)
-    damaged = scrub.damaged_count(archive)
-    alarms = [{"key": key, **value} for key, value in alarm_store.alarms(archive.index).items()]
-    alarms += scrub.computed_alarms(archive, time.time(), damaged)
-    head = archive.audit.head() or {}
-    if not archive.config.appliance.audit.enabled:
-        alarms.append({"key": "audit-off", "message": "the audit trail is turned off (audit.enabled: false)",
-                       "action": "set audit.enabled: true in appliance.yaml", "since": time.time()})
-    runs = scrub.history(archive)
-    copies = replicate.history(archive)
-    return {
-        "home": str(archive.config.home),
-        "state": "DEGRADED" if alarms else "ONLINE",
-        "patients": counters["patients"], "studies": counters["studies"], "series": counters["series"],
-        "instances": counters["instances"], "versions": counters["versions"],
-        "received_bytes": received, "stored_bytes": stored,
-        "stored_ratio": round(stored / received, 4) if received else None,
-        "keys": {"kek_id": archive.keyring.kek_id.hex(), "data_keys": archive.keyring.count()},
-        "tiers": tiers,
-        "jobs": {"pending": len(jobs), "failing": sum(1 for j in jobs.values() if j["attempts"])},
-        "holds": len(lifecycle.holds(archive)),
-        "damaged": damaged,
-        "last_scrub": runs[-1]["line"] if runs else "no scrub has run yet",
-        "last_replication": copies[-1]["line"] if copies else "never replicated",
-        "replication_lag_s": replicate.rpo_lag(archive, time.time()),
-        "audit": {"enabled": archive.config.appliance.audit.enabled, "records": head.get("seq", 0),
-                  "signed": head.get("time", "")},
-        "alarms": alarms,
-    }
-
-
 def cmd_status(args) -> int:
     with _open(args) as archive:
-        status = _status(archive)
+        status = health.status(archive, time.time())
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -225,7 +161,10 @@ def cmd_status(args) -> int:
     for name, tier in status["tiers"].items():
         line = f"tier {name:<6} {tier['kind']:<10} {tier['role']:<4}"
         if "free_bytes" in tier:
-            line += f" {tier['path']}: {tier['used_percent']}% used, {human_bytes(tier['free_bytes'])} free"
+            line += (f" {tier['path']}: {tier['used_percent']}% used (high watermark {tier['high_watermark_percent']}%),"
+                     f" {human_bytes(tier['free_bytes'])} free")
+        if "error" in tier:
+            line += f" {tier['path']}: UNREADABLE ({tier['error']})"
         if "cartridges" in tier:
             line += " " + ", ".join(f"{c['label']} ({'loaded' if c['loaded'] else 'not loaded'}, "
                                     f"{human_bytes(c['used_bytes'])} of {human_bytes(c['capacity_bytes'])})"
@@ -234,13 +173,17 @@ def cmd_status(args) -> int:
             line += f" s3://{tier['bucket']}/{tier['prefix']}"
         if tier.get("packs"):
             line += f"; {tier['packs']} packs, {human_bytes(tier['pack_bytes'])}"
+        overdue = tier.get("scrub_overdue", {})
+        if overdue.get("fast") or overdue.get("deep"):
+            line += f"; overdue for verification: {overdue['fast']} fast, {overdue['deep']} deep"
         print(line)
     print(f"jobs       {status['jobs']['pending']} pending ({status['jobs']['failing']} being retried), "
           f"{status['holds']} legal holds")
     print(f"scrub      {status['last_scrub']}")
     lag = status["replication_lag_s"]
     print(f"off-site   {status['last_replication']}; "
-          + ("everything verified off-site" if lag is None else f"oldest not yet off-site: {lag / 3600:.1f} h"))
+          + ("everything verified off-site" if lag is None else
+             f"oldest not yet off-site: {lag / 3600:.1f} h (RPO {status['rpo_hours']} h)"))
     trail = status["audit"]
     print(f"audit      {trail['records']} records, last signed {trail['signed'][:19].replace('T', ' ')} UTC"
           if trail["enabled"] else "audit      OFF")
@@ -249,6 +192,31 @@ def cmd_status(args) -> int:
     for alarm in status["alarms"]:
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(alarm["since"]))
         print(f"ALARM      {alarm['message']} (since {since})\n           action: {alarm['action']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    with _open(args) as archive:
+        data = auditor.gather(archive, time.time(), since_days=args.days, horizon_days=args.horizon)
+    if args.html:
+        write_file_atomic(Path(args.html), reports.auditor_html(data).encode())
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    elif args.html:
+        print(f"wrote {args.html}: state {data['status']['state']}, {data['access']['records']} audit records in "
+              f"{args.days} days, trail {'verifies' if data['access']['verification']['intact'] else 'DOES NOT VERIFY'}")
+    else:
+        raise ApplianceError("give --html FILE and/or --json")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    with _open(args) as archive:
+        text = metrics.health_gauges(health.status(archive, time.time()), time.time())
+    if args.textfile:  # node_exporter reads *.prom files: replace whole, never half-written
+        write_file_atomic(Path(args.textfile), text.encode())
+    else:
+        print(text, end="")
     return 0
 
 
@@ -501,6 +469,19 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_install_systemd(args) -> int:
+    config = cfg.load(_home(args))
+    executable = Path(sys.executable).parent / "appliance"
+    if not executable.exists():
+        executable = Path(shutil.which("appliance") or executable)
+    written = units.install(config, Path(args.dest), args.user, args.group or args.user, executable)
+    for path in written:
+        print(f"wrote {path}")
+    timers = " ".join(p.name for p in written if p.suffix == ".timer")
+    print(f"next: systemctl daemon-reload && systemctl enable --now appliance.service {timers}")
+    return 0
+
+
 def _since(text: str | None) -> str:
     """--since as the prefix of a record's UTC time (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS])."""
     if not text:
@@ -620,6 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
+    rep_all = sub.add_parser("report", help="one report for an auditor: integrity, backups, retention, access")
+    rep_all.add_argument("--html", help="write the self-contained HTML page to FILE")
+    rep_all.add_argument("--json", action="store_true", help="print the same as JSON")
+    rep_all.add_argument("--days", type=int, default=90, help="the period the access part covers (default 90)")
+    rep_all.add_argument("--horizon", type=int, default=365,
+                         help="list studies whose retention ends within this many days (default 365)")
+    rep_all.set_defaults(func=cmd_report)
+
+    met = sub.add_parser("metrics", help="the health gauges in Prometheus text format")
+    met.add_argument("--textfile", help="write them to FILE (node_exporter's textfile collector) instead")
+    met.set_defaults(func=cmd_metrics)
+
     check = sub.add_parser("fsck", help="check the index against the blobs, or rebuild it")
     check.add_argument("--rebuild-index", action="store_true")
     check.add_argument("--json", action="store_true")
@@ -668,6 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("study_uid")
     recall.set_defaults(func=cmd_recall)
 
+    inst = sub.add_parser("install-systemd", help="write the systemd units and timers for this home and a user")
+    inst.add_argument("--user", required=True, help="the dedicated account the services run as (owns the home)")
+    inst.add_argument("--group", help="its group (default: same name as the user)")
+    inst.add_argument("--dest", default="/etc/systemd/system", help="where the units go")
+    inst.set_defaults(func=cmd_install_systemd)
+
     aud = sub.add_parser("audit", help="the audit trail: verify it, export it, report who accessed what")
     aud.add_argument("action", choices=("verify", "export", "report"))
     aud.add_argument("--public-key", action="append",
@@ -694,11 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _required_role(args) -> str | None:
     action = getattr(args, "action", None)
-    if args.command == "audit":
+    if args.command in ("audit", "report"):
         return AUDITOR
     if (args.command, action) in (("keys", "rotate"), ("hold", "release"), ("policy", "apply"), ("ae", "add"),
                                   ("ae", "remove")) \
-            or args.command == "restore" or (args.command == "fsck" and args.rebuild_index):
+            or args.command in ("restore", "install-systemd") or (args.command == "fsck" and args.rebuild_index):
         return ADMIN
     return None
 
@@ -754,7 +753,7 @@ class _Session:
         except ApplianceError:  # the configuration cannot be read (said already): nowhere to record
             return
         self.trail.note_config_changes(self.config.files(), by_command=self.command)
-        reading = self.args.command == "audit"
+        reading = self.args.command in ("audit", "report")
         self.trail.record(audit.event(
             "Audit Log Used" if reading else "Application Activity", op="command", action="R" if reading else "E",
             outcome=0 if code == 0 else 8 if code == 70 else 4, command=self.command, exit=code,

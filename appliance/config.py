@@ -102,6 +102,13 @@ class ReplicationConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # `serve` answers GET /metrics (Prometheus text format) on this port; 0: off.
+    port: int = field(default=0, metadata=_check(lambda v: 0 <= v <= 65535, "must be 0 (off) to 65535"))
+    bind_address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     # Turning the trail off is for benchmarks only: `status` raises an alarm while it is off.
     enabled: bool = True
@@ -129,6 +136,7 @@ class ApplianceConfig:
     replication: ReplicationConfig = ReplicationConfig()
     audit: AuditConfig = AuditConfig()
     access: AccessConfig = AccessConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 @dataclass(frozen=True)

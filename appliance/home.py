@@ -88,6 +88,13 @@ access:
   admin_group: pacs-vault-admin
   auditor_group: pacs-vault-audit
 
+metrics:
+  # Prometheus metrics from `serve`: GET http://bind_address:port/metrics; 0 turns
+  # them off. `appliance metrics --textfile FILE` writes the same gauges for
+  # node_exporter's textfile collector.
+  port: 0
+  bind_address: 127.0.0.1
+
 imports:
   # Files sealed in parallel by `appliance import`: more than the cores, so that
   # one file's fsync overlaps another's compression.

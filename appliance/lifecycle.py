@@ -114,6 +114,23 @@ def plan_actions(studies: list[StudyState], rules: list[Rule], now: int,
     return actions, unclassified
 
 
+def retention_calendar(studies: list[StudyState], rules: list[Rule], now: int, horizon_days: int) -> list[dict]:
+    """Studies whose retention ends within `horizon_days` (or has ended), soonest first: what
+    expires next, under which rule, and what happens then."""
+    limit = _day(now + horizon_days * _DAY)
+    rows = []
+    for state in studies:
+        rule = classify(rules, state.facts)
+        if rule is None:
+            continue
+        end = retention_end(rule.study_class.retention, state.facts)
+        if end.until is not None and end.until <= limit:
+            rows.append({"study": state.facts.uid, "until": end.until.isoformat(), "why": end.reason,
+                         "rule": f"{rule.name} ({rule.source})", "at_expiry": rule.study_class.at_expiry,
+                         "held": bool(state.held)})
+    return sorted(rows, key=lambda row: (row["until"], row["study"]))
+
+
 def _relieve_pressure(by_uid: dict, actions: list[Action], usage: HotUsage) -> list[Action]:
     """Free the hot tier down to its low watermark, least recently used first."""
     planned = {a.study for a in actions}

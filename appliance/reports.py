@@ -137,3 +137,125 @@ def audit_html(subject: str, records: list[dict], summary: list[dict], verificat
             f"<th>time (UTC)</th><th>user / AE</th><th>from</th><th>event</th><th>action</th><th>outcome</th>"
             f"<th>study</th><th>what</th></tr>{events}</table>")
     return _page("pacs-vault access report", body)
+
+
+_PALETTE = ("#2d7d46", "#6941c6", "#1570ef", "#dc6803", "#0e9384", "#c11574", "#667085", "#b42318")
+
+
+def _stacked_bars(columns: list[tuple[str, dict[str, float]]], label: str, colours: dict[str, str]) -> str:
+    """One bar per column, stacked by series; a legend under it."""
+    if not columns:
+        return "<p class=muted>Nothing in this period.</p>"
+    width, height, pad = 960, 190, 34
+    peak = max(sum(values.values()) for _, values in columns) or 1
+    step = min((width - 2 * pad) / len(columns), 48)  # a few columns stay bars, not walls
+    parts = [f"<svg width='{width}' height='{height}' role=img aria-label='{_e(label)}'>",
+             f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>",
+             f"<text x='{pad - 4}' y='{pad}' font-size='11' text-anchor='end' fill='#667085'>{peak:,.3g}</text>"]
+    for number, (name, values) in enumerate(columns):
+        x, base = pad + number * step, height - pad
+        for series, value in values.items():
+            bar = (height - 2 * pad) * value / peak
+            base -= bar
+            parts.append(f"<rect x='{x + 1:.1f}' y='{base:.1f}' width='{max(step - 2, 1):.1f}' height='{bar:.1f}' "
+                         f"fill='{colours.get(series, '#667085')}'><title>{_e(name)}: {_e(series)} {value:,.0f}"
+                         f"</title></rect>")
+    parts.append(f"<text x='{pad}' y='{height - 10}' font-size='11' fill='#667085'>{_e(columns[0][0])}</text>"
+                 f"<text x='{pad + len(columns) * step}' y='{height - 10}' font-size='11' text-anchor='end' "
+                 f"fill='#667085'>{_e(columns[-1][0])}</text></svg>")
+    legend = " ".join(f"<span style='color:{colour}'>&#9632;</span> {_e(series)}" for series, colour in colours.items())
+    return "".join(parts) + f"<p class=muted>{_e(label)}. {legend}</p>"
+
+
+def _table(headers: list[str], rows: list[list], empty: str) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows) \
+        or f"<tr><td colspan={len(headers)} class=muted>{_e(empty)}</td></tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def auditor_html(data: dict) -> str:
+    """The one report for an auditor: integrity, backups, retention, access (auditor.gather)."""
+    status, integrity, backups = data["status"], data["integrity"], data["backups"]
+    retention, access = data["retention"], data["access"]
+    verification = access["verification"]
+    copies = sum(c["copies"] for c in integrity["coverage"].values())
+    fast_ok = sum(c["fast_ok"] for c in integrity["coverage"].values())
+    lag = backups["rpo_lag_s"]
+    late = lag is not None and lag > backups["rpo_hours"] * 3600
+    last_copy = backups["runs"][-1] if backups["runs"] else None
+    expiring = [row for row in retention["calendar"] if not row["held"]]
+    lines = [
+        ("Integrity", not integrity["damaged"],
+         f"{fast_ok} of {copies} copies verified within their interval; {integrity['damaged']} stored versions "
+         f"without a good copy; last scrub: {status['last_scrub']}"),
+        ("Backups", bool(last_copy and last_copy["verified"]) and not late,
+         ("off-site copy complete" if lag is None else f"oldest instance not yet off-site: {lag / 3600:.1f} h")
+         + f" (RPO {backups['rpo_hours']} h); last run: {status['last_replication']}"),
+        ("Retention", not retention["policy_error"],
+         retention["policy_error"] or f"{len(expiring)} studies reach the end of retention within "
+                                      f"{retention['horizon_days']} days; {len(retention['holds'])} legal holds; "
+                                      f"{len(retention['deletions'])} studies deleted under policy"),
+        ("Access", verification["intact"],
+         f"{access['records']} audit records in the period; the trail "
+         + ("verifies (hash chain, signed head and checkpoints)" if verification["intact"]
+            else "DOES NOT VERIFY: " + "; ".join(verification["problems"][:3]))),
+    ]
+    summary = "".join(f"<p class='summary{'' if ok else ' bad'}'><b>{_e(name)}</b> — {_e(text)}</p>"
+                      for name, ok, text in lines)
+    alarms = "".join(f"<li><b>{_e(a['message'])}</b> — {_e(a['action'])}</li>" for a in status["alarms"])
+
+    coverage = _table(["tier", "copies", "fast-verified in time", "deep-verified in time"], [
+        [_e(tier), c["copies"], f"{_bar(c['fast_share'])} <span class=muted>within {c['fast_days'] or '-'} days</span>",
+         f"{_bar(c['deep_share'])} <span class=muted>within {c['deep_days'] or '-'} days</span>"]
+        for tier, c in sorted(integrity["coverage"].items())], "No copies yet.")
+    findings = _table(["scrub run", "study", "instance", "tier", "problem", "action"], [
+        [_e(_when(run["started"])), _e(f["study"]), _e(f["instance"]), _e(f["tier"]), _e(f["problem"]), _e(f["action"])]
+        for run in integrity["runs"] for f in run.get("findings", [])][-200:], "No bad copy found in these runs.")
+
+    runs = backups["runs"]
+    backup_chart = _stacked_bars(
+        [(_when(r["started"]), {"sent, verified" if r["verified"] else "failed": max(r["bytes_sent"] / 1e6, 0.01)})
+         for r in runs], "MB sent off-site per replication run",
+        {"sent, verified": "#2d7d46", "failed": "#b42318"})
+    backup_rows = _table(["started", "target", "objects", "MB", "outcome"], [
+        [_e(_when(r["started"])), _e(r["target"]), r["objects_sent"], f"{r['bytes_sent'] / 1e6:,.1f}",
+         "verified" if r["verified"] else "<b>FAILED</b>: " + _e(r["failure"])] for r in reversed(runs[-30:])],
+        "Never replicated.")
+
+    calendar = _table(["retention ends", "study", "why", "rule", "then"], [
+        [_e(row["until"]), _e(row["study"]), _e(row["why"]), _e(row["rule"]),
+         "kept: legal hold" if row["held"] else _e({"delete": "delete and crypto-shred",
+                                                   "review": "listed for review"}[row["at_expiry"]])]
+        for row in retention["calendar"][:300]], "No study reaches the end of its retention in this horizon.")
+    holds = _table(["held", "since", "by", "reason"], [
+        [_e(key.replace(":", " ", 1)), _e(_when(h["since"])), _e(h["by"]), _e(h["reason"])]
+        for key, h in sorted(retention["holds"].items())], "No legal hold.")
+    deletions = _table(["study", "deleted", "by", "rule", "instances", "copies left (unreadable)"], [
+        [_e(uid), _e(_when(d["time"])), _e(d["by"]), _e(d["rule"]), d["instances"], len(d["unremoved"])]
+        for uid, d in sorted(retention["deletions"].items(), key=lambda item: item[1]["time"])[-200:]],
+        "No study deleted.")
+
+    events = sorted({event for counts in access["per_day"].values() for event in counts})
+    colours = {event: _PALETTE[n % len(_PALETTE)] for n, event in enumerate(events)}
+    if "Security Alert" in colours:
+        colours["Security Alert"] = "#b42318"
+    access_chart = _stacked_bars(list(access["per_day"].items()), "audit records per day, by event", colours)
+    who = _table(["user / AE", "from", "event", "operation", "records", "instances", "failures", "first", "last"], [
+        [_e(r["user"]), _e(r["host"] or "-"), _e(r["event"]), _e(r["op"]), r["records"], r["instances"],
+         r["failures"], _e(r["first"][:16]), _e(r["last"][:16])] for r in access["summary"]], "No access recorded.")
+    alerts = _table(["time (UTC)", "who", "from", "kind", "what"], [
+        [_e(r["time"][:19]), _e(r.get("user", "")), _e(r.get("host", "")), _e(r.get("type", "")), _e(describe(r))]
+        for r in reversed(access["security_alerts"])], "No security alert in the period.")
+
+    period = data["period"]
+    body = (f"<h1>pacs-vault audit report</h1><p class=muted>{_e(data['home'])} — state <b>{_e(status['state'])}</b>; "
+            f"{status['instances']:,} instances in {status['studies']:,} studies; period {_e(period['since'][:10])} "
+            f"to {_e(period['until'][:10])} (UTC).</p>{summary}"
+            + (f"<h2>Alarms</h2><ul>{alarms}</ul>" if alarms else "")
+            + f"<h2>Integrity</h2>{coverage}<h3>Scrub runs</h3>{_trend_svg(integrity['runs'])}{findings}"
+            f"<h2>Backups</h2>{backup_chart}{backup_rows}"
+            f"<h2>Retention</h2><h3>Ends of retention within {retention['horizon_days']} days</h3>{calendar}"
+            f"<h3>Legal holds</h3>{holds}<h3>Deletions</h3>{deletions}"
+            f"<h2>Access</h2>{access_chart}<h3>Who accessed what</h3>{who}<h3>Security alerts</h3>{alerts}")
+    return _page("pacs-vault audit report", body)

@@ -58,6 +58,11 @@ def ct_files(tmp_path_factory) -> list[Path]:
     return corpus.ct_study(tmp_path_factory.mktemp("ct"), 12)
 
 
+def sudo_env(person: str) -> dict:
+    """The environment sudo gives a command it runs on behalf of `person`."""
+    return {**os.environ, "SUDO_USER": person}
+
+
 @contextmanager
 def small_volume(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of `size` (e.g. "2m") mounted at `path`: a disk that fills up, or a cartridge

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from appliance import audit
 from appliance import config as cfg
 from appliance.store.keys import read_key_file, snapshot_key
-from conftest import REPO, make_study, run_cli, set_config, small_volume
+from conftest import REPO, make_study, run_cli, set_config, small_volume, sudo_env
 from dicom_server import CLIENT_AE, DEST_AE, Server, dcmtk, free_port, register
 
 
@@ -189,11 +189,6 @@ def test_a_full_disk_refuses_the_record_and_leaves_no_half_record(tmp_path):
 
 # -- the CLI: who may do what, and what every command leaves --------------------------------
 
-def _as(person: str) -> dict:
-    """The environment sudo gives a command it runs for `person`."""
-    return {**os.environ, "SUDO_USER": person}
-
-
 def test_roles_are_enforced_and_every_refusal_is_audited(home, tmp_path):
     uid, _ = make_study(tmp_path / "s", 1, patient_id="PID-ROLE")
     run_cli("import", str(tmp_path / "s"), home=home)
@@ -203,16 +198,16 @@ def test_roles_are_enforced_and_every_refusal_is_audited(home, tmp_path):
     refused = {("keys", "rotate"), ("hold", "release", uid, "--reason", "x"), ("policy", "apply"),
                ("ae", "add", "X", "127.0.0.1", "104"), ("fsck", "--rebuild-index")}
     for command in refused:
-        result = run_cli(*command, home=home, check=False, env=_as("nobody"))
+        result = run_cli(*command, home=home, check=False, env=sudo_env("nobody"))
         assert result.returncode == 77, (command, result.stderr)
         assert "needs the admin role: user nobody is not in group pacs-vault-admin" in result.stderr
     restore = run_cli("--home", str(tmp_path / "new"), "restore", "--from", str(home / "offsite"), "--key-file",
-                      str(home / "kek.key"), check=False, env=_as("nobody"))
+                      str(home / "kek.key"), check=False, env=sudo_env("nobody"))
     assert restore.returncode == 77 and not (tmp_path / "new").exists()
-    assert run_cli("audit", "report", "--study", uid, home=home, env=_as("nobody")).returncode == 0
-    assert run_cli("audit", "verify", home=home, env=_as("nobody")).returncode == 0
+    assert run_cli("audit", "report", "--study", uid, home=home, env=sudo_env("nobody")).returncode == 0
+    assert run_cli("audit", "verify", home=home, env=sudo_env("nobody")).returncode == 0
     # not an auditor: the trail stays closed
-    assert run_cli("audit", "export", home=home, check=False, env=_as("daemon")).returncode == 77
+    assert run_cli("audit", "export", home=home, check=False, env=sudo_env("daemon")).returncode == 77
     # the hold is still there, the KEK unchanged
     assert "court order" in run_cli("hold", "list", home=home).stdout
     alerts = [r for r in _records(home) if r["event"] == "Security Alert" and r.get("type") ==

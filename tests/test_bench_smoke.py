@@ -26,6 +26,7 @@ def test_dicom_bench_quick(tmp_path):
         assert vault[key] > 0, key
     assert 0 < vault["stored_over_received"] < 1
     assert "ct_ingest_mb_s vs dcmtk storescp" in results["ratios"]
+    assert "ct_ingest_inst_s vs pacs-vault (audit off)" in results["ratios"]  # what the audit trail costs
 
 
 def test_import_bench_quick(tmp_path):

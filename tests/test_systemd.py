@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, add_tier, run_cli, sudo_env
 
 
 @pytest.mark.parametrize("unit", sorted(p.name for p in (REPO / "systemd").glob("*.service")))
@@ -27,3 +27,27 @@ def test_units_verify(unit, tmp_path):
         units.append(str(timer))
     result = subprocess.run([analyze, "verify", *units], capture_output=True, text=True)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_install_systemd_writes_the_units_for_this_home_and_user(home, tmp_path):
+    add_tier(home, "archive", f"kind: filesystem\npath: {tmp_path / 'archive-disk'}\n")
+    dest = tmp_path / "units"
+    result = run_cli("install-systemd", "--user", "root", "--dest", str(dest), home=home)
+    written = sorted(p.name for p in dest.iterdir())
+    assert written == sorted(p.name for p in (REPO / "systemd").iterdir() if p.suffix in (".service", ".timer"))
+    assert "systemctl enable --now appliance.service" in result.stdout
+    service = (dest / "appliance.service").read_text()
+    assert f"Environment=APPLIANCE_HOME={home}" in service and "User=root" in service
+    assert f"ReadWritePaths={home} -{tmp_path / 'archive-disk'}" in service
+    assert "ProtectSystem=strict" in service and "NoNewPrivileges=yes" in service and "Restart=on-failure" in service
+    assert "/srv/pacs-vault" not in "".join(p.read_text() for p in dest.iterdir())
+    for timer in dest.glob("*.timer"):
+        text = timer.read_text()
+        assert "Persistent=true" in text and "RandomizedDelaySec=" in text
+    analyze = shutil.which("systemd-analyze")
+    units = [str(p) for p in sorted(dest.iterdir())]
+    check = subprocess.run([analyze, "verify", *units], capture_output=True, text=True)
+    assert check.returncode == 0 and not check.stderr.strip(), check.stderr
+    refused = run_cli("install-systemd", "--user", "root", "--dest", str(tmp_path / "x"), home=home, check=False,
+                      env=sudo_env("nobody"))
+    assert refused.returncode == 77 and not (tmp_path / "x").exists()

@@ -20,6 +20,7 @@ from appliance import audit
 from appliance.audit import AuditError
 from appliance.dicom import query as q
 from appliance.errors import ApplianceError, InvalidInstance, OutOfSpace
+from appliance.metrics import ServerMetrics
 from appliance.store.archive import Archive
 
 LOG = logging.getLogger("appliance.dicom")
@@ -45,12 +46,30 @@ class AssociationStats:
     retrieved: int = 0
     services: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    totals: ServerMetrics | None = None  # the server's counters, kept live
+
+    _TOTALS = {"stored": "stored_instances_total", "duplicates": "duplicate_instances_total",
+               "bytes": "received_bytes_total", "retrieved": "sent_instances_total"}
 
     def count(self, service: str, **increments: int) -> None:
         with self.lock:
             self.services.add(service)
             for name, value in increments.items():
                 setattr(self, name, getattr(self, name) + value)
+        if self.totals is not None:
+            for name, value in increments.items():
+                if name in self._TOTALS:
+                    self.totals.add(self._TOTALS[name], value)
+
+
+def outcome(status) -> str:
+    """A DIMSE status as a metrics label."""
+    code = status if isinstance(status, int) else getattr(status, "Status", 0xC000)
+    if code == 0x0000:
+        return "success"
+    if (code & 0xF000) == 0xB000:
+        return "warning"
+    return "refused" if code == STATUS_NOT_AUTHORISED else "failure"
 
 
 def _status(code: int, comment: str = "") -> Dataset:

@@ -149,13 +149,14 @@ class RetrieveService:
         self._destination = move_destination  # AE title -> (host, port) or None
         self._open_association = open_association  # (host, port, ae_title, contexts) -> Association
 
-    def serve(self, assoc, req, context) -> None:
+    def serve(self, assoc, req, context) -> int:
+        """Serve one C-GET or C-MOVE; return its final status."""
         rsp = C_GET() if isinstance(req, C_GET) else C_MOVE()
         rsp.MessageIDBeingRespondedTo = req.MessageID
         rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
         cx_id = context.context_id
 
-        def finish(status: int, subops: SubOperations | None = None, comment: str = "") -> None:
+        def finish(status: int, subops: SubOperations | None = None, comment: str = "") -> int:
             rsp.Status = status
             if subops is not None:
                 subops.fill(rsp)
@@ -166,6 +167,7 @@ class RetrieveService:
             if comment:
                 rsp.ErrorComment = comment[:64]
             assoc.dimse.send_msg(rsp, cx_id)
+            return status
 
         op = "c-get" if isinstance(req, C_GET) else "c-move"
         if not self._authorise(assoc, "retrieve"):

@@ -47,13 +47,14 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   Verification)
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from appliance import audit, registry
+from appliance import audit, health, registry
 from appliance.audit import AuditError
 from appliance.config import Config
 from appliance.dicom import handlers
 from appliance.dicom.query import PATIENT_ROOT, STUDY_ROOT
 from appliance.dicom.retrieve import RetrieveService
 from appliance.errors import ConfigError
+from appliance.metrics import MetricsEndpoint, ServerMetrics
 from appliance.store.archive import Archive
 
 LOG = logging.getLogger("appliance.dicom")
@@ -122,6 +123,7 @@ class _ArchiveAssociation(Association):
     """An acceptor association that serves C-GET and C-MOVE with the archive's retrieve service."""
 
     retrieve_service: RetrieveService
+    server_metrics: ServerMetrics
 
     def _serve_request(self, msg, context_id: int) -> None:
         context = self._accepted_cx.get(context_id)
@@ -131,11 +133,15 @@ class _ArchiveAssociation(Association):
         # Same bookkeeping pynetdicom does around its own service classes.
         self.dimse.cancel_req = {}
         self._is_paused = True
+        started, status = time.perf_counter(), None
         try:
-            self.retrieve_service.serve(self, msg, context)
+            status = self.retrieve_service.serve(self, msg, context)
         finally:
             self._is_paused = False
             self.dimse.cancel_req = {}
+            self.server_metrics.observe("c-get" if isinstance(msg, C_GET) else "c-move",
+                                        time.perf_counter() - started,
+                                        "failure" if status is None else handlers.outcome(status))
 
 
 class _RequestHandler(RequestHandler):
@@ -145,6 +151,7 @@ class _RequestHandler(RequestHandler):
         # C-GET/C-MOVE reach RetrieveService instead of pynetdicom's Dataset-based service.
         assoc.__class__ = _ArchiveAssociation
         assoc.retrieve_service = self.server.retrieve_service
+        assoc.server_metrics = self.server.server_metrics
         bound_send_queue(assoc)
         return assoc
 
@@ -201,6 +208,8 @@ class DicomServer:
         self._stats: dict[int, handlers.AssociationStats] = {}
         self._stats_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.metrics = ServerMetrics()
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.ae = self._build_ae()
         self._reload_registry()
         self.server: ThreadedAssociationServer | None = None
@@ -250,7 +259,7 @@ class DicomServer:
             stats = self._stats.get(id(assoc))
             if stats is None:
                 stats = self._stats[id(assoc)] = handlers.AssociationStats(
-                    assoc.requestor.ae_title.strip(), str(assoc.requestor.address))
+                    assoc.requestor.ae_title.strip(), str(assoc.requestor.address), totals=self.metrics)
             return stats
 
     # -- wiring --------------------------------------------------------------------------
@@ -282,13 +291,29 @@ class DicomServer:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended),
             (evt.EVT_ABORTED, self._on_ended),
-            (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store, [self.archive, self.authorise, self.stats_of]),
-            (evt.EVT_C_FIND, handlers.handle_find, [self.archive, self.model_of, self.authorise,
-                                                    self.stats_of, self.ae_title]),
-            (evt.EVT_N_ACTION, handlers.handle_commitment, [self.archive, self.authorise,
-                                                            self.send_commitment_report]),
+            (evt.EVT_C_ECHO, self.metrics.timed("c-echo", handlers.handle_echo, handlers.outcome)),
+            (evt.EVT_C_STORE, self.metrics.timed("c-store", handlers.handle_store, handlers.outcome),
+             [self.archive, self.authorise, self.stats_of]),
+            (evt.EVT_C_FIND, self._timed_find, [self.archive, self.model_of, self.authorise,
+                                                self.stats_of, self.ae_title]),
+            (evt.EVT_N_ACTION, self.metrics.timed("n-action", handlers.handle_commitment,
+                                                  lambda result: handlers.outcome(result[0])),
+             [self.archive, self.authorise, self.send_commitment_report]),
         ]
+
+    def _timed_find(self, event, *args):
+        """handle_find (a generator), timed until its last response."""
+        started, result = time.perf_counter(), "success"
+        try:
+            for status, identifier in handlers.handle_find(event, *args):
+                if (status if isinstance(status, int) else status.Status) not in (0xFF00, 0xFF01):
+                    result = handlers.outcome(status)
+                yield status, identifier
+        except Exception:
+            result = "failure"
+            raise
+        finally:
+            self.metrics.observe("c-find", time.perf_counter() - started, result)
 
     def send_commitment_report(self, assoc, request) -> None:
         """Send the N-EVENT-REPORT: on the requester's association while it is open, else to its
@@ -329,6 +354,7 @@ class DicomServer:
             LOG.error(json.dumps({"event": "audit.failed", "error": str(exc)}))
 
     def _on_accepted(self, event) -> None:
+        self.metrics.add("associations_total", outcome="accepted")
         assoc = event.assoc
         tls = isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
         peer = assoc.dul.socket.socket.getpeercert() if tls else None
@@ -346,12 +372,14 @@ class DicomServer:
             reason = f"called AE title {called!r} is not this archive's"
         else:
             reason = "too many associations"
+        self.metrics.add("associations_total", outcome="rejected")
         LOG.warning(json.dumps({"event": "association.rejected", "calling_ae": calling, "called_ae": called,
                                 "address": str(assoc.requestor.address), "reason": reason}))
         self._audit(audit.event("Security Alert", type="Node Authentication", op="association", outcome=4,
                                 called_ae=called, reason=reason, **handlers.requestor(assoc)))
 
     def _on_handshake_failure(self, address: tuple, exc: Exception) -> None:
+        self.metrics.add("associations_total", outcome="rejected")
         reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
         LOG.warning(json.dumps({"event": "association.rejected", "address": address[0], "reason": reason}))
         self._audit(audit.event("Security Alert", type="Node Authentication", op="association", outcome=4,
@@ -386,11 +414,17 @@ class DicomServer:
             ssl_context=_tls_context(self.config), evt_handlers=self._handlers(),
             server_class=_AuditedServer, request_handler=_RequestHandler)
         self.server.on_handshake_failure = self._on_handshake_failure
+        self.server.server_metrics = self.metrics
         self.server.retrieve_service = RetrieveService(self.archive, self.model_of, self.authorise,
                                                        self.move_destination, self.open_association,
                                                        self.stats_of)
         self.ae._servers.append(self.server)
         threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
+        settings = self.config.appliance.metrics
+        if settings.port:
+            self.metrics_endpoint = MetricsEndpoint(settings.bind_address, settings.port, self.metrics,
+                                                    lambda: health.status(self.archive, time.time()))
+            self.metrics_endpoint.start()
         LOG.info(json.dumps({"event": "serve.started", "ae_title": self.ae_title, "port": self.port,
                              "tls": self.server.ssl_context is not None}))
         self.archive.audit.note_config_changes(self.config.files())
@@ -418,6 +452,8 @@ class DicomServer:
         LOG.info(json.dumps({"event": "serve.stopping"}))
         if self.server is not None:
             self.server.shutdown()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
         deadline = time.monotonic() + drain_seconds
         # Associations still negotiating (or half-open peers) hold no work worth waiting for.
         while any(a.is_established for a in self.ae.active_associations) and time.monotonic() < deadline:
