@@ -4,8 +4,9 @@ File permissions are the first gate (the home belongs to the service account; th
 file is readable by it alone). Inside, two roles:
 
 - admin: destructive and key commands: `policy apply` (it deletes expired studies),
-  `hold release`, `keys rotate`, `restore`, `ae add|remove`, `fsck --rebuild-index`;
-- auditor: the audit trail and what is built from it: `audit verify|export|report`.
+  `hold release`, `keys rotate`, `restore`, `ae add|remove`, `fsck --rebuild-index`,
+  `install-systemd`;
+- auditor: the audit trail and what is built from it: `audit verify|export|report`, `report`.
 
 A caller is an admin when it is root, the owner of the home (the service account the
 systemd units run as) or a member of `access.admin_group`; an auditor when it is an admin

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from appliance.errors import ApplianceError, OutOfSpace
+from appliance.errors import ApplianceError, OutOfSpace, TierUnavailable
 from appliance.store.archive import Archive, StoreOutcome
 
 
@@ -48,7 +48,7 @@ def run_import(archive: Archive, files: list[Path], workers: int,
     """Store `files`; call on_result(path, outcome, reason) as each one finishes.
 
     A file that is not a storable instance is rejected and the import goes on;
-    a full disk stops it (what was reported stored stays stored)."""
+    a full disk or a hot tier that is not there stops it (what was reported stored stays stored)."""
     summary = ImportSummary()
     pending: dict[Future, Path] = {}
     queue = iter(files)
@@ -66,7 +66,7 @@ def run_import(archive: Archive, files: list[Path], workers: int,
                 path = pending.pop(future)
                 try:
                     outcome = future.result()
-                except OutOfSpace as exc:
+                except (OutOfSpace, TierUnavailable) as exc:
                     summary.aborted = str(exc)
                     summary.rejected.append((str(path), str(exc)))
                     on_result(path, None, str(exc))

@@ -262,7 +262,7 @@ def _wanted(snapshot: Index, archive: Archive) -> dict[str, tuple[str, str, dict
 def replicate(archive: Archive, target: Target | None = None, *, verify_all: bool = False,
               on_event=lambda kind, data: None) -> ReplicationReport:
     config = archive.config
-    target = target or Target.parse(config.appliance.replication.target, config.appliance.replication, config.home)
+    target = target or configured_target(config)
     started = time.time()
     report = ReplicationReport(int(started * 1e6), str(target), started)
     for stale in config.home.glob(".replicate-*"):  # left by a run that was killed (callers hold the lock)
@@ -301,7 +301,7 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     finally:
         snapshot.close()
     with archive.index.read() as t:
-        known = {key.decode(): rec for key, rec in t.items("replicas")}
+        known = {key.decode(): rec for key, rec in t.items("replicas") if _on(rec, target)}
     todo = {path: w for path, w in wanted.items() if path not in known}
     check = {path: w for path, w in wanted.items() if verify_all or path not in known}
     on_event("replicate.start", {"objects": len(todo), "target": str(target)})
@@ -341,7 +341,7 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     report.objects_verified = len(expected)
     now = time.time()
     archive.index.write(lambda t: [t.put("replicas", path, {"size": size, "xxh3": digest, "verified": now,
-                                                            "run": report.run})
+                                                            "run": report.run, "target": str(target)})
                                    for path, (size, digest) in expected.items()])
     on_event("replicate.verified", {"objects": len(expected)})
 
@@ -441,11 +441,23 @@ def _verify_by_checksum(target: Target, expected: dict[str, tuple[int, bytes]],
 
 # -- RPO -------------------------------------------------------------------------------------
 
+def configured_target(config: cfg.Config) -> Target:
+    settings = config.appliance.replication
+    return Target.parse(settings.target, settings, config.home)
+
+
+def _on(replica: dict, target: Target) -> bool:
+    """Whether a replica record is about this target (records from before targets were noted are)."""
+    return replica.get("target", str(target)) == str(target)
+
+
 def rpo_lag(archive: Archive, now: float) -> float | None:
-    """Age in seconds of the oldest stored version not yet verified off-site (None: none)."""
+    """Age in seconds of the oldest stored version not yet verified on the configured off-site
+    target (None: none). After a change of target, everything counts as not yet sent."""
     oldest = None
+    target = configured_target(archive.config)
     with archive.index.read() as t:
-        replicas = {key.decode() for key, _ in t.items("replicas")}
+        replicas = {key.decode() for key, rec in t.items("replicas") if _on(rec, target)}
         packs_on = {p.split("/")[-1] for p in replicas if p.startswith("packs/")}
         for _, blob in t.items("blobs"):
             hot = blob["copies"].get(archive.hot.name)
@@ -570,8 +582,7 @@ def _unpack_audit(sealed_tar: Path, kek_id: bytes, key: bytes, staging: Path) ->
 def offsite_audit_head(config: cfg.Config) -> dict | None:
     """The signed head of the audit trail in the latest off-site copy (None: no copy yet).
     The local trail must still hold what it signed: a trail cut short at home is caught."""
-    settings = config.appliance.replication
-    target = Target.parse(settings.target, settings, config.home)
+    target = configured_target(config)
     manifests = _list(target, "manifests")
     if not manifests:
         return None

@@ -48,7 +48,7 @@ def _trend_svg(runs: list[dict]) -> str:
         return "<p class=muted>No earlier runs.</p>"
     width, height, pad = 720, 160, 30
     peak = max(r.get("bytes_read", 0) for r in runs) or 1
-    step = (width - 2 * pad) / len(runs)
+    step = min((width - 2 * pad) / len(runs), 48)
     parts = [f"<svg width='{width}' height='{height}' role=img "
              "aria-label='bytes verified per run, problems found'>",
              f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>"]
@@ -160,9 +160,11 @@ def _stacked_bars(columns: list[tuple[str, dict[str, float]]], label: str, colou
             parts.append(f"<rect x='{x + 1:.1f}' y='{base:.1f}' width='{max(step - 2, 1):.1f}' height='{bar:.1f}' "
                          f"fill='{colours.get(series, '#667085')}'><title>{_e(name)}: {_e(series)} {value:,.0f}"
                          f"</title></rect>")
-    parts.append(f"<text x='{pad}' y='{height - 10}' font-size='11' fill='#667085'>{_e(columns[0][0])}</text>"
-                 f"<text x='{pad + len(columns) * step}' y='{height - 10}' font-size='11' text-anchor='end' "
-                 f"fill='#667085'>{_e(columns[-1][0])}</text></svg>")
+    parts.append(f"<text x='{pad}' y='{height - 10}' font-size='11' fill='#667085'>{_e(columns[0][0])}</text>")
+    if len(columns) * step > 260:  # room for both ends' labels
+        parts.append(f"<text x='{pad + len(columns) * step}' y='{height - 10}' font-size='11' text-anchor='end' "
+                     f"fill='#667085'>{_e(columns[-1][0])}</text>")
+    parts.append("</svg>")
     legend = " ".join(f"<span style='color:{colour}'>&#9632;</span> {_e(series)}" for series, colour in colours.items())
     return "".join(parts) + f"<p class=muted>{_e(label)}. {legend}</p>"
 
@@ -214,9 +216,10 @@ def auditor_html(data: dict) -> str:
         for run in integrity["runs"] for f in run.get("findings", [])][-200:], "No bad copy found in these runs.")
 
     runs = backups["runs"]
+    visible = max([r["bytes_sent"] / 1e6 for r in runs] + [0.01]) / 20  # a run that sent nothing still shows
     backup_chart = _stacked_bars(
-        [(_when(r["started"]), {"sent, verified" if r["verified"] else "failed": max(r["bytes_sent"] / 1e6, 0.01)})
-         for r in runs], "MB sent off-site per replication run",
+        [(_when(r["started"]), {"sent, verified" if r["verified"] else "failed": max(r["bytes_sent"] / 1e6, visible)})
+         for r in runs], "MB sent off-site per replication run (a failed run: a short red bar)",
         {"sent, verified": "#2d7d46", "failed": "#b42318"})
     backup_rows = _table(["started", "target", "objects", "MB", "outcome"], [
         [_e(_when(r["started"])), _e(r["target"]), r["objects_sent"], f"{r['bytes_sent'] / 1e6:,.1f}",

@@ -4,8 +4,10 @@ as a textfile), the auditor report rendered by a real browser, and the systemd i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -150,3 +152,45 @@ def test_the_auditor_report_renders_in_a_real_browser(home, tmp_path):
 def test_the_report_is_for_auditors(home):
     result = run_cli("report", "--json", home=home, check=False, env=sudo_env("nobody"))
     assert result.returncode == 77 and "needs the auditor role" in result.stderr
+
+
+def test_a_hot_tier_that_is_not_mounted_is_faulted_and_never_made_anew(home, tmp_path):
+    make_study(tmp_path / "s", 2, patient_id="PID-U")
+    run_cli("import", str(tmp_path / "s"), home=home)
+    os.rename(home / "hot", home / "hot.elsewhere")  # the RAID volume is not mounted
+    status = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert status["state"] == "FAULTED"
+    [alarm] = [a for a in status["alarms"] if a["key"] == "hot-tier"]
+    assert "cannot be read" in alarm["message"] and "mount" in alarm["action"]
+    make_study(tmp_path / "new", 1, patient_id="PID-U")
+    imported = run_cli("import", str(tmp_path / "new"), home=home, check=False)
+    assert imported.returncode == 1 and "import stopped: tier hot" in imported.stderr
+    assert "not there (disk not mounted?)" in imported.stderr
+    served = run_cli("serve", "--port", str(free_port()), home=home, check=False, timeout=60)
+    assert served.returncode == 75 and "not serving until it is" in served.stderr
+    assert not (home / "hot").exists()  # nothing was written into the empty mount point
+    os.rename(home / "hot.elsewhere", home / "hot")
+    assert json.loads(run_cli("status", "--json", home=home).stdout)["state"] == "ONLINE"
+
+
+def test_a_job_that_fails_without_a_tier_to_blame_raises_its_own_alarm(home, tmp_path):
+    uid, files = make_study(tmp_path / "s", 2, patient_id="PID-J")
+    run_cli("import", str(tmp_path / "s"), home=home)
+    set_config(home, "retry_backoff_s: 60", "retry_backoff_s: 1")
+    (home / "policies" / "default.yaml").write_text(
+        "classes:\n  - name: everything\n    match: {}\n    retention: {years_after_study: 30}\n"
+        "    transitions:\n      - {after_days: 0, to: [cold]}\n    at_expiry: review\n")
+    blob = next(p for p in (home / "hot").rglob("*") if p.is_file() and ".incoming" not in p.parts)
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF  # the source copy rots before it is packed
+    blob.write_bytes(bytes(data))
+    assert run_cli("policy", "apply", home=home, check=False).returncode == 1
+    status = json.loads(run_cli("status", "--json", home=home).stdout)
+    [alarm] = [a for a in status["alarms"] if a["key"] == f"job:{uid}"]
+    assert "a migrate job failed" in alarm["message"] and "appliance policy jobs" in alarm["action"]
+    run_cli("scrub", home=home, check=False)  # marks the version damaged
+    run_cli("import", *map(str, files), home=home)  # the sender stores it again: healed
+    time.sleep(1.5)  # the job's retry delay (1 s here)
+    run_cli("policy", "apply", home=home)  # retried: done
+    status = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert status["state"] == "ONLINE" and status["alarms"] == []

@@ -270,3 +270,20 @@ def test_old_manifests_go_by_count(home, tmp_path):
         run_cli("replicate", home=home)
     assert len(list((home / "offsite" / "manifests").iterdir())) == 2
     assert len(list((home / "offsite" / "snapshots").glob("*.index"))) == 2
+
+
+def test_a_new_target_gets_everything_and_the_lag_says_so_meanwhile(home, tmp_path):
+    make_study(tmp_path / "s", 3, patient_id="MOVE")
+    run_cli("import", str(tmp_path / "s"), home=home)
+    run_cli("replicate", home=home)
+    assert json.loads(run_cli("status", "--json", home=home).stdout)["replication_lag_s"] is None
+    set_config(home, "  target: offsite", "  target: rsync://127.0.0.1:1/gone")  # a NAS that is down
+    assert run_cli("replicate", home=home, check=False).returncode != 0
+    status = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert status["replication_lag_s"] > 0 and "replication-failed" in [a["key"] for a in status["alarms"]]
+    set_config(home, "  target: rsync://127.0.0.1:1/gone", f"  target: {tmp_path / 'new-nas'}")
+    report = json.loads(run_cli("replicate", "--json", home=home).stdout)
+    assert report["objects_sent"] == 3 and report["verified"]
+    status = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert status["replication_lag_s"] is None and status["alarms"] == []  # the failure alarm is cleared
+    assert len(list((tmp_path / "new-nas" / "manifests").iterdir())) == 1

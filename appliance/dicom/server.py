@@ -53,7 +53,7 @@ from appliance.config import Config
 from appliance.dicom import handlers
 from appliance.dicom.query import PATIENT_ROOT, STUDY_ROOT
 from appliance.dicom.retrieve import RetrieveService
-from appliance.errors import ConfigError
+from appliance.errors import ConfigError, TierUnavailable
 from appliance.metrics import MetricsEndpoint, ServerMetrics
 from appliance.store.archive import Archive
 
@@ -405,8 +405,11 @@ class DicomServer:
         # pynetdicom logs query and retrieve identifiers (patient names) otherwise: PHI stays out of logs.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
+        if not self.receive_dir.parent.is_dir():
+            raise TierUnavailable(f"the hot tier {self.receive_dir.parent} is not there (disk not mounted?): "
+                                  "not serving until it is")
         self._sweep_receive_dirs()
-        self.receive_dir.mkdir(parents=True, exist_ok=True)
+        self.receive_dir.mkdir(exist_ok=True)
         # pynetdicom writes received datasets with NamedTemporaryFile: keep them on the data volume.
         tempfile.tempdir = str(self.receive_dir)
         self.server = self.ae.make_server(

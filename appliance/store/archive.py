@@ -54,14 +54,14 @@ class Archive:
         except FileNotFoundError:
             self.keyring.close()
             raise NotFound(f"index {config.index_path} is missing: run `appliance fsck --rebuild-index`") from None
-        self.hot = hot_backend(config)
+        self.hot = hot_backend(config, create=create)
         self.audit = AuditTrail(config.audit_dir, config.audit_key_file, enabled=settings.audit.enabled)
         self._key_lock = threading.Lock()
         self._tiers: dict = {}
         self._tiers_lock = threading.Lock()
         self._recalls: dict[str, Future] = {}
         self._recall_lock = threading.Lock()
-        if lock is not None:
+        if lock is not None and self.hot.root.is_dir():
             self.hot.sweep_incoming()
 
     @classmethod
@@ -346,8 +346,10 @@ class Archive:
         return len(blobs), tiering.delete_packs(self, packs)
 
 
-def hot_backend(config: Config) -> FilesystemBackend:
-    return FilesystemBackend(config.hot_tier.name, config.resolve(config.hot_tier.path))
+def hot_backend(config: Config, create: bool = False) -> FilesystemBackend:
+    """The hot tier. Made only with the home: a hot directory that is gone later is a disk that
+    is not mounted, and writing into the empty mount point would fill the root file system."""
+    return FilesystemBackend(config.hot_tier.name, config.resolve(config.hot_tier.path), create=create)
 
 
 def verify_blob_file(backend: FilesystemBackend, name: str, blob: dict) -> None:

@@ -46,7 +46,7 @@ not spoil the others. The map grows on its own when full.
                            "done:<tier>:fast|deep" -> start time of the last complete run over the tier
     db "scrub_runs"        run id (8-byte big-endian start time) -> the run's summary (scrub.py)
     db "replicas"          off-site path ("objects/ab/cd/<name>", "packs/ab/cd/<id>") -> {"size", "xxh3",
-                           "verified": unix s, "run"}: what the off-site target holds, verified
+                           "verified": unix s, "run", "target"}: what the off-site target holds, verified
     db "replication_runs"  run id (8-byte big-endian, microseconds) -> the run's summary (replicate.py)
     dupsort dbs            key -> StudyInstanceUID unless said otherwise:
       "patient_studies"    patient key
