@@ -327,6 +327,7 @@ class Lifecycle:
                 self.archive.audit.record(audit.event(
                     "DICOM Instances Accessed", op=job["kind"], action="U", study=study_uid,
                     patient=self.archive.patient_id_of(study_uid), dest=",".join(job["targets"]),
+                    instances=self._instance_count(study_uid),
                     bytes=written, hot_copy_dropped=job["drop_hot"], rule=job["rule"]))
             self.archive.index.write(lambda t, uid=study_uid: t.delete("jobs", uid))
             for key in [f"tier:{tier}" for tier in job["targets"]] + [f"job:{study_uid}"]:
@@ -335,6 +336,12 @@ class Lifecycle:
                                 "bytes": written})
             on_event("job.done", {"study": study_uid, "kind": job["kind"], "bytes": written})
         return report
+
+    def _instance_count(self, study_uid: str) -> int:
+        try:
+            return len(self.archive.instances_of_study(study_uid))
+        except NotFound:  # deleted meanwhile
+            return 0
 
     def _run(self, study_uid: str, job: dict) -> int:
         self._clean_orphans(study_uid, job)

@@ -63,8 +63,11 @@ def _trend_svg(runs: list[dict]) -> str:
             parts.append(f"<circle cx='{x + step / 2:.1f}' cy='{pad / 2:.1f}' r='{min(3 + problems, 10)}' "
                          f"fill='#b42318'><title>{problems} problems</title></circle>")
     parts.append(f"<text x='{pad}' y='{height - 8}' font-size='11' fill='#667085'>{_e(_when(runs[0]['started']))}"
-                 f"</text><text x='{width - pad}' y='{height - 8}' font-size='11' text-anchor='end' "
-                 f"fill='#667085'>{_e(_when(runs[-1]['started']))}</text></svg>")
+                 "</text>")
+    if len(runs) * step > 260:  # room for both ends' labels
+        parts.append(f"<text x='{pad + len(runs) * step:.1f}' y='{height - 8}' font-size='11' text-anchor='end' "
+                     f"fill='#667085'>{_e(_when(runs[-1]['started']))}</text>")
+    parts.append("</svg>")
     return "".join(parts) + ("<p class=muted>Bars: bytes verified per run (green fast, purple deep); "
                              "red dots: problems found.</p>")
 
