@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
 
@@ -115,11 +116,16 @@ class ServerMetrics:
 _STATES = ("ONLINE", "DEGRADED", "FAULTED")
 
 
+def _alarm_label(key: str) -> str:
+    return "job" if key.startswith("job:") else key
+
+
 def health_gauges(status: dict, now: float) -> str:
     """The health summary (health.status) as gauges."""
     tiers = status["tiers"]
     last_scrub, last_copy = status.get("last_scrub_run"), status.get("last_replication_run")
     lag = status["replication_lag_s"]
+    alarm_counts = Counter(_alarm_label(a["key"]) for a in status["alarms"])
     families = [
         family("up", "gauge", "1: the archive could be read for this scrape.", [({}, 1)]),
         family("state", "gauge", "1 for the current state (ONLINE, DEGRADED, FAULTED).",
@@ -156,7 +162,8 @@ def health_gauges(status: dict, now: float) -> str:
                [({}, int(bool(last_copy and last_copy.get("verified"))))] if last_copy else []),
         family("audit_records", "gauge", "Records in the audit trail (signed head).", [({}, status["audit"]["records"])]),
         family("alarms", "gauge", "Open alarms.", [({}, len(status["alarms"]))]),
-        family("alarm", "gauge", "1 per open alarm, by key.", [({"key": a["key"]}, 1) for a in status["alarms"]]),
+        family("alarm", "gauge", "Open alarms by key (job alarms counted under \"job\": no study UID leaves).",
+               [({"key": key}, count) for key, count in sorted(alarm_counts.items())]),
         family("scrape_timestamp_seconds", "gauge", "When these figures were read.", [({}, round(now, 3))]),
     ]
     return "".join(families)
