@@ -2,7 +2,8 @@
 
 Every peer runs as a plain process on a free loopback port with its data under
 the same work directory (same file system), and every peer is driven by the same
-client: dcmtk's storescu / getscu with TCP_NODELAY=1. Figures are reported as
+client: dcmtk's storescu (one association, and 4 at once on a second CT study) /
+getscu / movescu (to a dcmtk storescp) with TCP_NODELAY=1. Figures are reported as
 ratios against the peers measured in the same run.
 
     python benchmarks/dicom_bench.py [--quick] [--ct N] [--small N] [--workdir DIR]
@@ -33,6 +34,8 @@ import corpus  # noqa: E402
 from common import free_port, machine, run_and_report  # noqa: E402
 
 CLIENT_AE = "BENCH"
+DEST_AE = "BENCHDEST"  # a dcmtk storescp receiving C-MOVE sub-operations
+PARALLEL = 4  # associations of the parallel variant
 # dcmtk (storescp, the clients, and Orthanc, which is built on it) sets TCP_NODELAY only when
 # told to; without it every DIMSE exchange waits ~40 ms for a delayed ACK.
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -91,7 +94,7 @@ class Peer:
 class Vault(Peer):
     ae_title = "ARCHIVE"
 
-    def __init__(self, work: Path, audit: bool = True):
+    def __init__(self, work: Path, destination_port: int, audit: bool = True):
         """`audit=False`: the same with the audit trail off, to measure what the trail costs."""
         self.name = "pacs-vault" if audit else "pacs-vault (audit off)"
         self.home = work / ("vault" if audit else "vault-no-audit")
@@ -102,6 +105,8 @@ class Vault(Peer):
             config.write_text(config.read_text().replace("  enabled: true", "  enabled: false", 1))
         subprocess.run(appliance + ["ae", "add", CLIENT_AE, "127.0.0.1", str(free_port()), "--roles",
                                     "store,query,retrieve"], check=True, capture_output=True, cwd=REPO)
+        subprocess.run(appliance + ["ae", "add", DEST_AE, "127.0.0.1", str(destination_port), "--roles",
+                                    "move-destination"], check=True, capture_output=True, cwd=REPO)
         self.port = free_port()
         self.process = subprocess.Popen(appliance + ["serve", "--port", str(self.port)], cwd=REPO,
                                         stderr=open(self.home / "serve.log", "w"))
@@ -132,7 +137,7 @@ class Storescp(Peer):
 class Orthanc(Peer):
     ae_title = "ORTHANC"
 
-    def __init__(self, work: Path, compression: bool):
+    def __init__(self, work: Path, compression: bool, destination_port: int):
         self.name = f"Orthanc (compression {'on' if compression else 'off'})"
         self.dir = work / f"orthanc-{'z' if compression else 'plain'}"
         self.dir.mkdir()
@@ -143,7 +148,8 @@ class Orthanc(Peer):
             "DicomAet": self.ae_title, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
-            "DicomModalities": {"bench": [CLIENT_AE, "127.0.0.1", free_port()]},
+            "DicomModalities": {"bench": [CLIENT_AE, "127.0.0.1", free_port()],
+                                "dest": [DEST_AE, "127.0.0.1", destination_port]},
             "Plugins": [], "HttpServerEnabled": True, "HttpDescribeErrors": False,
         }
         path = self.dir / "orthanc.json"
@@ -166,6 +172,25 @@ def storescu(peer: Peer, files: list[Path]) -> float:
                  *map(str, files))
 
 
+def storescu_parallel(peer: Peer, files: list[Path]) -> float:
+    """PARALLEL storescu processes at once, each with its share of `files`; wall-clock seconds."""
+    os.sync()
+    shares = [files[n::PARALLEL] for n in range(PARALLEL)]
+    start = time.perf_counter()
+    clients = [subprocess.Popen(["/usr/bin/storescu", "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1",
+                                 str(peer.port), *map(str, share)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=NODELAY_ENV) for share in shares if share]
+    for client in clients:
+        if client.wait() != 0:
+            raise RuntimeError(f"storescu failed: {client.stderr.read().decode()[-2000:]}")
+    return time.perf_counter() - start
+
+
+def movescu(peer: Peer, study_uid: str) -> float:
+    return dcmtk("movescu", "-S", "-aet", CLIENT_AE, "-aec", peer.ae_title, "-aem", DEST_AE, "127.0.0.1",
+                 str(peer.port), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}")
+
+
 def getscu(peer: Peer, study_uid: str, out: Path) -> float:
     out.mkdir(parents=True, exist_ok=True)
     return dcmtk("getscu", "-S", "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
@@ -174,17 +199,25 @@ def getscu(peer: Peer, study_uid: str, out: Path) -> float:
 
 def run(work: Path, ct_count: int, small_count: int) -> dict:
     ct = corpus.ct_study(work / "corpus" / "ct", ct_count)
+    ct_parallel = corpus.ct_study(work / "corpus" / "ct-parallel", ct_count, patient_id="PV0009", seed=11)
     small = corpus.small_instances(work / "corpus" / "small", small_count)
     ct_bytes = sum(p.stat().st_size for p in ct)
+    ct_bytes_parallel = sum(p.stat().st_size for p in ct_parallel)
     small_bytes = sum(p.stat().st_size for p in small)
     import pydicom
     study_uid = pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
 
     # The trail's cost: the same server with the trail off, measured first (the place that pays
     # for anything left over from generating the corpus), then with it on.
-    peers: list[Peer] = [Vault(work, audit=False), Vault(work), Storescp(work)]
+    destination_dir = work / "moved"
+    destination_dir.mkdir()
+    destination_port = free_port()
+    destination = subprocess.Popen(["/usr/bin/storescp", "-aet", DEST_AE, "-od", str(destination_dir),
+                                    str(destination_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=NODELAY_ENV)
+    peers: list[Peer] = [Vault(work, destination_port, audit=False), Vault(work, destination_port), Storescp(work)]
     if Path(ORTHANC).exists():
-        peers += [Orthanc(work, compression=False), Orthanc(work, compression=True)]
+        peers += [Orthanc(work, False, destination_port), Orthanc(work, True, destination_port)]
     results = {"machine": machine(), "corpus": {"ct_instances": len(ct), "ct_bytes": ct_bytes,
                                                 "small_instances": len(small), "small_bytes": small_bytes},
                "peers": {}}
@@ -194,23 +227,31 @@ def run(work: Path, ct_count: int, small_count: int) -> dict:
             seconds = storescu(peer, ct)
             row["ct_ingest_mb_s"] = ct_bytes / seconds / 1e6
             row["ct_ingest_inst_s"] = len(ct) / seconds
+            seconds = storescu_parallel(peer, ct_parallel)
+            row["ct_parallel_ingest_mb_s"] = ct_bytes_parallel / seconds / 1e6
+            row["ct_parallel_ingest_inst_s"] = len(ct_parallel) / seconds
             seconds = storescu(peer, small)
             row["small_ingest_inst_s"] = len(small) / seconds
-            row["stored_over_received"] = peer.stored_bytes() / (ct_bytes + small_bytes)
+            row["stored_over_received"] = peer.stored_bytes() / (ct_bytes + ct_bytes_parallel + small_bytes)
             if peer.supports_get:
                 seconds = getscu(peer, study_uid, work / "get" / peer.name.replace(" ", "_"))
                 row["ct_get_mb_s"] = ct_bytes / seconds / 1e6
+                seconds = movescu(peer, study_uid)
+                row["ct_move_mb_s"] = ct_bytes / seconds / 1e6
             row["peak_rss_mb"] = peer.rss_mb
             results["peers"][peer.name] = row
     finally:
         for peer in peers:
             peer.stop()
+        destination.terminate()
+        destination.wait()
     vault = results["peers"]["pacs-vault"]
     ratios = {}
     for name, row in results["peers"].items():
         if name == "pacs-vault":
             continue
-        for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "small_ingest_inst_s", "ct_get_mb_s"):
+        for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "small_ingest_inst_s",
+                    "ct_get_mb_s", "ct_move_mb_s"):
             if key in row and key in vault:
                 ratios[f"{key} vs {name}"] = vault[key] / row[key]
     results["ratios"] = ratios
@@ -218,8 +259,8 @@ def run(work: Path, ct_count: int, small_count: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    keys = ("ct_ingest_mb_s", "ct_ingest_inst_s", "small_ingest_inst_s", "ct_get_mb_s", "stored_over_received",
-            "peak_rss_mb")
+    keys = ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "small_ingest_inst_s", "ct_get_mb_s",
+            "ct_move_mb_s", "stored_over_received", "peak_rss_mb")
     lines = ["| peer | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in results["peers"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" if k in row else "-" for k in keys) + " |")

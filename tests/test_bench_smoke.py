@@ -22,7 +22,8 @@ def _quick(script: str, name: str, tmp_path) -> dict:
 def test_dicom_bench_quick(tmp_path):
     results = _quick("dicom_bench.py", "dicom", tmp_path)
     vault = results["peers"]["pacs-vault"]
-    for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "small_ingest_inst_s", "ct_get_mb_s", "peak_rss_mb"):
+    for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "small_ingest_inst_s",
+                "ct_get_mb_s", "ct_move_mb_s", "peak_rss_mb"):
         assert vault[key] > 0, key
     assert 0 < vault["stored_over_received"] < 1
     assert "ct_ingest_mb_s vs dcmtk storescp" in results["ratios"]
