@@ -124,6 +124,7 @@ class Archive:
                 result = sealed.seal(src, info.length, dst, data_key=self.keyring.data_key(key_id),
                                      key_id=key_id, content_address=info.content_address,
                                      level=settings.compression_level, try_compression=info.compressible,
+                                     shuffled=info.bits_allocated == 16,
                                      segment_size=settings.segment_size_kb << 10)
             except OSError as exc:
                 raise_if_out_of_space(exc)

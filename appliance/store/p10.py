@@ -55,6 +55,7 @@ class InstanceInfo:
     series: dict = field(default_factory=dict)
     instance: dict = field(default_factory=dict)
     specific_character_set: str = ""
+    bits_allocated: int = 0  # of the pixel data (0: none or unknown)
 
     @property
     def study_uid(self) -> str:
@@ -294,6 +295,8 @@ def inspect(path: str | os.PathLike) -> InstanceInfo:
             info = InstanceInfo(content_address, size, transfer_syntax, has_meta)
             try:
                 info.specific_character_set = text_value(ds.get("SpecificCharacterSet"))
+                bits = ds.get("BitsAllocated")
+                info.bits_allocated = bits if isinstance(bits, int) else 0
                 for keys, target in ((PATIENT_KEYS, info.patient), (STUDY_KEYS, info.study),
                                      (SERIES_KEYS, info.series), (INSTANCE_KEYS, info.instance)):
                     for keyword in keys:
