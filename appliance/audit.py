@@ -35,7 +35,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -240,8 +239,10 @@ def verify(lines: Iterable[tuple[str, bytes]], head: dict | None, checkpoints: I
         result.last_seq = seq
         if seq in wanted:
             hashes[seq] = prev
-    trusted = set(result.keys) | set(pinned)
+    # Pinned keys, when given, are the only ones trusted (after a restore, pin the old and the new key);
+    # otherwise every key a record announces.
     pins = set(pinned)
+    trusted = pins or set(result.keys)
     if pins and not pins & set(result.keys):
         result.problems.append("no record announces the pinned public key: the trail was signed by another key")
     named = [(f"the checkpoint at record {cp['seq']}", cp) for cp in parsed_checkpoints]
@@ -251,7 +252,7 @@ def verify(lines: Iterable[tuple[str, bytes]], head: dict | None, checkpoints: I
         if not checkpoint_signed(cp):
             result.problems.append(f"{name}: bad signature (edited or forged)")
         elif cp["key"] not in trusted:
-            result.problems.append(f"{name}: signed by a key no record announces")
+            result.problems.append(f"{name}: signed by a key {'not pinned' if pins else 'no record announces'}")
         elif cp["seq"] > result.last_seq:
             result.problems.append(f"{name} covers records up to {cp['seq']} but the trail ends at "
                                    f"{result.last_seq}: records {result.last_seq + 1} to {cp['seq']} were removed")
@@ -285,7 +286,8 @@ def to_syslog(record: dict, hostname: str) -> str:
     fields["detail"] = json.dumps(record.get("detail", {}), sort_keys=True, separators=(",", ":"))
     data = " ".join(f'{k}="{_sd_escape(v)}"' for k, v in fields.items())
     message = f"{record['event']}: {record['op']} by {record.get('user', '-')}"
-    return (f"<{13 * 8 + severity}>1 {record['time']} {hostname or '-'} pacs-vault - {record['op'][:32]} "
+    msgid = "".join(c if "!" <= c <= "~" else "_" for c in record["op"])[:32] or "-"
+    return (f"<{13 * 8 + severity}>1 {record['time']} {hostname or '-'} pacs-vault - {msgid} "
             f"[audit@32473 {data}] {message}")
 
 
@@ -447,7 +449,7 @@ class AuditTrail:
                 error = None
                 try:
                     self._append([e for _, e in batch])
-                except Exception as exc:  # noqa: BLE001 - every waiter of the batch gets it
+                except BaseException as exc:  # noqa: BLE001 - every waiter of the batch gets it
                     error = exc
                 finally:
                     self._cond.acquire()
@@ -459,7 +461,7 @@ class AuditTrail:
                     self._cond.notify_all()
             error = self._failed.pop(ticket, None)
         if error is not None:
-            if isinstance(error, AuditError):
+            if isinstance(error, AuditError) or not isinstance(error, Exception):  # KeyboardInterrupt too
                 raise error
             raise AuditError(f"the audit trail cannot be written ({error}): the operation is refused")
 
@@ -469,8 +471,13 @@ class AuditTrail:
         return self._key
 
     def _append(self, entries: list[dict]) -> None:
-        key = self._signing_key()
         with self._locked():
+            if not self.key_file.exists() and not self.segment_paths():
+                # A home from before the trail existed: start it, and say so in its first record.
+                entries = [event("Security Alert", type="Audit Recording Started", op="audit", user=self.user,
+                                 host=self.host, reason="trail started in an existing home",
+                                 audit_key=generate_key(self.key_file))] + entries
+            key = self._signing_key()
             segment, seq, prev, dropped = self._tail_cached()
             now = time.time()
             if dropped:
@@ -534,8 +541,8 @@ class AuditTrail:
 
     def checkpoint(self) -> dict:
         """Sign the current end of the trail into checkpoints.log now (before an off-site copy)."""
-        key = self._signing_key()
         with self._locked():
+            key = self._signing_key()
             _, seq, prev, _ = self._tail()
             head = sign_checkpoint(key, seq, prev, time.time())
             last = self._last_checkpoint()
@@ -547,13 +554,14 @@ class AuditTrail:
         """A consistent copy of the trail, its checkpoints and head (for the off-site copy),
         signed up to its last record."""
         self.checkpoint()
-        with self._locked():
-            (directory / "trail").mkdir(parents=True)
-            for segment in self.segment_paths():
-                shutil.copyfile(segment, directory / "trail" / segment.name)
-            for name in ("head", "checkpoints.log"):
-                if (self.directory / name).exists():
-                    shutil.copyfile(self.directory / name, directory / name)
+        head, checkpoints, sizes = self._snapshot()
+        (directory / "trail").mkdir(parents=True)
+        for segment, size in sizes.items():
+            with open(directory / "trail" / segment.name, "wb") as out:
+                out.writelines(line for _, line in self.lines({segment: size}))
+        if head is not None:
+            (directory / "head").write_bytes(canonical(head))
+        (directory / "checkpoints.log").write_bytes(b"".join(line + b"\n" for line in checkpoints))
 
     def _write_checkpoint(self, checkpoint: dict) -> None:
         _append_durably(self.directory / "checkpoints.log", canonical(checkpoint) + b"\n")
@@ -572,6 +580,7 @@ class AuditTrail:
         return self._tail()
 
     def _locked(self):
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
         return _FileLock(self.directory / "lock")
 
     def _tail(self) -> tuple[Path | None, int, str, int]:
@@ -596,12 +605,19 @@ class AuditTrail:
         return (segments[-1] if segments else None), 0, GENESIS, dropped
 
     def _last_checkpoint(self) -> dict | None:
+        """The last checkpoint (under the lock); a line cut off by a crash is dropped."""
         path = self.directory / "checkpoints.log"
         if not path.exists():
             return None
-        with open(path, "rb") as fp:
-            line, _ = _last_line(fp, fp.seek(0, os.SEEK_END))
-        return json.loads(line) if line else None
+        with open(path, "r+b") as fp:
+            size = fp.seek(0, os.SEEK_END)
+            line, end = _last_line(fp, size)
+            if end < size:
+                fp.truncate(end)
+        try:
+            return json.loads(line) if line else None
+        except ValueError:
+            return None  # verify reports the damaged line; a new checkpoint follows
 
     # -- reading ------------------------------------------------------------------------
 
@@ -610,11 +626,26 @@ class AuditTrail:
             return []
         return sorted(p for p in self.segments_dir.iterdir() if p.suffix == ".log" and p.stem.isdigit())
 
-    def lines(self) -> Iterator[tuple[str, bytes]]:
-        for segment in self.segment_paths():
+    def lines(self, sizes: dict[Path, int] | None = None) -> Iterator[tuple[str, bytes]]:
+        """Every line, or with `sizes` only the first `sizes[segment]` bytes of each segment."""
+        for segment in (sizes or self.segment_paths()):
+            limit = sizes[segment] if sizes else None
+            read = 0
             with open(segment, "rb") as fp:
                 for number, line in enumerate(fp, 1):
+                    if limit is not None:
+                        if read >= limit:
+                            break
+                        line = line[:limit - read]
+                    read += len(line)
                     yield f"{segment.name} line {number}", line
+
+    def _snapshot(self) -> tuple[dict | None, list[bytes], dict[Path, int]]:
+        """Head, checkpoints and segment sizes at one instant: appends only add after those sizes,
+        so the trail can then be read without the lock (stores are not held up by a long read)."""
+        with self._locked():
+            return (self.head(), self.checkpoint_lines(),
+                    {segment: segment.stat().st_size for segment in self.segment_paths()})
 
     def records(self) -> Iterator[dict]:
         for where, line in self.lines():
@@ -636,8 +667,8 @@ class AuditTrail:
         return path.read_bytes().splitlines() if path.exists() else []
 
     def verify(self, pinned: Iterable[str] = (), offsite: dict | None = None) -> Verification:
-        with self._locked():  # a consistent view: no append half-way
-            return verify(self.lines(), self.head(), self.checkpoint_lines(), pinned, offsite)
+        head, checkpoints, sizes = self._snapshot()
+        return verify(self.lines(sizes), head, checkpoints, pinned, offsite)
 
     def public_key(self) -> str:
         return public_hex(self._signing_key())

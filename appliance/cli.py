@@ -195,11 +195,23 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _output_file(args, path: str) -> Path:
+    """Where a report or metrics file may be written: outside the home or in its reports/ directory,
+    never over a key (the command may run as the service account, for someone else)."""
+    config = cfg.load(_home(args))
+    target, home = Path(path).resolve(), config.home.resolve()
+    if (home in target.parents and home / "reports" not in target.parents) or target == home \
+            or target in (config.key_file.resolve(), config.audit_key_file.resolve()):
+        raise AccessDenied(f"{path}: reports go outside the home or under {home / 'reports'}/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def cmd_report(args) -> int:
     with _open(args) as archive:
         data = auditor.gather(archive, time.time(), since_days=args.days, horizon_days=args.horizon)
     if args.html:
-        write_file_atomic(Path(args.html), reports.auditor_html(data).encode())
+        write_file_atomic(_output_file(args, args.html), reports.auditor_html(data).encode(), mode=0o640)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     elif args.html:
@@ -214,7 +226,7 @@ def cmd_metrics(args) -> int:
     with _open(args) as archive:
         text = metrics.health_gauges(health.status(archive, time.time()), time.time())
     if args.textfile:  # node_exporter reads *.prom files: replace whole, never half-written
-        write_file_atomic(Path(args.textfile), text.encode())
+        write_file_atomic(_output_file(args, args.textfile), text.encode())
     else:
         print(text, end="")
     return 0
@@ -241,7 +253,7 @@ def cmd_scrub(args) -> int:
         progress.close()
         result = report.as_dict()
         if args.report:
-            target = Path(args.report)
+            target = _output_file(args, args.report)
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.suffix in (".html", ".htm"):
                 target.write_text(reports.scrub_html(result, scrub.history(archive)))
@@ -266,7 +278,7 @@ def cmd_replicate(args) -> int:
                                      on_event=lambda kind, data: progress.event(kind, **data))
         progress.close()
         if args.report:
-            target = Path(args.report)
+            target = _output_file(args, args.report)
             target.parent.mkdir(parents=True, exist_ok=True)
             runs = replicate.history(archive)
             target.write_text(reports.backup_html(report.as_dict(), runs, archive.config.appliance.replication.rpo_hours)
@@ -524,7 +536,7 @@ def cmd_audit(args) -> int:
         return 0 if result.intact else 1
     since = _since(args.since)
     if args.action == "export":
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        out = open(_output_file(args, args.output), "w", encoding="utf-8") if args.output else sys.stdout
         try:
             for record in trail.records():
                 if since and record["time"] < since:
@@ -548,7 +560,8 @@ def cmd_audit(args) -> int:
     summary = audit.access_summary(records)
     verification = trail.verify().as_dict()
     if args.html:
-        Path(args.html).write_text(reports.audit_html(subject, records, summary, verification), encoding="utf-8")
+        write_file_atomic(_output_file(args, args.html),
+                          reports.audit_html(subject, records, summary, verification).encode(), mode=0o640)
     if args.json:
         print(json.dumps({"subject": subject, "trail_intact": verification["intact"], "summary": summary,
                           "records": records}, indent=2))

@@ -242,15 +242,18 @@ def _audit_hold(archive: Archive, key: str, op: str, reason: str) -> None:
 
 
 def release_hold(archive: Archive, key: str, reason: str) -> dict:
+    with archive.index.read() as t:
+        if t.get("holds", key) is None:
+            raise NotFound(f"no hold on {key.replace(':', ' ', 1)}")
+    _audit_hold(archive, key, "hold release", reason)  # recorded first: no release goes unrecorded
+
     def release(t: ix.Txn) -> dict:
         record = t.get("holds", key)
         if record is None:
             raise NotFound(f"no hold on {key.replace(':', ' ', 1)}")
         t.delete("holds", key)
         return record
-    record = archive.index.write(release)
-    _audit_hold(archive, key, "hold release", reason)
-    return record
+    return archive.index.write(release)
 
 
 def holds(archive: Archive) -> dict[str, dict]:

@@ -301,7 +301,8 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     finally:
         snapshot.close()
     with archive.index.read() as t:
-        known = {key.decode(): rec for key, rec in t.items("replicas") if _on(rec, target)}
+        legacy = _legacy_target(t)
+        known = {key.decode(): rec for key, rec in t.items("replicas") if _on(rec, target, legacy)}
     todo = {path: w for path, w in wanted.items() if path not in known}
     check = {path: w for path, w in wanted.items() if verify_all or path not in known}
     on_event("replicate.start", {"objects": len(todo), "target": str(target)})
@@ -446,9 +447,15 @@ def configured_target(config: cfg.Config) -> Target:
     return Target.parse(settings.target, settings, config.home)
 
 
-def _on(replica: dict, target: Target) -> bool:
-    """Whether a replica record is about this target (records from before targets were noted are)."""
-    return replica.get("target", str(target)) == str(target)
+def _on(replica: dict, target: Target, legacy: str) -> bool:
+    """Whether a replica record is about this target. Records from before targets were noted
+    belong to `legacy`: the target of the last run that did not note targets."""
+    return replica.get("target", legacy) == str(target)
+
+
+def _legacy_target(t: ix.Txn) -> str:
+    runs = [run for _, run in t.items("replication_runs")]
+    return runs[-1]["target"] if runs else ""
 
 
 def rpo_lag(archive: Archive, now: float) -> float | None:
@@ -457,7 +464,8 @@ def rpo_lag(archive: Archive, now: float) -> float | None:
     oldest = None
     target = configured_target(archive.config)
     with archive.index.read() as t:
-        replicas = {key.decode() for key, rec in t.items("replicas") if _on(rec, target)}
+        legacy = _legacy_target(t)
+        replicas = {key.decode() for key, rec in t.items("replicas") if _on(rec, target, legacy)}
         packs_on = {p.split("/")[-1] for p in replicas if p.startswith("packs/")}
         for _, blob in t.items("blobs"):
             hot = blob["copies"].get(archive.hot.name)

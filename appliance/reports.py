@@ -124,7 +124,7 @@ def audit_html(subject: str, records: list[dict], summary: list[dict], verificat
         f"<td>{_e(r['first'][:19])}</td><td>{_e(r['last'][:19])}</td></tr>"
         for r in summary) or "<tr><td colspan=9 class=muted>No record.</td></tr>"
     events = "".join(
-        f"<tr><td class=num>{r['seq']}</td><td>{_e(r['time'][:23])}</td><td>{_e(r.get('user', ''))}</td>"
+        f"<tr><td class=num>{_e(r['seq'])}</td><td>{_e(r['time'][:23])}</td><td>{_e(r.get('user', ''))}</td>"
         f"<td>{_e(r.get('host', ''))}</td><td>{_e(r['event'])}{' / ' + _e(r['type']) if r.get('type') else ''}</td>"
         f"<td>{_e(r['action'])}</td><td>{'success' if not r['outcome'] else '<b>failure</b>'}</td>"
         f"<td>{_e(r.get('study', ''))}</td><td>{_e(describe(r))}</td></tr>"

@@ -8,6 +8,7 @@ read-only): the home, and every tier, spool, key and off-site directory outside 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from appliance.config import Config
@@ -40,6 +41,8 @@ def writable_paths(config: Config) -> list[str]:
 
 
 def render(text: str, config: Config, user: str, group: str, executable: Path) -> str:
+    models = {MODEL_EXECUTABLE: str(executable), MODEL_HOME: str(config.home.resolve()),
+              MODEL_INSTALL: str(SHIPPED.parent)}  # the longest first: alternatives are tried in order
     lines = []
     for line in text.splitlines():
         if line.startswith("ReadWritePaths="):
@@ -48,9 +51,8 @@ def render(text: str, config: Config, user: str, group: str, executable: Path) -
             line = f"User={user}"
         elif line.startswith("Group="):
             line = f"Group={group}"
-        else:
-            line = (line.replace(MODEL_EXECUTABLE, str(executable)).replace(MODEL_HOME, str(config.home.resolve()))
-                    .replace(MODEL_INSTALL, str(SHIPPED.parent)))
+        else:  # one pass: a substituted path is never substituted again
+            line = re.sub("|".join(re.escape(model) for model in models), lambda m: models[m.group(0)], line)
         lines.append(line)
     return "\n".join(lines) + "\n"
 

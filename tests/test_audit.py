@@ -269,8 +269,9 @@ def test_commands_config_changes_and_keys_are_recorded(home, tmp_path):
     assert status["data_keys"] == 1 and status["kek_age_days"] == 0
     assert Path(status["audit_key_file"]) != Path(status["key_file"])
     assert status["audit_public_key"] in json.loads(run_cli("audit", "verify", "--json", home=home).stdout)["keys"]
+    assert run_cli("audit", "verify", "--public-key", status["audit_public_key"], home=home).returncode == 0
     pinned = run_cli("audit", "verify", "--public-key", "ab" * 32, home=home, check=False)
-    assert pinned.returncode == 1 and "pinned public key" in pinned.stdout
+    assert pinned.returncode == 1 and "pinned public key" in pinned.stdout and "not pinned" in pinned.stdout
 
 
 def test_turning_the_trail_off_is_recorded_and_raises_an_alarm(home):
@@ -445,3 +446,14 @@ def test_a_full_workflow_leaves_its_events_in_order_and_no_secret_anywhere(home,
             assert secret not in data, name
     for name in places:
         assert "kek.key" not in Path(name).name and "audit.key" not in Path(name).name
+
+
+def test_a_home_from_before_the_trail_starts_one(home):
+    import shutil
+
+    shutil.rmtree(home / "audit")
+    (home / "audit.key").unlink()
+    run_cli("status", home=home)
+    records = _records(home)
+    assert records[0]["detail"]["reason"] == "trail started in an existing home" and "audit_key" in records[0]["detail"]
+    assert run_cli("audit", "verify", home=home).returncode == 0

@@ -95,6 +95,14 @@ def test_metrics_textfile_for_node_exporter(home, tmp_path):
     assert samples[("pacs_vault_scrub_last_copies_checked", frozenset())] == 2
     assert samples[("pacs_vault_replication_lag_seconds", frozenset())] > 0  # never replicated
     assert list(target.parent.iterdir()) == [target]  # written whole, no temporary left
+    # An output path is never a key or anything else in the home (the command may run as the
+    # service account on someone's behalf): only HOME/reports/ there.
+    key = (home / "kek.key").read_bytes()
+    for inside in (home / "kek.key", home / "audit" / "head", home / "metrics.prom"):
+        refused = run_cli("metrics", "--textfile", str(inside), home=home, check=False)
+        assert refused.returncode == 77 and "reports go outside the home" in refused.stderr
+    assert (home / "kek.key").read_bytes() == key
+    run_cli("metrics", "--textfile", str(home / "reports" / "pacs_vault.prom"), home=home)
 
 
 def _png_stats(path: Path) -> tuple[float, int]:

@@ -171,7 +171,10 @@ class RetrieveService:
 
         op = "c-get" if isinstance(req, C_GET) else "c-move"
         if not self._authorise(assoc, "retrieve"):
-            refuse(self._archive, assoc, op, "retrieve")
+            try:
+                refuse(self._archive, assoc, op, "retrieve")
+            except AuditError as exc:
+                LOG.error("retrieve refusal not recorded: %s", exc)
             return finish(0x0124, comment="calling AE may not retrieve")
         try:
             ident = q.parse(_identifier(req, context), self._model_of(context.abstract_syntax))
@@ -202,9 +205,12 @@ class RetrieveService:
             dest = str(req.MoveDestination).strip()
             destination = self._destination(dest)
             if destination is None:
-                self._archive.audit.record(audit.event(
-                    "Security Alert", type="Use of Restricted Function", op=op, outcome=4, dest=dest,
-                    reason="move destination unknown or without the move-destination role", **who))
+                try:
+                    self._archive.audit.record(audit.event(
+                        "Security Alert", type="Use of Restricted Function", op=op, outcome=4, dest=dest,
+                        reason="move destination unknown or without the move-destination role", **who))
+                except AuditError as exc:
+                    LOG.error("retrieve refusal not recorded: %s", exc)
                 return finish(0xA801, comment="move destination unknown or not allowed")
             dest = f"{dest}@{destination[0]}:{destination[1]}"
             pairs = sorted({(rec["SOPClassUID"], rec["transfer_syntax"]) for _, rec in instances})
