@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--ae-title")
     serve.add_argument("--debug", action="store_true",
-                       help="log every PDU and DIMSE message (never identifiers or other patient data)")
+                       help="log every PDU and DIMSE message (UIDs, but never query identifiers or patient data)")
     serve.set_defaults(func=cmd_serve)
 
     ae = sub.add_parser("ae", help="remote application entities and their roles")
