@@ -422,9 +422,13 @@ class AuditTrail:
         public = public_hex(load_key(key_file)) if Path(key_file).exists() else generate_key(Path(key_file))
         trail = cls(directory, key_file)
         trail.make_reserve()
-        trail.record(event("Security Alert", type="Audit Recording Started", op="audit", action="E",
-                           user=trail.user, host=trail.host, reason=reason, audit_key=public))
+        trail.record(trail._started(reason, public))
         return trail
+
+    def _started(self, reason: str, public_key: str) -> dict:
+        """The record that announces a signing key: the first of a trail, and the first after a restore."""
+        return event("Security Alert", type="Audit Recording Started", op="audit", user=self.user, host=self.host,
+                     reason=reason, audit_key=public_key)
 
     # -- appending ----------------------------------------------------------------------
 
@@ -472,11 +476,9 @@ class AuditTrail:
 
     def _append(self, entries: list[dict]) -> None:
         with self._locked():
-            if not self.key_file.exists() and not self.segment_paths():
+            if self._key is None and not self.key_file.exists() and not self.segment_paths():
                 # A home from before the trail existed: start it, and say so in its first record.
-                entries = [event("Security Alert", type="Audit Recording Started", op="audit", user=self.user,
-                                 host=self.host, reason="trail started in an existing home",
-                                 audit_key=generate_key(self.key_file))] + entries
+                entries = [self._started("trail started in an existing home", generate_key(self.key_file))] + entries
             key = self._signing_key()
             segment, seq, prev, dropped = self._tail_cached()
             now = time.time()
@@ -580,7 +582,6 @@ class AuditTrail:
         return self._tail()
 
     def _locked(self):
-        self.segments_dir.mkdir(parents=True, exist_ok=True)
         return _FileLock(self.directory / "lock")
 
     def _tail(self) -> tuple[Path | None, int, str, int]:
@@ -704,7 +705,11 @@ class _FileLock:
         self.path = path
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o660)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o660)
+        except FileNotFoundError:  # a trail not started yet: its directories are made on first use
+            (self.path.parent / "trail").mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o660)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 

@@ -33,7 +33,7 @@ def gather(archive: Archive, now: float, since_days: int = 90, horizon_days: int
         "period": {"since": since, "until": audit.utc(now), "days": since_days},
         "status": status,
         "integrity": {
-            "coverage": scrub.coverage(archive, int(now)),
+            "coverage": status["scrub_coverage"],
             "runs": scrub.history(archive)[-60:],
             "damaged": status["damaged"],
         },

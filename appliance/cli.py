@@ -195,10 +195,9 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _output_file(args, path: str) -> Path:
+def _output_file(config: cfg.Config, path: str) -> Path:
     """Where a report or metrics file may be written: outside the home or in its reports/ directory,
     never over a key (the command may run as the service account, for someone else)."""
-    config = cfg.load(_home(args))
     target, home = Path(path).resolve(), config.home.resolve()
     if (home in target.parents and home / "reports" not in target.parents) or target == home \
             or target in (config.key_file.resolve(), config.audit_key_file.resolve()):
@@ -211,7 +210,7 @@ def cmd_report(args) -> int:
     with _open(args) as archive:
         data = auditor.gather(archive, time.time(), since_days=args.days, horizon_days=args.horizon)
     if args.html:
-        write_file_atomic(_output_file(args, args.html), reports.auditor_html(data).encode(), mode=0o640)
+        write_file_atomic(_output_file(archive.config, args.html), reports.auditor_html(data).encode(), mode=0o640)
     if args.json:
         print(json.dumps(data, indent=2, default=str))
     elif args.html:
@@ -226,7 +225,7 @@ def cmd_metrics(args) -> int:
     with _open(args) as archive:
         text = metrics.health_gauges(health.status(archive, time.time()), time.time())
     if args.textfile:  # node_exporter reads *.prom files: replace whole, never half-written
-        write_file_atomic(_output_file(args, args.textfile), text.encode())
+        write_file_atomic(_output_file(archive.config, args.textfile), text.encode())
     else:
         print(text, end="")
     return 0
@@ -253,8 +252,7 @@ def cmd_scrub(args) -> int:
         progress.close()
         result = report.as_dict()
         if args.report:
-            target = _output_file(args, args.report)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = _output_file(archive.config, args.report)
             if target.suffix in (".html", ".htm"):
                 target.write_text(reports.scrub_html(result, scrub.history(archive)))
             else:
@@ -278,8 +276,7 @@ def cmd_replicate(args) -> int:
                                      on_event=lambda kind, data: progress.event(kind, **data))
         progress.close()
         if args.report:
-            target = _output_file(args, args.report)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = _output_file(archive.config, args.report)
             runs = replicate.history(archive)
             target.write_text(reports.backup_html(report.as_dict(), runs, archive.config.appliance.replication.rpo_hours)
                               if target.suffix in (".html", ".htm") else json.dumps(report.as_dict(), indent=2))
@@ -536,7 +533,7 @@ def cmd_audit(args) -> int:
         return 0 if result.intact else 1
     since = _since(args.since)
     if args.action == "export":
-        out = open(_output_file(args, args.output), "w", encoding="utf-8") if args.output else sys.stdout
+        out = open(_output_file(config, args.output), "w", encoding="utf-8") if args.output else sys.stdout
         try:
             for record in trail.records():
                 if since and record["time"] < since:
@@ -560,7 +557,7 @@ def cmd_audit(args) -> int:
     summary = audit.access_summary(records)
     verification = trail.verify().as_dict()
     if args.html:
-        write_file_atomic(_output_file(args, args.html),
+        write_file_atomic(_output_file(config, args.html),
                           reports.audit_html(subject, records, summary, verification).encode(), mode=0o640)
     if args.json:
         print(json.dumps({"subject": subject, "trail_intact": verification["intact"], "summary": summary,

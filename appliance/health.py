@@ -49,13 +49,14 @@ def status(archive: Archive, now: float) -> dict:
     tiers = {}
     for name, tier in archive.config.tiers.items():
         tiers[name] = tier_status(archive, tier) | packs.get(name, {})
-    for name, row in scrub.coverage(archive, int(now)).items():
+    cover = scrub.coverage(archive, int(now))  # one scan of the index serves the tiers and the alarms
+    for name, row in cover.items():
         tiers[name]["copies"] = row["copies"]
         tiers[name]["scrub_overdue"] = {"fast": row["copies"] - row["fast_ok"], "deep": row["copies"] - row["deep_ok"]}
     jobs = lifecycle.jobs(archive)
     damaged = scrub.damaged_count(archive)
     alarms = [{"key": key, **value} for key, value in alarm_store.alarms(archive.index).items()]
-    alarms += scrub.computed_alarms(archive, now, damaged)
+    alarms += scrub.computed_alarms(archive, now, damaged, cover)
     hot = tiers[archive.hot.name]
     if "error" in hot:
         alarms.append({"key": "hot-tier", "message": f"the hot tier {hot['path']} cannot be read: {hot['error']}",
@@ -76,6 +77,7 @@ def status(archive: Archive, now: float) -> dict:
         "stored_ratio": round(stored / received, 4) if received else None,
         "keys": {"kek_id": archive.keyring.kek_id.hex(), "data_keys": archive.keyring.count()},
         "tiers": tiers,
+        "scrub_coverage": cover,
         "jobs": {"pending": len(jobs), "failing": sum(1 for j in jobs.values() if j["attempts"])},
         "holds": len(lifecycle.holds(archive)),
         "damaged": damaged,

@@ -519,11 +519,10 @@ def coverage(archive: Archive, now: int) -> dict:
     return out
 
 
-def overdue(archive: Archive, now: int) -> list[dict]:
-    """Tiers whose copies are past their scrub deadline: the last complete run over the tier
-    (or, before any, the oldest copy on it) is older than the interval."""
+def overdue(archive: Archive, cover: dict) -> list[dict]:
+    """Tiers whose copies are past their scrub deadline (`cover`: coverage() at the moment asked):
+    the last complete run over the tier (or, before any, the oldest copy on it) is older than the interval."""
     late = []
-    cover = coverage(archive, now)
     with archive.index.read() as t:
         for name, tier in archive.config.tiers.items():
             if name not in cover:
@@ -537,7 +536,7 @@ def overdue(archive: Archive, now: int) -> list[dict]:
     return late
 
 
-def computed_alarms(archive: Archive, now: float, damaged: int) -> list[dict]:
+def computed_alarms(archive: Archive, now: float, damaged: int, cover: dict) -> list[dict]:
     """Alarms read off the index when asked, never stored: copies past their scrub deadline
     (time alone raises them, a scrub clears them) and `damaged` versions (damaged_count: a
     scrub finds them, the sender storing them again heals them)."""
@@ -548,7 +547,7 @@ def computed_alarms(archive: Archive, now: float, damaged: int) -> list[dict]:
              "message": f"{row['copies']} copies on {row['tier']} are past their {row['kind']} scrub interval "
                         f"({row['days']} days)",
              "action": f"run `appliance scrub{' --deep' if row['kind'] == 'deep' else ''}` (or check its timer)",
-             "since": row["last_complete_run"] or now} for row in overdue(archive, int(now))]
+             "since": row["last_complete_run"] or now} for row in overdue(archive, cover)]
 
 
 def history(archive: Archive) -> list[dict]:

@@ -235,10 +235,10 @@ def test_the_rate_limit_holds_with_an_injected_clock(home, tmp_path):
 def test_copies_past_their_interval_raise_an_alarm_until_scrubbed(home, tmp_path):
     run_cli("import", str(make_study(tmp_path / "in", 2)[1][0].parent), home=home)
     with Archive.open(cfg.load(home), writer=True) as archive:
-        assert scrub.overdue(archive, int(time.time())) == []
-        late = scrub.overdue(archive, int(time.time()) + 8 * 86400)  # hot: fast every 7 days
+        assert scrub.overdue(archive, scrub.coverage(archive, int(time.time()))) == []
+        late = scrub.overdue(archive, scrub.coverage(archive, int(time.time()) + 8 * 86400))  # hot: fast every 7 days
         assert [(r["tier"], r["kind"], r["copies"]) for r in late] == [("hot", "fast", 2)]
-        month = scrub.overdue(archive, int(time.time()) + 31 * 86400)
+        month = scrub.overdue(archive, scrub.coverage(archive, int(time.time()) + 31 * 86400))
         assert {(r["tier"], r["kind"]) for r in month} == {("hot", "fast"), ("hot", "deep")}
 
         def age(t: ix.Txn) -> None:  # as if the copies were last verified 40 days ago
