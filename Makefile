@@ -40,9 +40,4 @@ test: deps venv
 	$(PY) -m pytest -q
 
 bench: deps venv
-	$(PY) benchmarks/dicom_bench.py
-	$(PY) benchmarks/import_bench.py
-	$(PY) benchmarks/find_bench.py
-	$(PY) benchmarks/tier_bench.py
-	$(PY) benchmarks/scrub_bench.py
-	$(PY) benchmarks/replicate_bench.py
+	$(PY) benchmarks/suite.py

@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -17,8 +18,49 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gb": _memory_gb(),
             "python": platform.python_version(), "kernel": platform.release()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def _version(command: list[str]) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def describe_machine(workdir: Path) -> dict:
+    """What a storage admin needs to compare a run with theirs: CPU, memory, the file system
+    and device under the work directory, and the versions of the peers."""
+    found = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "--target", str(workdir)],
+                           capture_output=True, text=True)
+    source, fstype, options = (found.stdout.split() + ["?", "?", "?"])[:3]
+    return {**machine(), "workdir": str(workdir), "filesystem": fstype, "device": source,
+            "mount_options": options,
+            "orthanc": _version(["/usr/sbin/Orthanc", "--version"]),
+            "dcmtk": _version(["/usr/bin/storescu", "--version"])}
 
 
 def free_port() -> int:
@@ -27,35 +69,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_and_report(name: str, workdir: Path | None, run: Callable[[Path], dict],
-                   markdown: Callable[[dict], str]) -> int:
+def add_common_arguments(parser) -> None:
+    """--quick, --workdir and --results: every benchmark script takes them."""
+    parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")
+    parser.add_argument("--workdir", type=Path, help="scratch directory on the file system under test "
+                                                      "(default /var/tmp)")
+    parser.add_argument("--results", type=Path, help="directory for <name>.json and <name>.md "
+                                                     "(default benchmarks/results/<UTC time>/)")
+
+
+def results_dir(requested: Path | None) -> Path:
+    path = requested or RESULTS / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_and_report(name: str, args, run: Callable[[Path], dict], markdown: Callable[[dict], str]) -> int:
     """Run in a fresh scratch directory (removed afterwards), save and print the results."""
-    work = Path(tempfile.mkdtemp(prefix=f"pv-{name}-", dir=workdir or "/var/tmp"))
+    work = Path(tempfile.mkdtemp(prefix=f"pv-{name}-", dir=args.workdir or "/var/tmp"))
     try:
         results = run(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    results["quick"] = bool(args.quick)
+    out = results_dir(args.results)
     table = markdown(results)
-    (RESULTS / f"{name}-{stamp}.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / f"{name}-{stamp}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table + "\n")
     print(table)
     return 0
 
 
 def bench_main(name: str, doc: str, run: Callable, markdown: Callable[[dict], str], *, default_ct: int,
                add_arguments: Callable | None = None) -> int:
-    """The command line the CT-corpus benchmarks share: --quick, --ct N, --workdir DIR (and
+    """The command line the CT-corpus benchmarks share: --ct N and the common arguments (and
     whatever `add_arguments` adds); `run(work, count, args)` does the measuring."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")
     parser.add_argument("--ct", type=int, default=default_ct, help="CT instances (512 KB each)")
-    parser.add_argument("--workdir", type=Path, help="scratch directory on the file system under test")
+    add_common_arguments(parser)
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args()
     count = 6 if args.quick else args.ct
-    return run_and_report(name, args.workdir, lambda work: run(work, count, args), markdown)
+    return run_and_report(name, args, lambda work: run(work, count, args), markdown)

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402
-from common import free_port, machine, run_and_report  # noqa: E402
+from common import add_common_arguments, free_port, machine, run_and_report  # noqa: E402
 
 CLIENT_AE = "BENCH"
 DEST_AE = "BENCHDEST"  # a dcmtk storescp receiving C-MOVE sub-operations
@@ -197,90 +197,168 @@ def getscu(peer: Peer, study_uid: str, out: Path) -> float:
                  "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}")
 
 
-def run(work: Path, ct_count: int, small_count: int) -> dict:
-    ct = corpus.ct_study(work / "corpus" / "ct", ct_count)
-    ct_parallel = corpus.ct_study(work / "corpus" / "ct-parallel", ct_count, patient_id="PV0009", seed=11)
-    small = corpus.small_instances(work / "corpus" / "small", small_count)
-    ct_bytes = sum(p.stat().st_size for p in ct)
-    ct_bytes_parallel = sum(p.stat().st_size for p in ct_parallel)
-    small_bytes = sum(p.stat().st_size for p in small)
-    import pydicom
-    study_uid = pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
+PEERS = ("vault-no-audit", "vault", "storescp", "orthanc", "orthanc-z")
+RATES = ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "ct_parallel_ingest_inst_s",
+         "small_ingest_inst_s", "mr_ingest_mb_s", "mr_ingest_inst_s", "multiframe_ingest_mb_s",
+         "ct_get_mb_s", "ct_move_mb_s", "multiframe_get_mb_s")
 
-    # The trail's cost: the same server with the trail off, measured first (the place that pays
-    # for anything left over from generating the corpus), then with it on.
+
+def _make_peers(work: Path, names: list[str], destination_port: int) -> list[Peer]:
+    # The trail's cost: the same server with the trail off is measured first (the place that
+    # pays for anything left over from generating the corpus), then with it on.
+    makers = {"vault-no-audit": lambda: Vault(work, destination_port, audit=False),
+              "vault": lambda: Vault(work, destination_port),
+              "storescp": lambda: Storescp(work),
+              "orthanc": lambda: Orthanc(work, False, destination_port),
+              "orthanc-z": lambda: Orthanc(work, True, destination_port)}
+    if not Path(ORTHANC).exists():
+        names = [n for n in names if not n.startswith("orthanc")]
+    return [makers[name]() for name in PEERS if name in names]
+
+
+def _rate(row: dict, prefix: str, files: list[Path], seconds: float) -> None:
+    row[f"{prefix}_mb_s"] = sum(p.stat().st_size for p in files) / seconds / 1e6
+    row[f"{prefix}_inst_s"] = len(files) / seconds
+
+
+def _measure(peer: Peer, work: Path, studies: dict) -> dict:
+    row: dict = {}
+    ct, received = studies["ct"], 0
+    _rate(row, "ct_ingest", ct, storescu(peer, ct))
+    received += studies["bytes"]["ct"]
+    # Everything stored so far is the CT study: the goal's ratio, on its own.
+    row["ct_stored_over_received"] = peer.stored_bytes() / received
+    for name in ("ct_parallel", "small", "mr", "multiframe"):
+        files = studies[name]
+        seconds = storescu_parallel(peer, files) if name == "ct_parallel" else storescu(peer, files)
+        _rate(row, f"{name}_ingest", files, seconds)
+        received += studies["bytes"][name]
+    row["stored_over_received"] = peer.stored_bytes() / received
+    if peer.supports_get:
+        out = work / "get" / peer.name.replace(" ", "_")
+        row["ct_get_mb_s"] = studies["bytes"]["ct"] / getscu(peer, studies["uids"]["ct"], out / "ct") / 1e6
+        row["ct_move_mb_s"] = studies["bytes"]["ct"] / movescu(peer, studies["uids"]["ct"]) / 1e6
+        row["multiframe_get_mb_s"] = (studies["bytes"]["multiframe"]
+                                      / getscu(peer, studies["uids"]["multiframe"], out / "mf") / 1e6)
+        shutil.rmtree(out)
+    return row
+
+
+def _big_instance(peer: "Vault", work: Path, megabytes: int) -> dict:
+    """Store and C-GET one instance of `megabytes` MB; byte-exact? The server's peak RSS is
+    read by the caller afterwards (it is a high-water mark)."""
+    big = corpus.multiframe(work / "corpus" / "big" / "big.dcm", megabytes, patient_id="PV0010", seed=12)
+    size = big.stat().st_size
+    row = {"big_instance_mb": size / 1e6, "big_ingest_mb_s": size / storescu(peer, [big]) / 1e6}
+    import pydicom
+    uid = pydicom.dcmread(big, stop_before_pixels=True).StudyInstanceUID
+    out = work / "get" / "big"
+    row["big_get_mb_s"] = size / getscu(peer, uid, out) / 1e6
+    [copy] = [p for p in out.iterdir() if p.is_file()]
+    row["big_byte_exact"] = _same_bytes(big, copy)
+    shutil.rmtree(out)
+    big.unlink()
+    return row
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(1 << 22)
+            if block != fb.read(1 << 22):
+                return False
+            if not block:
+                return True
+
+
+def run(work: Path, counts: dict, peer_names: list[str]) -> dict:
+    root = work / "corpus"
+    studies = {"ct": corpus.ct_study(root / "ct", counts["ct"]),
+               "ct_parallel": corpus.ct_study(root / "ct-parallel", counts["ct"], patient_id="PV0009", seed=11),
+               "small": corpus.small_instances(root / "small", counts["small"]),
+               "mr": corpus.mr_series(root / "mr", counts["mr"]),
+               "multiframe": [corpus.multiframe(root / "mf" / "mf.dcm", counts["multiframe_mb"])]}
+    import pydicom
+    studies["bytes"] = {name: sum(p.stat().st_size for p in files) for name, files in studies.items()}
+    studies["uids"] = {name: pydicom.dcmread(studies[name][0], stop_before_pixels=True).StudyInstanceUID
+                       for name in ("ct", "multiframe")}
+
     destination_dir = work / "moved"
     destination_dir.mkdir()
     destination_port = free_port()
     destination = subprocess.Popen(["/usr/bin/storescp", "-aet", DEST_AE, "-od", str(destination_dir),
                                     str(destination_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    env=NODELAY_ENV)
-    peers: list[Peer] = [Vault(work, destination_port, audit=False), Vault(work, destination_port), Storescp(work)]
-    if Path(ORTHANC).exists():
-        peers += [Orthanc(work, False, destination_port), Orthanc(work, True, destination_port)]
-    results = {"machine": machine(), "corpus": {"ct_instances": len(ct), "ct_bytes": ct_bytes,
-                                                "small_instances": len(small), "small_bytes": small_bytes},
+    peers = _make_peers(work, peer_names, destination_port)
+    results = {"machine": machine(),
+               "corpus": {"ct_instances": counts["ct"], "ct_bytes": studies["bytes"]["ct"],
+                          "small_instances": counts["small"], "small_bytes": studies["bytes"]["small"],
+                          "mr_instances": counts["mr"], "mr_bytes": studies["bytes"]["mr"],
+                          "multiframe_bytes": studies["bytes"]["multiframe"]},
                "peers": {}}
     try:
         for peer in peers:
-            row = {}
-            seconds = storescu(peer, ct)
-            row["ct_ingest_mb_s"] = ct_bytes / seconds / 1e6
-            row["ct_ingest_inst_s"] = len(ct) / seconds
-            seconds = storescu_parallel(peer, ct_parallel)
-            row["ct_parallel_ingest_mb_s"] = ct_bytes_parallel / seconds / 1e6
-            row["ct_parallel_ingest_inst_s"] = len(ct_parallel) / seconds
-            seconds = storescu(peer, small)
-            row["small_ingest_inst_s"] = len(small) / seconds
-            row["stored_over_received"] = peer.stored_bytes() / (ct_bytes + ct_bytes_parallel + small_bytes)
-            if peer.supports_get:
-                seconds = getscu(peer, study_uid, work / "get" / peer.name.replace(" ", "_"))
-                row["ct_get_mb_s"] = ct_bytes / seconds / 1e6
-                seconds = movescu(peer, study_uid)
-                row["ct_move_mb_s"] = ct_bytes / seconds / 1e6
+            row = _measure(peer, work, studies)
+            if peer.name == "pacs-vault" and counts["big_mb"]:
+                row.update(_big_instance(peer, work, counts["big_mb"]))
             row["peak_rss_mb"] = peer.rss_mb
             results["peers"][peer.name] = row
+            for path in destination_dir.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     finally:
         for peer in peers:
             peer.stop()
         destination.terminate()
         destination.wait()
-    vault = results["peers"]["pacs-vault"]
-    ratios = {}
-    for name, row in results["peers"].items():
-        if name == "pacs-vault":
-            continue
-        for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "small_ingest_inst_s",
-                    "ct_get_mb_s", "ct_move_mb_s"):
-            if key in row and key in vault:
-                ratios[f"{key} vs {name}"] = vault[key] / row[key]
-    results["ratios"] = ratios
+    vault = results["peers"].get("pacs-vault", {})
+    results["ratios"] = {f"{key} vs {name}": vault[key] / row[key]
+                         for name, row in results["peers"].items() if name != "pacs-vault"
+                         for key in RATES if key in row and key in vault}
     return results
 
 
 def markdown(results: dict) -> str:
-    keys = ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "small_ingest_inst_s", "ct_get_mb_s",
-            "ct_move_mb_s", "stored_over_received", "peak_rss_mb")
-    lines = ["| peer | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, row in results["peers"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.2f}" if k in row else "-" for k in keys) + " |")
+    keys = RATES + ("ct_stored_over_received", "stored_over_received", "peak_rss_mb")
+    lines = ["| measure | " + " | ".join(results["peers"]) + " |", "|---" * (len(results["peers"]) + 1) + "|"]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{row[key]:.2f}" if key in row else "-"
+                                                 for row in results["peers"].values()) + " |")
+    vault = results["peers"].get("pacs-vault", {})
+    if "big_instance_mb" in vault:
+        lines += ["", f"pacs-vault, one {vault['big_instance_mb']:.0f} MB instance: stored at "
+                      f"{vault['big_ingest_mb_s']:.1f} MB/s, C-GET {vault['big_get_mb_s']:.1f} MB/s, byte-exact: "
+                      f"{vault['big_byte_exact']}, server peak RSS over the whole run {vault['peak_rss_mb']:.0f} MB"]
     lines += ["", "| pacs-vault ratio | value |", "|---|---|"]
     lines += [f"| {key} | {value:.2f} |" for key, value in results["ratios"].items()]
-    corpus_info = results["corpus"]
-    lines += ["", f"CT: {corpus_info['ct_instances']} instances, {corpus_info['ct_bytes'] / 1e6:.1f} MB; "
-                  f"small: {corpus_info['small_instances']} instances of ~10 KB. Machine: {results['machine']}"]
+    c = results["corpus"]
+    lines += ["", f"CT: 2 x {c['ct_instances']} instances, {c['ct_bytes'] / 1e6:.1f} MB each (the second over "
+                  f"{PARALLEL} associations); MR: {c['mr_instances']} instances, {c['mr_bytes'] / 1e6:.1f} MB; "
+                  f"small: {c['small_instances']} instances of ~10 KB; one multi-frame instance of "
+                  f"{c['multiframe_bytes'] / 1e6:.0f} MB."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny corpus: every path, no meaningful numbers")
-    parser.add_argument("--ct", type=int, default=200)
-    parser.add_argument("--small", type=int, default=1000)
-    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--ct", type=int, default=200, help="CT instances per study (512 KB each)")
+    parser.add_argument("--small", type=int, default=1000, help="~10 KB instances")
+    parser.add_argument("--mr", type=int, default=200, help="MR instances (128 KB each)")
+    parser.add_argument("--multiframe-mb", type=int, default=256, help="the multi-frame instance every peer stores")
+    parser.add_argument("--big-mb", type=int, default=2048,
+                        help="one instance pacs-vault stores and sends back (its peak RSS); 0: none")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    ct_count, small_count = (10, 20) if args.quick else (args.ct, args.small)
-    return run_and_report("dicom", args.workdir, lambda work: run(work, ct_count, small_count), markdown)
+    counts = ({"ct": 10, "small": 20, "mr": 5, "multiframe_mb": 8, "big_mb": 16} if args.quick else
+              {"ct": args.ct, "small": args.small, "mr": args.mr, "multiframe_mb": args.multiframe_mb,
+               "big_mb": args.big_mb})
+    peers = [name.strip() for name in args.peers.split(",") if name.strip()]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers: {', '.join(sorted(unknown))}")
+    return run_and_report("dicom", args, lambda work: run(work, counts, peers), markdown)
 
 
 if __name__ == "__main__":

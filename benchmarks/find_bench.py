@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
-from common import free_port, machine, run_and_report  # noqa: E402
+from common import add_common_arguments, free_port, machine, run_and_report  # noqa: E402
 
 from appliance import config as cfg  # noqa: E402
 from appliance import home as home_mod  # noqa: E402
@@ -151,13 +151,12 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small index: every path, no meaningful numbers")
     parser.add_argument("--studies", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=50)
-    parser.add_argument("--workdir", type=Path)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     studies, count = (2_000, 5) if args.quick else (args.studies, args.queries)
-    return run_and_report("find", args.workdir, lambda work: run(work, studies, count), markdown)
+    return run_and_report("find", args, lambda work: run(work, studies, count), markdown)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,13 @@ cp, import) because these machines are noisy:
 - CT study (512x512, 16-bit): MB/s and instances/s of both, and their ratio;
 - stored / received bytes on CT;
 - peak RSS of `import` and `export` of one large multi-frame instance (and that the
-  export is byte-identical);
-- the physical limits beside them: one-core zstd-3, AES-256-GCM, SHA-256 over the CT
-  bytes, and a sequential dd write with fdatasync.
+  export is byte-identical).
+The physical limits beside them are measured by limits_bench.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402
-from common import machine, run_and_report  # noqa: E402
+from common import add_common_arguments, machine, run_and_report  # noqa: E402
 
 APPLIANCE = [sys.executable, "-m", "appliance"]
 
@@ -64,32 +62,6 @@ def appliance_import(home: Path, src: Path) -> tuple[float, dict]:
     return seconds, json.loads(status.stdout)
 
 
-def one_core_limits(data: bytes) -> dict:
-    import zstandard
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    def rate(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return len(data) / (time.perf_counter() - start) / 1e6
-
-    aead, nonce = AESGCM(os.urandom(32)), os.urandom(12)
-    segments = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
-    return {"zstd3_compress_mb_s": rate(lambda: zstandard.ZstdCompressor(level=3).compress(data)),
-            "aes256gcm_mb_s": rate(lambda: [aead.encrypt(nonce, s, None) for s in segments]),
-            "sha256_mb_s": rate(lambda: hashlib.sha256(data).digest())}
-
-
-def dd_write_mb_s(work: Path, megabytes: int) -> float:
-    target = work / "dd.bin"
-    start = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fdatasync"],
-                   check=True, capture_output=True)
-    seconds = time.perf_counter() - start
-    target.unlink()
-    return megabytes * 1.048576 / seconds
-
-
 def run(work: Path, ct_count: int, big_mb: int) -> dict:
     src = work / "ct"
     files = corpus.ct_study(src, ct_count)
@@ -108,8 +80,6 @@ def run(work: Path, ct_count: int, big_mb: int) -> dict:
                "import_mb_s": total / import_s / 1e6, "import_inst_s": ct_count / import_s,
                "import_over_cp_sync": cp_s / import_s, "runs_s": {"cp_sync": cp_times, "import": import_times},
                "stored_over_received": status["stored_bytes"] / status["received_bytes"]},
-        "limits": {**one_core_limits(b"".join(p.read_bytes() for p in files[:40])),
-                   "dd_write_fdatasync_mb_s": dd_write_mb_s(work, 1024 if big_mb >= 1000 else 100)},
     }
     big = corpus.multiframe(work / "big" / "big.dcm", big_mb)
     home = work / "bighome"
@@ -130,7 +100,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def markdown(results: dict) -> str:
-    ct, big, limits = results["ct"], results["big"], results["limits"]
+    ct, big = results["ct"], results["big"]
     return "\n".join([
         "| measure | value |", "|---|---|",
         f"| CT instances (512x512, 16-bit) | {ct['instances']} ({ct['bytes'] / 1e6:.1f} MB) |",
@@ -140,21 +110,17 @@ def markdown(results: dict) -> str:
         f"| stored / received (CT) | {ct['stored_over_received']:.3f} |",
         f"| large instance | {big['bytes'] / 1e6:.0f} MB, byte-exact export: {big['export_byte_exact']} |",
         f"| peak RSS import / export | {big['import_peak_rss_mb']:.0f} MB / {big['export_peak_rss_mb']:.0f} MB |",
-        f"| one core: zstd-3, AES-256-GCM, SHA-256 | {limits['zstd3_compress_mb_s']:.0f}, "
-        f"{limits['aes256gcm_mb_s']:.0f}, {limits['sha256_mb_s']:.0f} MB/s |",
-        f"| dd write + fdatasync | {limits['dd_write_fdatasync_mb_s']:.0f} MB/s |",
         "", f"Machine: {results['machine']}"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny corpus: every path, no meaningful numbers")
     parser.add_argument("--ct", type=int, default=240)
     parser.add_argument("--big-mb", type=int, default=1000)
-    parser.add_argument("--workdir", type=Path)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     ct_count, big_mb = (12, 30) if args.quick else (args.ct, args.big_mb)
-    return run_and_report("import", args.workdir, lambda work: run(work, ct_count, big_mb), markdown)
+    return run_and_report("import", args, lambda work: run(work, ct_count, big_mb), markdown)
 
 
 if __name__ == "__main__":

@@ -1,69 +1,74 @@
-"""The benchmarks run every path on a tiny corpus, so they never rot (no speed assertions)."""
+"""`make bench` on a tiny corpus: every script and every path runs, so the suite never rots.
+No speed is asserted; the results must be complete and say what they measured."""
 
 import json
 import subprocess
 import sys
 
+import pytest
 
 from conftest import REPO
 
 
-def _quick(script: str, name: str, tmp_path) -> dict:
-    results_dir = REPO / "benchmarks" / "results"
-    before = set(results_dir.glob(f"{name}-*.json"))
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--quick", "--workdir", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-6000:]
-    assert list(tmp_path.iterdir()) == []  # the scratch directory is cleaned up
-    [new] = set(results_dir.glob(f"{name}-*.json")) - before
-    return json.loads(new.read_text())
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    results, work = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("work")
+    run = subprocess.run([sys.executable, "benchmarks/suite.py", "--quick", "--workdir", str(work),
+                          "--results", str(results)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert list(work.iterdir()) == []  # every scratch directory is cleaned up
+    return {path.stem: json.loads(path.read_text()) for path in results.glob("*.json")}, results
 
 
-def test_dicom_bench_quick(tmp_path):
-    results = _quick("dicom_bench.py", "dicom", tmp_path)
-    vault = results["peers"]["pacs-vault"]
+def test_the_summary_lists_every_goal_with_a_measured_value(quick_suite):
+    results, directory = quick_suite
+    summary = results["summary"]
+    assert summary["quick"] is True and summary["failed"] == []
+    assert {"cpu", "cores", "memory_gb", "filesystem", "device", "orthanc", "dcmtk"} <= set(summary["machine"])
+    for goal in summary["goals"]:
+        assert goal["measured"] is not None and goal["met"] in (True, False), goal["goal"]
+    text = (directory / "summary.md").read_text()
+    assert "| goal | measured | target | met |" in text and "## dicom" in text and "## limits" in text
+
+
+def test_dicom_side_by_side_covers_every_workload_and_peer(quick_suite):
+    dicom = quick_suite[0]["dicom"]
+    assert set(dicom["peers"]) == {"pacs-vault", "pacs-vault (audit off)", "dcmtk storescp",
+                                   "Orthanc (compression off)", "Orthanc (compression on)"}
+    vault = dicom["peers"]["pacs-vault"]
     for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "small_ingest_inst_s",
-                "ct_get_mb_s", "ct_move_mb_s", "peak_rss_mb"):
+                "mr_ingest_inst_s", "multiframe_ingest_mb_s", "ct_get_mb_s", "ct_move_mb_s", "multiframe_get_mb_s",
+                "big_ingest_mb_s", "big_get_mb_s", "peak_rss_mb"):
         assert vault[key] > 0, key
-    assert 0 < vault["stored_over_received"] < 1
-    assert "ct_ingest_mb_s vs dcmtk storescp" in results["ratios"]
-    assert "ct_ingest_inst_s vs pacs-vault (audit off)" in results["ratios"]  # what the audit trail costs
+    assert vault["big_byte_exact"] is True
+    assert 0 < vault["ct_stored_over_received"] < 1 and 0 < vault["stored_over_received"] < 1
+    assert "ct_ingest_mb_s vs dcmtk storescp" in dicom["ratios"]
+    assert "ct_ingest_inst_s vs pacs-vault (audit off)" in dicom["ratios"]  # what the audit trail costs
+    assert "ct_get_mb_s" not in dicom["peers"]["dcmtk storescp"]  # storescp serves no retrieval
 
 
-def test_import_bench_quick(tmp_path):
-    results = _quick("import_bench.py", "import", tmp_path)
+def test_physical_limits(quick_suite):
+    limits = quick_suite[0]["limits"]
+    for value in (*limits["disk"].values(), *limits["one_core"].values()):
+        assert value > 0
+
+
+def test_import_find_tiers_scrub_and_replication(quick_suite):
+    results = quick_suite[0]
+    ct = results["import"]["ct"]
     for key in ("cp_sync_mb_s", "import_mb_s", "import_inst_s", "import_over_cp_sync"):
-        assert results["ct"][key] > 0, key
-    assert 0 < results["ct"]["stored_over_received"] < 1
-    assert results["big"]["export_byte_exact"] is True
-    assert results["big"]["import_peak_rss_mb"] > 0 and results["big"]["export_peak_rss_mb"] > 0
-
-
-def test_find_bench_quick(tmp_path):
-    results = _quick("find_bench.py", "find", tmp_path)
-    assert results["studies"] > 0
-    for shape, row in results["queries"].items():
+        assert ct[key] > 0, key
+    assert results["import"]["big"]["export_byte_exact"] is True
+    find = results["find"]
+    for shape, row in find["queries"].items():
         assert row["median_ms"] > 0 and row["p95_ms"] >= row["median_ms"], shape
-    assert results["queries"]["PatientID"]["mean_matches"] >= 1  # every patient has studies
-    assert results["queries"]["StudyInstanceUID"]["mean_matches"] == 1
-
-
-def test_tier_bench_quick(tmp_path):
-    results = _quick("tier_bench.py", "tiers", tmp_path)
-    assert set(results["rows"]) == {"migrate to cartridge dir", "migrate to S3", "recall from cartridge dir",
-                                    "recall from S3"}
-    for name, row in results["rows"].items():
+    assert find["queries"]["PatientID"]["mean_matches"] >= 1  # every patient has studies
+    assert find["queries"]["StudyInstanceUID"]["mean_matches"] == 1
+    assert set(results["tiers"]["rows"]) == {"migrate to cartridge dir", "migrate to S3",
+                                             "recall from cartridge dir", "recall from S3"}
+    for name, row in results["tiers"]["rows"].items():
         assert row["pacs_vault_mb_s"] > 0 and row["baseline_mb_s"] > 0, name
-
-
-def test_scrub_bench_quick(tmp_path):
-    results = _quick("scrub_bench.py", "scrub", tmp_path)
-    for key in ("fast_mb_s", "cat_mb_s", "deep_mb_s", "codec_limit_mb_s", "ingest_alone_mb_s",
-                "ingest_beside_scrub_mb_s"):
-        assert results[key] > 0, key
-
-
-def test_replicate_bench_quick(tmp_path):
-    results = _quick("replicate_bench.py", "replicate", tmp_path)
-    assert results["replicate_mb_s"] > 0 and results["rsync_mb_s"] > 0
-    assert results["drill"]["byte_exact"] is True
+    for key in ("fast_mb_s", "cat_mb_s", "deep_mb_s", "codec_limit_mb_s", "ingest_alone_mb_s"):
+        assert results["scrub"][key] > 0, key
+    assert results["replicate"]["replicate_mb_s"] > 0 and results["replicate"]["rsync_mb_s"] > 0
+    assert results["replicate"]["drill"]["byte_exact"] is True

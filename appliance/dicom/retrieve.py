@@ -6,7 +6,8 @@ multi-frame instance must not become 2 GB of process memory. So the retrieve
 service lives here: every sub-operation decrypts and verifies the instance into
 an anonymous in-memory file (memfd: decrypted bytes never touch a persistent
 disk) and hands its path to pynetdicom's chunked C-STORE sender, which reads it
-a PDU at a time. An instance is sent in the transfer syntax it was stored in
+a PDU at a time; the next instance (up to 64 MB) is decrypted while the current
+one is sent. An instance is sent in the transfer syntax it was stored in
 (no transcoding); C-MOVE proposes exactly those, C-GET needs the requestor to
 have offered them.
 
@@ -24,11 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Callable, Iterator
+from typing import Callable
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -82,9 +83,9 @@ def instances_for(archive: Archive, ident: q.Query) -> list[tuple[str, dict]]:
                 for view in q.find(t, image_level)]
 
 
-@contextmanager
-def plaintext_file(archive: Archive, record: dict, sop_uid: str) -> Iterator[str]:
-    """A path to the verified original bytes, as a Part 10 file, held in memory only."""
+def plaintext_file(archive: Archive, record: dict, sop_uid: str) -> int:
+    """An anonymous in-memory file (memfd) holding the verified original bytes as a Part 10
+    file; the caller closes it."""
     fd = os.memfd_create("pacs-vault-retrieve", os.MFD_CLOEXEC)
     try:
         with os.fdopen(os.dup(fd), "wb") as out:
@@ -101,19 +102,63 @@ def plaintext_file(archive: Archive, record: dict, sop_uid: str) -> Iterator[str
             out.write(first)
             for chunk in chunks:
                 out.write(chunk)
-        yield f"/proc/self/fd/{fd}"
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
-def _send_one(archive: Archive, assoc, sop_uid: str, record: dict, msg_id: int,
+class _Plaintexts:
+    """The plaintext of each instance to send, the next one decrypted in a worker thread while
+    the current one is on the wire (the requestor's answer is awaited meanwhile). Memory stays
+    bounded: only an instance of at most PREFETCH_MAX_BYTES is prepared ahead."""
+
+    PREFETCH_MAX_BYTES = 64 << 20
+
+    def __init__(self, archive: Archive, instances: list[tuple[str, dict]], skip: Callable[[dict], bool]):
+        self._archive, self._instances, self._skip = archive, instances, skip
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve-prefetch")
+        self._ahead: dict[int, Future] = {}
+
+    def __enter__(self) -> "_Plaintexts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future in self._ahead.values():
+            if not future.cancel() and future.exception() is None:
+                os.close(future.result())
+        self._worker.shutdown(wait=True)
+
+    def _small(self, record: dict) -> bool:
+        with self._archive.index.read() as t:
+            blob = t.get("blobs", record["current"])
+        return blob is not None and blob.get("size", 0) <= self.PREFETCH_MAX_BYTES
+
+    def take(self, number: int) -> int:
+        """The memfd of instance `number` (the caller closes it); raises what preparing raised."""
+        future = self._ahead.pop(number, None)
+        following = number + 1
+        if following < len(self._instances):
+            sop_uid, record = self._instances[following]
+            if not self._skip(record) and self._small(record):
+                self._ahead[following] = self._worker.submit(plaintext_file, self._archive, record, sop_uid)
+        if future is not None:
+            return future.result()
+        sop_uid, record = self._instances[number]
+        return plaintext_file(self._archive, record, sop_uid)
+
+
+def _send_one(assoc, plaintexts: _Plaintexts, number: int, msg_id: int,
               originator: tuple[str, int] | None = None) -> int | None:
     try:
-        with plaintext_file(archive, record, sop_uid) as path:
+        fd = plaintexts.take(number)
+        try:
             kwargs = {}
             if originator:
                 kwargs = {"originator_aet": originator[0], "originator_id": originator[1]}
-            status = assoc.send_c_store(path, msg_id=msg_id, **kwargs)
+            status = assoc.send_c_store(f"/proc/self/fd/{fd}", msg_id=msg_id, **kwargs)
+        finally:
+            os.close(fd)
     except (ApplianceError, ValueError, AttributeError) as exc:
         LOG.warning("retrieve sub-operation failed: %s", exc)
         return None
@@ -234,22 +279,24 @@ class RetrieveService:
                 target.release()
             return finish(0xA701, comment="audit trail cannot be written")
         try:
-            for number, (sop_uid, record) in enumerate(instances):
-                if req.MessageID in assoc.dimse.cancel_req:
-                    del assoc.dimse.cancel_req[req.MessageID]
-                    subops.failed_uids.extend(uid for uid, _ in instances[number:])
-                    return finish(_CANCEL, subops)
-                msg_id = (req.MessageID + number + 1) % 65536 or 1
-                status = None
-                if record["study"] not in unavailable:
-                    status = _send_one(self._archive, target, sop_uid, record, msg_id, originator)
-                subops.record(sop_uid, status)
-                delivered = status is not None and (status == 0x0000 or (status & 0xF000) == 0xB000)
-                per_study[record["study"]][0 if delivered else 1] += 1
-                rsp.Status = _PENDING
-                subops.fill(rsp)
-                rsp.Identifier = None
-                assoc.dimse.send_msg(rsp, cx_id)
+            plaintexts = _Plaintexts(self._archive, instances, lambda record: record["study"] in unavailable)
+            with plaintexts:
+                for number, (sop_uid, record) in enumerate(instances):
+                    if req.MessageID in assoc.dimse.cancel_req:
+                        del assoc.dimse.cancel_req[req.MessageID]
+                        subops.failed_uids.extend(uid for uid, _ in instances[number:])
+                        return finish(_CANCEL, subops)
+                    msg_id = (req.MessageID + number + 1) % 65536 or 1
+                    status = None
+                    if record["study"] not in unavailable:
+                        status = _send_one(target, plaintexts, number, msg_id, originator)
+                    subops.record(sop_uid, status)
+                    delivered = status is not None and (status == 0x0000 or (status & 0xF000) == 0xB000)
+                    per_study[record["study"]][0 if delivered else 1] += 1
+                    rsp.Status = _PENDING
+                    subops.fill(rsp)
+                    rsp.Identifier = None
+                    assoc.dimse.send_msg(rsp, cx_id)
         finally:
             if target is not assoc:
                 target.release()

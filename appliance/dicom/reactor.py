@@ -1,0 +1,171 @@
+"""Event-driven waits for pynetdicom's two reactor threads.
+
+pynetdicom polls: the DUL thread sleeps 1 ms whenever a loop found nothing to do, and the
+association thread sleeps 1 ms before every look at its DIMSE queue. Two threads per
+association waking 1000 times a second each, all wanting the GIL, took a third of the
+server's samples with four associations storing at once (py-spy). Here both threads wait
+for a reason instead, with a bounded timeout so that timers (ARTIM, network timeout) are
+still looked at:
+
+- the DUL waits in select() on its socket and on a wake-up pipe written whenever a PDU is
+  queued for sending or the thread is told to stop;
+- the association waits on an event the DUL sets when it has something for it (a whole
+  DIMSE message, a release or abort request) or has ended.
+
+The DUL's loop is pynetdicom's own (only its poll point waits); the association's acceptor
+loop is restated below with the wait in place of the sleep (pynetdicom 3.0.x, pinned).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+
+LOG = logging.getLogger("pynetdicom.association")
+
+# Longest wait without a wake-up: timers and flags set by code that does not wake us are
+# noticed within this.
+MAX_WAIT = 0.05
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """The DUL, waiting on its socket and a wake-up pipe instead of sleeping in a loop."""
+
+    _wake_read: int
+    _wake_write: int
+    activity: threading.Event
+
+    def adopt(self) -> None:
+        """Set up a DUL made by pynetdicom (its class was just changed to this one)."""
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The pipe is closed when the thread ends; a late wake-up must not write to a reused fd.
+        self._wake_lock = threading.Lock()
+        self._wake_open = True
+        self._waiting = False
+        self.activity = threading.Event()
+        self._stop_requested = self.__dict__.pop("_kill_thread", False)
+        # pynetdicom sleeps this long after every loop that found nothing to do (between the
+        # PDUs of a message being sent, too); here the wait below does the idling.
+        self._run_loop_delay = 0
+
+    # pynetdicom stops the thread by setting this flag (kill_dul, stop_dul): wake it to see it.
+    @property
+    def _kill_thread(self) -> bool:
+        return self._stop_requested
+
+    @_kill_thread.setter
+    def _kill_thread(self, value: bool) -> None:
+        self._stop_requested = value
+        if value:
+            self.wake()
+
+    def wake(self) -> None:
+        if not self._waiting:  # it looks at its queues before it waits: nothing to write
+            return
+        with self._wake_lock:
+            if not self._wake_open:
+                return
+            try:
+                os.write(self._wake_write, b"\0")
+            except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
+                pass
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self.activity.set()
+            with self._wake_lock:
+                self._wake_open = False
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+
+    def _process_recv_primitive(self) -> bool:
+        # Called at the top of every loop: tell the association what is waiting for it, and
+        # when there is nothing to do at all, wait here for the socket or a wake-up.
+        if not self.assoc.dimse.msg_queue.empty() or not self.to_user_queue.empty():
+            self.activity.set()
+        # Waiting is announced before the queues are looked at: a PDU queued after the look
+        # finds the flag set and writes the wake-up, one queued before it is seen.
+        self._waiting = True
+        try:
+            if self.to_provider_queue.empty() and self.event_queue.empty() and not self._stop_requested:
+                self._wait()
+        finally:
+            self._waiting = False
+        return super()._process_recv_primitive()
+
+    def _wait(self) -> None:
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is None or sock.fileno() < 0 or self.socket.ready:
+            return
+        timeout = max(0.0, min(MAX_WAIT, self.artim_timer.remaining))
+        try:
+            readable, _, _ = select.select([sock, self._wake_read], [], [], timeout)
+        except (OSError, ValueError):  # the socket closed under us: the loop notices
+            return
+        if self._wake_read in readable:
+            try:
+                while os.read(self._wake_read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+
+class EventDrivenAssociation(Association):
+    """An acceptor whose reactor waits for its DUL's word instead of sleeping 1 ms a loop."""
+
+    def _run_reactor(self) -> None:
+        activity = self.dul.activity
+        self._is_paused = False
+        while not self._kill:
+            if self.dimse.msg_queue.empty():
+                activity.wait(MAX_WAIT)
+                activity.clear()
+            # Paused while another thread of ours sends on this association (pynetdicom's rule).
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, context_id)
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOG.info("Association Released")
+                self.is_released, self.is_established = True, False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                LOG.info("Association Aborted" + (" (A-P-ABORT)" if self.acse.is_aborted("a-p-abort") else ""))
+                self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+                self.is_aborted, self.is_established = True, False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                LOG.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def make_event_driven(assoc: EventDrivenAssociation) -> None:
+    """Switch the DUL of a not yet started acceptor association to event-driven waits."""
+    assoc.dul.__class__ = EventDrivenDUL
+    assoc.dul.adopt()

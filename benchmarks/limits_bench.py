@@ -1,0 +1,128 @@
+"""The physical limits every other figure sits under: the disk and one core.
+
+    python benchmarks/limits_bench.py [--quick] [--mb N] [--workdir DIR]
+
+On the file system under test (the work directory):
+- sequential write with `dd conv=fdatasync`, sequential read with `dd iflag=direct`
+  (past the page cache);
+- fdatasync rate: 4 KB appended and synced, as a journal does;
+- durable new files: a 10 KB file written, fsynced, renamed into place and its
+  directory fsynced, as every stored blob is;
+and on one core, over CT bytes: zstd-3 compression and decompression, AES-256-GCM,
+SHA-256, xxh3-128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import corpus  # noqa: E402
+from common import add_common_arguments, machine, run_and_report  # noqa: E402
+
+
+def _dd_mb_s(*args: str, megabytes: int) -> float:
+    start = time.perf_counter()
+    subprocess.run(["dd", "bs=1M", f"count={megabytes}", *args], check=True, capture_output=True)
+    return megabytes * 1.048576 / (time.perf_counter() - start)
+
+
+def disk(work: Path, megabytes: int, syncs: int) -> dict:
+    target = work / "dd.bin"
+    write = _dd_mb_s("if=/dev/zero", f"of={target}", "conv=fdatasync", megabytes=megabytes)
+    try:
+        read = _dd_mb_s(f"if={target}", "of=/dev/null", "iflag=direct", megabytes=megabytes)
+    except subprocess.CalledProcessError:  # a file system without O_DIRECT (tmpfs)
+        read = _dd_mb_s(f"if={target}", "of=/dev/null", megabytes=megabytes)
+    target.unlink()
+
+    block = os.urandom(4096)
+    fd = os.open(work / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        start = time.perf_counter()
+        for _ in range(syncs):
+            os.write(fd, block)
+            os.fdatasync(fd)
+        fdatasync_per_s = syncs / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+
+    payload = os.urandom(10_000)
+    directory = work / "files"
+    directory.mkdir()
+    start = time.perf_counter()
+    for number in range(syncs):
+        tmp, final = directory / f"{number}.tmp", directory / str(number)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, payload)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(tmp, final)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    durable_files_per_s = syncs / (time.perf_counter() - start)
+    return {"seq_write_fdatasync_mb_s": write, "seq_read_direct_mb_s": read, "fdatasync_4k_per_s": fdatasync_per_s,
+            "durable_10k_files_per_s": durable_files_per_s}
+
+
+def one_core(data: bytes) -> dict:
+    """MB/s of each codec pacs-vault runs, on one core, over `data` (CT instances)."""
+    import xxhash
+    import zstandard
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    def rate(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return len(data) / (time.perf_counter() - start) / 1e6
+
+    aead, nonce = AESGCM(os.urandom(32)), os.urandom(12)
+    segments = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    compressed = zstandard.ZstdCompressor(level=3).compress(data)
+    return {"zstd3_compress_mb_s": rate(lambda: zstandard.ZstdCompressor(level=3).compress(data)),
+            "zstd_decompress_mb_s": rate(lambda: zstandard.ZstdDecompressor().decompress(compressed)),
+            "aes256gcm_mb_s": rate(lambda: [aead.encrypt(nonce, s, None) for s in segments]),
+            "sha256_mb_s": rate(lambda: hashlib.sha256(data).digest()),
+            "xxh3_128_mb_s": rate(lambda: xxhash.xxh3_128_digest(data))}
+
+
+def run(work: Path, megabytes: int, syncs: int, ct: int) -> dict:
+    files = corpus.ct_study(work / "ct", ct)
+    return {"machine": machine(), "disk": disk(work, megabytes, syncs),
+            "one_core": one_core(b"".join(p.read_bytes() for p in files))}
+
+
+def markdown(results: dict) -> str:
+    d, c = results["disk"], results["one_core"]
+    return "\n".join([
+        "| physical limit | value |", "|---|---|",
+        f"| disk sequential write (dd, fdatasync) | {d['seq_write_fdatasync_mb_s']:.0f} MB/s |",
+        f"| disk sequential read (dd, O_DIRECT) | {d['seq_read_direct_mb_s']:.0f} MB/s |",
+        f"| 4 KB append + fdatasync | {d['fdatasync_4k_per_s']:.0f} /s |",
+        f"| 10 KB file: write, fsync, rename, fsync directory | {d['durable_10k_files_per_s']:.0f} /s |",
+        f"| one core: zstd-3 compress / decompress | {c['zstd3_compress_mb_s']:.0f} / "
+        f"{c['zstd_decompress_mb_s']:.0f} MB/s |",
+        f"| one core: AES-256-GCM, SHA-256, xxh3-128 | {c['aes256gcm_mb_s']:.0f}, {c['sha256_mb_s']:.0f}, "
+        f"{c['xxh3_128_mb_s']:.0f} MB/s |"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=1024, help="size of the sequential write and read")
+    parser.add_argument("--syncs", type=int, default=1000, help="synced appends and durable files timed")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    megabytes, syncs, ct = (32, 50, 8) if args.quick else (args.mb, args.syncs, 100)
+    return run_and_report("limits", args, lambda work: run(work, megabytes, syncs, ct), markdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
