@@ -26,6 +26,7 @@ import threading
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
 
 LOG = logging.getLogger("pynetdicom.association")
 
@@ -165,7 +166,41 @@ class EventDrivenAssociation(Association):
                 return
 
 
+class BulkSocket(AssociationSocket):
+    """pynetdicom's socket, reading a PDU with as few recv_into() calls as the kernel allows
+    (pynetdicom reads 4 KB per recv(): 256 calls and copies for a 1 MB PDU) and sending
+    with sendall() (pynetdicom re-slices the rest of the PDU after every partial send)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        # The length comes from the peer: the buffer grows with what really arrives.
+        buffer = bytearray(min(nr_bytes, 1 << 20))
+        nr_read = 0
+        while nr_read < nr_bytes:
+            if nr_read == len(buffer):
+                buffer += bytearray(min(nr_bytes - nr_read, len(buffer)))
+            with memoryview(buffer) as view:
+                count = self.socket.recv_into(view[nr_read:])
+            if not count:  # the peer closed: what was read so far, as pynetdicom does
+                break
+            nr_read += count
+        del buffer[nr_read:]
+        return buffer
+
+    def send(self, bytestream: bytes) -> None:
+        try:
+            self.socket.sendall(bytestream)
+            evt.trigger(self.assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+        except Exception:  # noqa: BLE001 - pynetdicom's contract: Evt17, transport closed
+            self.event_queue.put("Evt17")
+
+
+def use_bulk_socket(assoc: Association) -> None:
+    if type(assoc.dul.socket) is AssociationSocket:
+        assoc.dul.socket.__class__ = BulkSocket
+
+
 def make_event_driven(assoc: EventDrivenAssociation) -> None:
     """Switch the DUL of a not yet started acceptor association to event-driven waits."""
     assoc.dul.__class__ = EventDrivenDUL
     assoc.dul.adopt()
+    use_bulk_socket(assoc)

@@ -53,7 +53,7 @@ from appliance.audit import AuditError
 from appliance.config import Config
 from appliance.dicom import handlers
 from appliance.dicom.query import PATIENT_ROOT, STUDY_ROOT
-from appliance.dicom.reactor import EventDrivenAssociation, EventDrivenDUL, make_event_driven
+from appliance.dicom.reactor import EventDrivenAssociation, EventDrivenDUL, make_event_driven, use_bulk_socket
 from appliance.dicom.retrieve import RetrieveService
 from appliance.errors import ConfigError, TierUnavailable
 from appliance.metrics import MetricsEndpoint, ServerMetrics
@@ -269,6 +269,7 @@ class DicomServer:
                                   max_pdu=self.config.appliance.dicom.max_pdu_kb << 10)
         if assoc.is_established:
             _nodelay(assoc.dul.socket.socket if assoc.dul.socket else None)
+            use_bulk_socket(assoc)
             bound_send_queue(assoc)
         return assoc
 
