@@ -4,10 +4,13 @@ import struct
 
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from appliance.errors import InvalidInstance
 from appliance.store import p10
+from conftest import dicom_test_files
 
 
 def test_reads_index_attributes(ct_files):
@@ -87,3 +90,87 @@ def test_rejects_missing_uids(tmp_path, ct_files):
 def test_rejects_missing_file():
     with pytest.raises(InvalidInstance, match="cannot read"):
         p10.inspect("/nonexistent/file.dcm")
+
+
+# -- the index attributes equal pydicom's own reading ---------------------------------------------
+
+def _read_by_pydicom(path) -> dict:
+    """What pydicom makes of the attributes inspect() keeps: the oracle for the walk's capture."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    meta = getattr(ds, "file_meta", None)
+    out = {}
+    for keyword in (*p10.PATIENT_KEYS, *p10.STUDY_KEYS, *p10.SERIES_KEYS, *p10.INSTANCE_KEYS):
+        value = p10.text_value(ds.get(keyword)).strip("\x00 ")
+        if not value and meta is not None and keyword in ("SOPInstanceUID", "SOPClassUID"):
+            value = p10.text_value(meta.get(f"MediaStorage{keyword}")).strip("\x00 ")
+        out[keyword] = value
+    bits = ds.get("BitsAllocated")
+    out["bits_allocated"] = bits if isinstance(bits, int) else 0
+    out["charset"] = p10.text_value(ds.get("SpecificCharacterSet"))
+    return out
+
+
+def _as_inspected(info: p10.InstanceInfo) -> dict:
+    return {**info.patient, **info.study, **info.series, **info.instance, "bits_allocated": info.bits_allocated,
+            "charset": info.specific_character_set}
+
+
+def test_every_test_file_reads_as_pydicom_reads_it():
+    """Every file of pydicom's and pydicom-data's test data that the archive accepts: the
+    attributes taken during the walk equal pydicom's full reading (character sets, implicit
+    and big-endian files, files without meta, deflated, multi-valued and odd values)."""
+    compared = 0
+    for path in dicom_test_files():
+        try:
+            info = p10.inspect(path)
+        except InvalidInstance:
+            continue
+        assert _as_inspected(info) == _read_by_pydicom(path), path.name
+        compared += 1
+    assert compared > 200
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\\\x00", exclude_categories=("Cs", "Cc")),
+                max_size=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=_TEXT, other_name=_TEXT, description=_TEXT, ids=st.lists(_TEXT, min_size=1, max_size=3),
+       number=st.integers(-(2 ** 31), 2 ** 31 - 1), rows=st.integers(0, 65535),
+       charset=st.sampled_from(["ISO_IR 192", "ISO_IR 100", None]),
+       syntax=st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"]),
+       padded=st.booleans())
+def test_generated_values_read_as_pydicom_reads_them(tmp_path_factory, name, other_name, description, ids,
+                                                      number, rows, charset, syntax, padded):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+    if charset == "ISO_IR 100":  # Latin-1 cannot carry everything: keep what it can
+        name, other_name, description = (v.encode("latin-1", "ignore").decode("latin-1")
+                                         for v in (name, other_name, description))
+        ids = [v.encode("latin-1", "ignore").decode("latin-1") for v in ids]
+    elif charset is None:
+        name, other_name, description = (v.encode("ascii", "ignore").decode() for v in (name, other_name, description))
+        ids = [v.encode("ascii", "ignore").decode() for v in ids]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = syntax
+    if charset:
+        ds.SpecificCharacterSet = charset
+    pad = " " if padded else ""
+    ds.PatientName = f"{name}^{other_name}{pad}"
+    ds.PatientID = "\\".join(ids)[:64]
+    ds.StudyDescription = description + pad
+    ds.ReferringPhysicianName = [name, other_name]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.InstanceNumber = number
+    ds.SeriesNumber = f" {abs(number) % 1000}" if padded else abs(number) % 1000
+    ds.Rows, ds.Columns, ds.BitsAllocated = rows, 1, 16
+    ds.StudyDate = "20260101"
+    ds.Modality = "OT"
+    path = tmp_path_factory.mktemp("gen") / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert _as_inspected(p10.inspect(path)) == _read_by_pydicom(path)

@@ -5,8 +5,9 @@
   2. the framing: every data element, sequence, item and pixel-data fragment
      is walked by its declared length, so a truncated or malformed file is
      rejected (pydicom alone reads a truncated file without complaint);
-  3. the attributes the index and C-FIND need, read with pydicom up to the
-     pixel data.
+  3. the attributes the index and C-FIND need: their elements are taken during
+     the walk and converted with pydicom's element converter (a deflated dataset
+     is read by pydicom itself).
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import pydicom
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from appliance.errors import InvalidInstance
@@ -42,6 +47,13 @@ SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescripti
                "SeriesTime", "BodyPartExamined")
 INSTANCE_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
                  "ContentDate", "ContentTime")
+# (group, element) -> keyword of every element inspect() reads: the index attributes, what
+# decodes them, and the file meta's UIDs (used when the dataset lacks its own).
+_KEPT = {(tag >> 16, tag & 0xFFFF): keyword for keyword, tag in (
+    (kw, tag_for_keyword(kw)) for kw in (*PATIENT_KEYS, *STUDY_KEYS, *SERIES_KEYS, *INSTANCE_KEYS,
+                                         "SpecificCharacterSet", "BitsAllocated", "MediaStorageSOPClassUID",
+                                         "MediaStorageSOPInstanceUID"))}
+_CHARSET = (0x0008, 0x0005)
 
 
 @dataclass
@@ -121,8 +133,11 @@ def _element_header(r: _Reader, explicit: bool) -> tuple[tuple[int, int], bytes 
     return tag, vr, r.u16()
 
 
-def _walk_dataset(r: _Reader, explicit: bool, end: int | None, depth: int = 0) -> None:
-    """Walk elements until `end`, or until an item delimiter when `end` is None."""
+def _walk_dataset(r: _Reader, explicit: bool, end: int | None, depth: int = 0,
+                  captured: dict | None = None) -> None:
+    """Walk elements until `end`, or until an item delimiter when `end` is None. The value of
+    every element of the top level that the index keeps is put into `captured` as a
+    pydicom RawDataElement."""
     if depth > 64:
         raise InvalidInstance("malformed: sequences nested too deep")
     while end is None or r.pos < end:
@@ -131,7 +146,11 @@ def _walk_dataset(r: _Reader, explicit: bool, end: int | None, depth: int = 0) -
             return
         if tag[0] == 0xFFFE:
             raise InvalidInstance(f"malformed: unexpected delimiter at offset {r.pos - 8}")
-        if length != _UNDEFINED:
+        if captured is not None and tag in _KEPT and length != _UNDEFINED:
+            tell = r.pos
+            captured[tag] = RawDataElement(BaseTag((tag[0] << 16) | tag[1]), vr.decode() if vr else None, length,
+                                           r.read(length), tell, not explicit, r.little)
+        elif length != _UNDEFINED:
             r.skip(length)
         elif tag == _PIXEL_DATA and vr != b"SQ":
             _walk_fragments(r)
@@ -184,8 +203,9 @@ def _check_deflated(fp: BinaryIO) -> None:
         raise InvalidInstance("truncated: deflated dataset ends early")
 
 
-def _walk_file(fp: BinaryIO, size: int) -> tuple[str, bool]:
-    """Check the framing of a whole file; return (transfer syntax, has file meta)."""
+def _walk_file(fp: BinaryIO, size: int, captured: dict) -> tuple[str, bool]:
+    """Check the framing of a whole file; return (transfer syntax, has file meta). The
+    elements the index keeps go into `captured` (not from a deflated dataset)."""
     fp.seek(128)
     has_preamble = fp.read(4) == b"DICM"
     fp.seek(132 if has_preamble else 0)
@@ -200,11 +220,15 @@ def _walk_file(fp: BinaryIO, size: int) -> tuple[str, bool]:
             fp.seek(r.pos)
             if group != 0x0002:
                 break
-            tag, _, length = _element_header(r, True)
+            tag, vr, length = _element_header(r, True)
             if length == _UNDEFINED:
                 raise InvalidInstance("malformed: undefined length in the file meta information")
             if tag == (0x0002, 0x0010):
                 transfer_syntax = r.read(length).rstrip(b"\x00 ").decode("ascii", "replace")
+            elif tag in _KEPT:
+                tell = r.pos
+                captured[tag] = RawDataElement(BaseTag((tag[0] << 16) | tag[1]), vr.decode(), length,
+                                               r.read(length), tell, False, True)
             else:
                 r.skip(length)
         if not transfer_syntax:
@@ -227,7 +251,7 @@ def _walk_file(fp: BinaryIO, size: int) -> tuple[str, bool]:
     explicit = len(head) == 6 and head[4:6].isalpha() and head[4:6].isupper()
     if not transfer_syntax:
         transfer_syntax = _IMPLICIT_LE if not explicit else (_EXPLICIT_LE if little else _EXPLICIT_BE)
-    _walk_dataset(_Reader(fp, size, little), explicit, size)
+    _walk_dataset(_Reader(fp, size, little), explicit, size, captured=captured)
     return transfer_syntax, has_meta
 
 
@@ -255,16 +279,46 @@ def text_value(value) -> str:
     return str(value)
 
 
-def _required_uid(ds, meta, keyword: str, meta_keyword: str | None = None) -> str:
-    value = text_value(ds.get(keyword))
-    if not value and meta is not None and meta_keyword:
-        value = text_value(meta.get(meta_keyword))
+def _required_uid(values: dict, keyword: str, meta_keyword: str | None = None) -> str:
+    value = text_value(values.get(keyword))
+    if not value and meta_keyword:
+        value = text_value(values.get(meta_keyword))
     value = value.strip("\x00 ")
     if not value:
         raise InvalidInstance(f"missing {keyword}")
     if len(value) > 64 or not _UID_RE.match(value):
         raise InvalidInstance(f"{keyword} is not a valid UID")
     return value
+
+
+def _attribute_values(fp: BinaryIO, transfer_syntax: str, captured: dict) -> dict:
+    """keyword -> value of every attribute the index keeps, converted by pydicom's own
+    element converter (its character sets, VR lookup for implicit VR, UN replacement), but
+    from the elements the walk captured: no second parse of the file."""
+    if transfer_syntax in _DEFLATED:  # the walk only inflated it to check the framing
+        fp.seek(0)
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        except (InvalidDicomError, ValueError, EOFError, struct.error, KeyError) as exc:
+            raise InvalidInstance(f"not readable as DICOM: {exc}") from None
+        sources = [source for source in (getattr(ds, "file_meta", None), ds) if source is not None]
+        captured = {tag: element for tag in _KEPT for source in sources
+                    if (element := source.get_item(_tag_int(tag))) is not None}
+    encodings = [default_encoding]
+    charset = captured.get(_CHARSET)
+    if charset is not None:
+        encodings = convert_encodings(_converted(charset, encodings))
+    return {_KEPT[tag]: _converted(element, encodings) for tag, element in captured.items()}
+
+
+def _converted(element, encodings):
+    if isinstance(element, RawDataElement):
+        return convert_raw_data_element(element, encoding=encodings).value
+    return element.value
+
+
+def _tag_int(tag: tuple[int, int]) -> int:
+    return (tag[0] << 16) | tag[1]
 
 
 def inspect(path: str | os.PathLike) -> InstanceInfo:
@@ -277,8 +331,9 @@ def inspect(path: str | os.PathLike) -> InstanceInfo:
             content_address, hashed = _content_address(fp)
             if hashed != size:
                 raise InvalidInstance("file changed while it was read")
+            captured: dict = {}
             try:
-                transfer_syntax, has_meta = _walk_file(fp, size)
+                transfer_syntax, has_meta = _walk_file(fp, size, captured)
             except InvalidInstance as exc:
                 fp.seek(128)
                 if fp.read(4) != b"DICM" and str(exc).startswith(("truncated", "malformed")):
@@ -286,28 +341,24 @@ def inspect(path: str | os.PathLike) -> InstanceInfo:
                 raise
             except (struct.error, UnicodeDecodeError) as exc:
                 raise InvalidInstance(f"malformed: {exc}") from None
-            fp.seek(0)
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size="64 KB", force=True)
-            except (InvalidDicomError, ValueError, EOFError, struct.error, KeyError) as exc:
-                raise InvalidInstance(f"not readable as DICOM: {exc}") from None
-            meta = getattr(ds, "file_meta", None)
             info = InstanceInfo(content_address, size, transfer_syntax, has_meta)
             try:
-                info.specific_character_set = text_value(ds.get("SpecificCharacterSet"))
-                bits = ds.get("BitsAllocated")
+                values = _attribute_values(fp, transfer_syntax, captured)
+                info.specific_character_set = text_value(values.get("SpecificCharacterSet"))
+                bits = values.get("BitsAllocated")
                 info.bits_allocated = bits if isinstance(bits, int) else 0
                 for keys, target in ((PATIENT_KEYS, info.patient), (STUDY_KEYS, info.study),
                                      (SERIES_KEYS, info.series), (INSTANCE_KEYS, info.instance)):
                     for keyword in keys:
-                        target[keyword] = text_value(ds.get(keyword)).strip("\x00 ")
+                        target[keyword] = text_value(values.get(keyword)).strip("\x00 ")
+            except InvalidInstance:
+                raise
             except Exception as exc:  # pydicom raises many types for a bad value  # noqa: BLE001
                 raise InvalidInstance(f"unreadable attribute: {exc}") from None
-            info.study["StudyInstanceUID"] = _required_uid(ds, meta, "StudyInstanceUID")
-            info.series["SeriesInstanceUID"] = _required_uid(ds, meta, "SeriesInstanceUID")
-            info.instance["SOPInstanceUID"] = _required_uid(ds, meta, "SOPInstanceUID",
-                                                            "MediaStorageSOPInstanceUID")
-            info.instance["SOPClassUID"] = _required_uid(ds, meta, "SOPClassUID", "MediaStorageSOPClassUID")
+            info.study["StudyInstanceUID"] = _required_uid(values, "StudyInstanceUID")
+            info.series["SeriesInstanceUID"] = _required_uid(values, "SeriesInstanceUID")
+            info.instance["SOPInstanceUID"] = _required_uid(values, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
+            info.instance["SOPClassUID"] = _required_uid(values, "SOPClassUID", "MediaStorageSOPClassUID")
             return info
     except OSError as exc:
         raise InvalidInstance(f"cannot read: {exc.strerror}") from None
