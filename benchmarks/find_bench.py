@@ -1,6 +1,6 @@
 """C-FIND latency at study level against a large index (default 1,000,000 studies).
 
-    python benchmarks/find_bench.py [--quick] [--studies N] [--queries Q] [--workdir DIR]
+    python benchmarks/find_bench.py [--quick] [--studies N] [--queries Q] [--workdir DIR] [--results DIR]
 
 The studies are bulk-loaded into the index by the loader below (the index's own
 record function, in large transactions), not sent over the network; then

@@ -1,6 +1,6 @@
 """`appliance import` against `cp -r` + `sync` of the same files, in one run on one file system.
 
-    python benchmarks/import_bench.py [--quick] [--ct N] [--big-mb M] [--workdir DIR]
+    python benchmarks/import_bench.py [--quick] [--ct N] [--big-mb M] [--workdir DIR] [--results DIR]
 
 Measures, each import into a fresh home, alternating with the baseline (cp, import,
 cp, import) because these machines are noisy:

@@ -1,6 +1,6 @@
 """The physical limits every other figure sits under: the disk and one core.
 
-    python benchmarks/limits_bench.py [--quick] [--mb N] [--workdir DIR]
+    python benchmarks/limits_bench.py [--quick] [--mb N] [--workdir DIR] [--results DIR]
 
 On the file system under test (the work directory):
 - sequential write with `dd conv=fdatasync`, sequential read with `dd iflag=direct`

@@ -1,6 +1,6 @@
 """Replication throughput against a plain `rsync -a` of the same bytes, and the DR drill's duration.
 
-    python benchmarks/replicate_bench.py [--quick] [--ct N] [--workdir DIR]
+    python benchmarks/replicate_bench.py [--quick] [--ct N] [--workdir DIR] [--results DIR]
 
 A CT study (N instances) is imported into a fresh home. Measured in one run:
 - `appliance replicate` to an empty local target (rsync, then every object read back and

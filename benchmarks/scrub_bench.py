@@ -1,6 +1,6 @@
 """Scrub speed against the disk and the codec, and what a rate-limited scrub costs ingest.
 
-    python benchmarks/scrub_bench.py [--quick] [--ct N] [--rate MBPS] [--workdir DIR]
+    python benchmarks/scrub_bench.py [--quick] [--ct N] [--rate MBPS] [--workdir DIR] [--results DIR]
 
 On a home holding a CT study (N instances on the hot tier):
 - fast scrub (sealed-bytes hash) MB/s vs reading the same files with `cat` (page cache

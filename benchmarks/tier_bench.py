@@ -1,6 +1,6 @@
 """Migration and recall throughput against the plain tools, in one run on one machine.
 
-    python benchmarks/tier_bench.py [--quick] [--ct N] [--workdir DIR]
+    python benchmarks/tier_bench.py [--quick] [--ct N] [--workdir DIR] [--results DIR]
 
 A CT study is imported into a fresh home with a tape tier (a cartridge directory on
 the file system under test) and an S3 tier (SeaweedFS on 127.0.0.1, started here).
