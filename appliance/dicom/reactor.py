@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import threading
+import time
 
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -104,7 +105,10 @@ class EventDrivenDUL(DULServiceProvider):
 
     def _wait(self) -> None:
         sock = self.socket.socket if self.socket is not None else None
-        if sock is None or sock.fileno() < 0 or self.socket.ready:
+        if sock is None or sock.fileno() < 0:  # closed, the association not yet told: as pynetdicom
+            time.sleep(0.001)
+            return
+        if self.socket.ready:
             return
         timeout = max(0.0, min(MAX_WAIT, self.artim_timer.remaining))
         try:
