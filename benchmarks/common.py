@@ -54,9 +54,12 @@ def _version(command: list[str]) -> str:
 def describe_machine(workdir: Path) -> dict:
     """What a storage admin needs to compare a run with theirs: CPU, memory, the file system
     and device under the work directory, and the versions of the peers."""
-    found = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "--target", str(workdir)],
-                           capture_output=True, text=True)
-    source, fstype, options = (found.stdout.split() + ["?", "?", "?"])[:3]
+    try:
+        found = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "--target", str(workdir)],
+                               capture_output=True, text=True).stdout
+    except OSError:  # no findmnt: the rest of the description still stands
+        found = ""
+    source, fstype, options = (found.split() + ["?", "?", "?"])[:3]
     return {**machine(), "workdir": str(workdir), "filesystem": fstype, "device": source,
             "mount_options": options,
             "orthanc": _version(["/usr/sbin/Orthanc", "--version"]),

@@ -224,7 +224,14 @@ def _rate(row: dict, prefix: str, files: list[Path], seconds: float) -> None:
     row[f"{prefix}_inst_s"] = len(files) / seconds
 
 
-def _measure(peer: Peer, work: Path, studies: dict) -> dict:
+def _check_received(directory: Path, expected: int, what: str) -> None:
+    """A retrieval is timed only when everything arrived (a client may exit 0 on failed sub-operations)."""
+    count = sum(1 for path in directory.rglob("*") if path.is_file())
+    if count != expected:
+        raise RuntimeError(f"{what}: {count} of {expected} instances arrived")
+
+
+def _measure(peer: Peer, work: Path, studies: dict, moved: Path) -> dict:
     row: dict = {}
     ct, received = studies["ct"], 0
     _rate(row, "ct_ingest", ct, storescu(peer, ct))
@@ -240,9 +247,12 @@ def _measure(peer: Peer, work: Path, studies: dict) -> dict:
     if peer.supports_get:
         out = work / "get" / peer.name.replace(" ", "_")
         row["ct_get_mb_s"] = studies["bytes"]["ct"] / getscu(peer, studies["uids"]["ct"], out / "ct") / 1e6
+        _check_received(out / "ct", len(ct), f"C-GET from {peer.name}")
         row["ct_move_mb_s"] = studies["bytes"]["ct"] / movescu(peer, studies["uids"]["ct"]) / 1e6
+        _check_received(moved, len(ct), f"C-MOVE from {peer.name}")
         row["multiframe_get_mb_s"] = (studies["bytes"]["multiframe"]
                                       / getscu(peer, studies["uids"]["multiframe"], out / "mf") / 1e6)
+        _check_received(out / "mf", 1, f"C-GET of the multi-frame instance from {peer.name}")
         shutil.rmtree(out)
     return row
 
@@ -257,8 +267,8 @@ def _big_instance(peer: "Vault", work: Path, megabytes: int) -> dict:
     uid = pydicom.dcmread(big, stop_before_pixels=True).StudyInstanceUID
     out = work / "get" / "big"
     row["big_get_mb_s"] = size / getscu(peer, uid, out) / 1e6
-    [copy] = [p for p in out.iterdir() if p.is_file()]
-    row["big_byte_exact"] = _same_dataset(big, copy)
+    copies = [p for p in out.iterdir() if p.is_file()]
+    row["big_byte_exact"] = len(copies) == 1 and _same_dataset(big, copies[0])
     shutil.rmtree(out)
     big.unlink()
     return row
@@ -309,7 +319,7 @@ def run(work: Path, counts: dict, peer_names: list[str]) -> dict:
                "peers": {}}
     try:
         for peer in peers:
-            row = _measure(peer, work, studies)
+            row = _measure(peer, work, studies, destination_dir)
             if peer.name == "pacs-vault" and counts["big_mb"]:
                 row.update(_big_instance(peer, work, counts["big_mb"]))
             row["peak_rss_mb"] = peer.rss_mb

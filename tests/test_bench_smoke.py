@@ -49,8 +49,8 @@ def test_dicom_side_by_side_covers_every_workload_and_peer(quick_suite):
 
 def test_physical_limits(quick_suite):
     limits = quick_suite[0]["limits"]
-    for value in (*limits["disk"].values(), *limits["one_core"].values()):
-        assert value > 0
+    for key, value in (*limits["disk"].items(), *limits["one_core"].items()):
+        assert value > 0, key
 
 
 def test_import_find_tiers_scrub_and_replication(quick_suite):

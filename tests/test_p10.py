@@ -174,3 +174,13 @@ def test_generated_values_read_as_pydicom_reads_them(tmp_path_factory, name, oth
     path = tmp_path_factory.mktemp("gen") / "x.dcm"
     ds.save_as(path, enforce_file_format=True)
     assert _as_inspected(p10.inspect(path)) == _read_by_pydicom(path)
+
+
+def test_a_declared_length_past_the_end_is_truncation_not_an_allocation(tmp_path):
+    """A 30-byte file whose Patient ID claims 4 GB: refused as truncated before anything of
+    that size is read (the length comes from the file)."""
+    path = tmp_path / "liar.dcm"
+    path.write_bytes(struct.pack("<HHI", 0x0008, 0x0016, 4) + b"1.2\x00"
+                     + struct.pack("<HHI", 0x0010, 0x0020, 0xFFFFFFF0) + b"PV01")
+    with pytest.raises(InvalidInstance, match="truncated|not a DICOM file"):
+        p10.inspect(path)

@@ -7,8 +7,8 @@ server's samples with four associations storing at once (py-spy). Here both thre
 for a reason instead, with a bounded timeout so that timers (ARTIM, network timeout) are
 still looked at:
 
-- the DUL waits in select() on its socket and on a wake-up pipe written whenever a PDU is
-  queued for sending or the thread is told to stop;
+- the DUL waits in poll() on its socket and on an eventfd written whenever a PDU is
+  queued for sending (while it waits) or the thread is told to stop;
 - the association waits on an event the DUL sets when it has something for it (a whole
   DIMSE message, a release or abort request) or has ended.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import ssl
 import threading
 import time
 
@@ -37,18 +38,17 @@ MAX_WAIT = 0.05
 
 
 class EventDrivenDUL(DULServiceProvider):
-    """The DUL, waiting on its socket and a wake-up pipe instead of sleeping in a loop."""
+    """The DUL, waiting on its socket and an eventfd instead of sleeping in a loop."""
 
-    _wake_read: int
-    _wake_write: int
+    _wake_fd: int
     activity: threading.Event
 
     def adopt(self) -> None:
         """Set up a DUL made by pynetdicom (its class was just changed to this one)."""
-        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # The pipe is closed when the thread ends; a late wake-up must not write to a reused fd.
+        # The eventfd is made when the thread starts and closed when it ends; a late wake-up
+        # must not write to a reused descriptor.
+        self._wake_fd = -1
         self._wake_lock = threading.Lock()
-        self._wake_open = True
         self._waiting = False
         self.activity = threading.Event()
         self._stop_requested = self.__dict__.pop("_kill_thread", False)
@@ -71,22 +71,20 @@ class EventDrivenDUL(DULServiceProvider):
         if not self._waiting:  # it looks at its queues before it waits: nothing to write
             return
         with self._wake_lock:
-            if not self._wake_open:
-                return
-            try:
-                os.write(self._wake_write, b"\0")
-            except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
-                pass
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
 
-    def run_reactor(self) -> None:
+    def run(self) -> None:
+        # Thread.run, not run_reactor: pynetdicom bound its thread's target at construction.
+        with self._wake_lock:
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
-            super().run_reactor()
+            super().run()
         finally:
             self.activity.set()
             with self._wake_lock:
-                self._wake_open = False
-                os.close(self._wake_read)
-                os.close(self._wake_write)
+                os.close(self._wake_fd)
+                self._wake_fd = -1
 
     def _process_recv_primitive(self) -> bool:
         # Called at the top of every loop: tell the association what is waiting for it, and
@@ -110,15 +108,21 @@ class EventDrivenDUL(DULServiceProvider):
             return
         if self.socket.ready:
             return
-        timeout = max(0.0, min(MAX_WAIT, self.artim_timer.remaining))
+        timeout = MAX_WAIT
+        artim = self.artim_timer
+        if artim._start_time is not None and artim._end_time is None:  # running (a stopped one is frozen)
+            timeout = max(0.0, min(timeout, artim.remaining))
+        # poll, not select: select cannot wait on a descriptor numbered 1024 or more.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(self._wake_fd, select.POLLIN)
         try:
-            readable, _, _ = select.select([sock, self._wake_read], [], [], timeout)
-        except (OSError, ValueError):  # the socket closed under us: the loop notices
+            ready = poller.poll(timeout * 1000)
+        except OSError:  # the socket closed under us: the loop notices
             return
-        if self._wake_read in readable:
+        if any(fd == self._wake_fd for fd, _ in ready):
             try:
-                while os.read(self._wake_read, 4096):
-                    pass
+                os.eventfd_read(self._wake_fd)
             except BlockingIOError:
                 pass
 
@@ -189,6 +193,22 @@ class BulkSocket(AssociationSocket):
             nr_read += count
         del buffer[nr_read:]
         return buffer
+
+    @property
+    def ready(self) -> bool:
+        """pynetdicom's readiness test with poll() (its select() takes a descriptor numbered 1024
+        or more for a closed connection)."""
+        if self.socket is None or self._is_connected is False:
+            return False
+        poller = select.poll()
+        try:
+            poller.register(self.socket, select.POLLIN)
+            readable = bool(poller.poll(0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        # An SSLSocket may hold decrypted data that poll does not see.
+        return readable or (isinstance(self.socket, ssl.SSLSocket) and bool(self.socket.pending()))
 
     def send(self, bytestream: bytes) -> None:
         try:

@@ -129,23 +129,31 @@ class _Plaintexts:
                 os.close(future.result())
         self._worker.shutdown(wait=True)
 
-    def _small(self, record: dict) -> bool:
-        with self._archive.index.read() as t:
-            blob = t.get("blobs", record["current"])
-        return blob is not None and blob.get("size", 0) <= self.PREFETCH_MAX_BYTES
+    def _prefetch(self, number: int) -> None:
+        if number >= len(self._instances):
+            return
+        sop_uid, record = self._instances[number]
+        try:
+            if self._skip(record):
+                return
+            with self._archive.index.read() as t:
+                blob = t.get("blobs", record["current"])
+            if blob is None or blob.get("size", self.PREFETCH_MAX_BYTES + 1) > self.PREFETCH_MAX_BYTES:
+                return
+            self._ahead[number] = self._worker.submit(plaintext_file, self._archive, record, sop_uid)
+        except Exception as exc:  # noqa: BLE001 - prefetching is an optimisation: that instance is read when due
+            LOG.warning("retrieve prefetch skipped: %s", exc)
 
     def take(self, number: int) -> int:
         """The memfd of instance `number` (the caller closes it); raises what preparing raised."""
         future = self._ahead.pop(number, None)
-        following = number + 1
-        if following < len(self._instances):
-            sop_uid, record = self._instances[following]
-            if not self._skip(record) and self._small(record):
-                self._ahead[following] = self._worker.submit(plaintext_file, self._archive, record, sop_uid)
-        if future is not None:
-            return future.result()
-        sop_uid, record = self._instances[number]
-        return plaintext_file(self._archive, record, sop_uid)
+        try:
+            if future is not None:
+                return future.result()
+            sop_uid, record = self._instances[number]
+            return plaintext_file(self._archive, record, sop_uid)
+        finally:
+            self._prefetch(number + 1)
 
 
 def _send_one(assoc, plaintexts: _Plaintexts, number: int, msg_id: int,

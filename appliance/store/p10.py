@@ -96,6 +96,8 @@ class _Reader:
         self.pos = fp.tell()
 
     def read(self, n: int) -> bytes:
+        if self.pos + n > self.size:  # checked first: the length comes from the file
+            raise InvalidInstance("truncated: the file ends inside a data element")
         data = self.fp.read(n)
         if len(data) != n:
             raise InvalidInstance("truncated: the file ends inside a data element")
@@ -146,6 +148,8 @@ def _walk_dataset(r: _Reader, explicit: bool, end: int | None, depth: int = 0,
             return
         if tag[0] == 0xFFFE:
             raise InvalidInstance(f"malformed: unexpected delimiter at offset {r.pos - 8}")
+        if tag == _PIXEL_DATA:
+            captured = None  # what follows the pixel data is not read (as pydicom's stop_before_pixels)
         if captured is not None and tag in _KEPT and length != _UNDEFINED:
             tell = r.pos
             captured[tag] = RawDataElement(BaseTag((tag[0] << 16) | tag[1]), vr.decode() if vr else None, length,
