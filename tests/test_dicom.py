@@ -69,6 +69,14 @@ def test_echo_and_association_control(home, server):
         raw.sendall(b"\x01\x00\x00\x00\x10\x00")
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00")  # an A-ABORT out of the blue
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        # a PDU that claims 4 GB: the server hangs up at once instead of waiting for (or making
+        # room for) it; pynetdicom alone would wait for the bytes (a timeout here)
+        raw.sendall(b"\x01\x00\xff\xff\xff\xf0" + b"\x00" * 64)
+        try:
+            assert raw.recv(1) == b""
+        except ConnectionResetError:  # closed with our 64 bytes unread
+            pass
     dcmtk("echoscu", *_addr(server))
     log = server.log.read_text()
     assert '"event": "association.rejected", "calling_ae": "STRANGER"' in log

@@ -35,6 +35,8 @@ LOG = logging.getLogger("pynetdicom.association")
 # Longest wait without a wake-up: timers and flags set by code that does not wake us are
 # noticed within this.
 MAX_WAIT = 0.05
+# Twice the largest maximum PDU the configuration allows (dicom.max_pdu_kb <= 65536).
+MAX_PDU_BYTES = 2 * (64 << 20)
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -180,7 +182,10 @@ class BulkSocket(AssociationSocket):
     with sendall() (pynetdicom re-slices the rest of the PDU after every partial send)."""
 
     def recv(self, nr_bytes: int) -> bytearray:
-        # The length comes from the peer: the buffer grows with what really arrives.
+        # The length comes from the peer: refused past any PDU size this server negotiates
+        # (pynetdicom then closes the connection), and the buffer grows with what arrives.
+        if nr_bytes > MAX_PDU_BYTES:
+            raise OSError(f"the peer announced a PDU of {nr_bytes} bytes")
         buffer = bytearray(min(nr_bytes, 1 << 20))
         nr_read = 0
         while nr_read < nr_bytes:
