@@ -135,6 +135,18 @@ def _element_header(r: _Reader, explicit: bool) -> tuple[tuple[int, int], bytes 
     return tag, vr, r.u16()
 
 
+def _tag_int(tag: tuple[int, int]) -> int:
+    return (tag[0] << 16) | tag[1]
+
+
+def _capture(captured: dict, r: _Reader, tag: tuple[int, int], vr: bytes | None, length: int,
+             explicit: bool) -> None:
+    """Read one element's value into `captured` as the RawDataElement pydicom would make of it."""
+    tell = r.pos
+    captured[tag] = RawDataElement(BaseTag(_tag_int(tag)), vr.decode() if vr else None, length, r.read(length),
+                                   tell, not explicit, r.little)
+
+
 def _walk_dataset(r: _Reader, explicit: bool, end: int | None, depth: int = 0,
                   captured: dict | None = None) -> None:
     """Walk elements until `end`, or until an item delimiter when `end` is None. The value of
@@ -151,9 +163,7 @@ def _walk_dataset(r: _Reader, explicit: bool, end: int | None, depth: int = 0,
         if tag == _PIXEL_DATA:
             captured = None  # what follows the pixel data is not read (as pydicom's stop_before_pixels)
         if captured is not None and tag in _KEPT and length != _UNDEFINED:
-            tell = r.pos
-            captured[tag] = RawDataElement(BaseTag((tag[0] << 16) | tag[1]), vr.decode() if vr else None, length,
-                                           r.read(length), tell, not explicit, r.little)
+            _capture(captured, r, tag, vr, length, explicit)
         elif length != _UNDEFINED:
             r.skip(length)
         elif tag == _PIXEL_DATA and vr != b"SQ":
@@ -230,9 +240,7 @@ def _walk_file(fp: BinaryIO, size: int, captured: dict) -> tuple[str, bool]:
             if tag == (0x0002, 0x0010):
                 transfer_syntax = r.read(length).rstrip(b"\x00 ").decode("ascii", "replace")
             elif tag in _KEPT:
-                tell = r.pos
-                captured[tag] = RawDataElement(BaseTag((tag[0] << 16) | tag[1]), vr.decode(), length,
-                                               r.read(length), tell, False, True)
+                _capture(captured, r, tag, vr, length, explicit=True)
             else:
                 r.skip(length)
         if not transfer_syntax:
@@ -319,10 +327,6 @@ def _converted(element, encodings):
     if isinstance(element, RawDataElement):
         return convert_raw_data_element(element, encoding=encodings).value
     return element.value
-
-
-def _tag_int(tag: tuple[int, int]) -> int:
-    return (tag[0] << 16) | tag[1]
 
 
 def inspect(path: str | os.PathLike) -> InstanceInfo:
