@@ -287,8 +287,7 @@ class RetrieveService:
                 target.release()
             return finish(0xA701, comment="audit trail cannot be written")
         try:
-            plaintexts = _Plaintexts(self._archive, instances, lambda record: record["study"] in unavailable)
-            with plaintexts:
+            with _Plaintexts(self._archive, instances, lambda record: record["study"] in unavailable) as plaintexts:
                 for number, (sop_uid, record) in enumerate(instances):
                     if req.MessageID in assoc.dimse.cancel_req:
                         del assoc.dimse.cancel_req[req.MessageID]
