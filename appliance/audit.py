@@ -409,6 +409,7 @@ class AuditTrail:
         self._reserve_tried = 0.0
         self._known: tuple[Path, int, int, str] | None = None  # (segment, size, seq, hash) after our last append
         self._checkpointed: dict | None = None  # the last checkpoint this process wrote or read
+        self._unsynced: set[Path] = set()  # segments appended to without a sync (journaled records)
 
     @property
     def segments_dir(self) -> Path:
@@ -474,7 +475,46 @@ class AuditTrail:
             self._key = load_key(self.key_file)
         return self._key
 
-    def _append(self, entries: list[dict]) -> None:
+    def append_journaled(self, entries: list[dict]) -> None:
+        """Append records that are durable already in the ingest journal (store/journal.py),
+        without waiting for the disk; `sync()` makes them durable here. Each carries its
+        journal place (`detail.jrn`), so a replay appends only those the trail lacks."""
+        if entries:
+            self._append(entries, durable=False)
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (after append_journaled)."""
+        with self._locked():
+            unsynced, self._unsynced = self._unsynced, set()
+            for segment in sorted(unsynced):
+                fd = os.open(segment, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            if unsynced:
+                fsync_dir(self.segments_dir)
+
+    def journal_places(self, journal_hex: str, since: float) -> set[str]:
+        """The journal places (`detail.jrn`) of one journal's records in the trail, looked for
+        in the segments written since the journal was started."""
+        marker = f'"jrn":"{journal_hex}:'.encode()
+        places: set[str] = set()
+        for segment in reversed(self.segment_paths()):
+            with open(segment, "rb") as fp:
+                first = fp.readline()
+                fp.seek(0)
+                for line in fp:
+                    if marker in line:
+                        places.add(json.loads(line)["detail"]["jrn"])
+            try:  # a minute of margin for a clock that was set back
+                if _parse_time(json.loads(first)["time"]) < since - 60:
+                    break
+            except (ValueError, KeyError):
+                continue
+        return places
+
+    def _append(self, entries: list[dict], durable: bool = True) -> None:
         with self._locked():
             if self._key is None and not self.key_file.exists() and not self.segment_paths():
                 # A home from before the trail existed: start it, and say so in its first record.
@@ -492,7 +532,7 @@ class AuditTrail:
             for attempt in (1, 2):
                 lines, last, digest = chain(entries, seq, prev, now)
                 try:
-                    _append_durably(segment, b"".join(lines))
+                    _append_durably(segment, b"".join(lines), sync=durable)
                     break
                 except OSError as exc:
                     if attempt == 2 or exc.errno != errno.ENOSPC or not self._use_reserve():
@@ -502,7 +542,9 @@ class AuditTrail:
                         reason="the volume of the audit trail is full: writing into its reserve; free space now")]
             seq, prev = last, digest
             self._known = (segment, segment.stat().st_size, seq, prev)
-            if new:
+            if not durable:
+                self._unsynced.add(segment)
+            elif new:
                 fsync_dir(self.segments_dir)
             head = sign_checkpoint(key, seq, prev, now)
             # Rewritten in place, padded to one fixed block: no new file per append.
@@ -718,8 +760,9 @@ class _FileLock:
         os.close(self.fd)
 
 
-def _append_durably(path: Path, data: bytes) -> None:
-    """Append and fsync; on failure (a full disk) cut the file back: never half a record."""
+def _append_durably(path: Path, data: bytes, sync: bool = True) -> None:
+    """Append and fsync (unless told not to); on failure (a full disk) cut the file back:
+    never half a record."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
@@ -727,7 +770,8 @@ def _append_durably(path: Path, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fdatasync(fd)
+            if sync:
+                os.fdatasync(fd)
         except OSError:
             os.ftruncate(fd, start)
             raise

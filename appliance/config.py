@@ -40,6 +40,9 @@ class StoreConfig:
     segment_size_kb: int = field(default=1024, metadata=_check(lambda v: 16 <= v <= 65536,
                                                                  "must be 16 to 65536"))
     keep_previous_versions: bool = True
+    # The ingest journal (store/journal.py): every acknowledged store is written here first.
+    # A fast, durable device of its own (an NVMe mirror) shortens every acknowledgement.
+    journal_dir: str = "journal"
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,10 @@ class Config:
     @property
     def index_path(self) -> Path:
         return self.resolve(self.appliance.index.path)
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.resolve(self.appliance.store.journal_dir)
 
     @property
     def remote_aes_path(self) -> Path:

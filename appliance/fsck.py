@@ -137,7 +137,8 @@ def rebuild(config: Config) -> RebuildReport:
         index = Index(index_path, map_size=config.appliance.index.initial_map_size_mb << 20, create=True)
         try:
             archive_hot = hot_backend(config)
-            names = sorted(archive_hot.list(), key=lambda n: archive_hot.path(n).stat().st_mtime)
+            # Stored order: the versions of an instance are indexed oldest first (its stored time).
+            names = sorted(archive_hot.list(), key=lambda n: archive_hot.path(n).stat().st_mtime_ns)
             for name in names:
                 report.blobs += 1
                 try:

@@ -47,6 +47,12 @@ def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         fp.write(data)
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the volume holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def raise_if_out_of_space(exc: OSError) -> None:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise OutOfSpace(f"out of space on the data volume ({exc.filename or 'write'})") from None

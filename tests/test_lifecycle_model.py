@@ -163,7 +163,10 @@ class LifecycleModel(RuleBasedStateMachine):
             event("apply with a crashing tier ran without writing to it")
         except Crash:
             event("crashed mid-pack")
-        # The process is gone: its archive is abandoned without any cleanup, a new one starts.
+        # The process is gone: its archive is abandoned without any cleanup, a new one starts
+        # (its stores' journal was applied before the crash; only its threads are stopped).
+        if self.archive._journal is not None:
+            self.archive._journal.close()
         self.archive.index.close()
         self.archive.keyring.close()
         self.archive._lock.__exit__(None, None, None)

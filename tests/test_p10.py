@@ -184,3 +184,40 @@ def test_a_declared_length_past_the_end_is_truncation_not_an_allocation(tmp_path
                      + struct.pack("<HHI", 0x0010, 0x0020, 0xFFFFFFF0) + b"PV01")
     with pytest.raises(InvalidInstance, match="truncated|not a DICOM file"):
         p10.inspect(path)
+
+
+_FRAGMENTED = ["MR_small_bigendian.dcm", "ExplVR_BigEndNoMeta.dcm", "image_dfl.dcm", "rtplan.dcm", "JPEG2000.dcm",
+               "emri_small_jpeg_2k_lossless_too_short.dcm", "rtplan_truncated.dcm", "SC_rgb_rle_2frame.dcm",
+               "liver.dcm", "no_meta_group_length.dcm"]
+
+
+def _outcome(chunks) -> object:
+    try:
+        return _as_inspected(info := p10.inspect_stream(chunks)) | {"ca": info.content_address,
+                                                                  "syntax": info.transfer_syntax}
+    except InvalidInstance as exc:
+        return str(exc)
+
+
+@settings(max_examples=120, deadline=None)
+@given(name=st.sampled_from(_FRAGMENTED), cuts=st.lists(st.floats(0, 1), max_size=12))
+def test_any_fragmentation_of_the_bytes_reads_the_same(name, cuts):
+    """A C-STORE's data set arrives in PDVs cut anywhere: the walk gives the same answer
+    (attributes, or the same refusal) however the bytes are split."""
+    data = open(get_testdata_file(name), "rb").read()
+    bounds = sorted({0, len(data), *(int(c * len(data)) for c in cuts)})
+    pieces = [data[low:high] for low, high in zip(bounds, bounds[1:])]
+    assert _outcome(pieces) == _outcome([data])
+
+
+def test_the_walk_keeps_no_more_than_element_headers(ct_files):
+    """Pixel data passes through without being buffered: the walk's buffer stays small
+    whatever the piece size."""
+    data = ct_files[0].read_bytes()
+    inspector = p10.Inspector()
+    for at in range(0, len(data), 65536):
+        inspector.feed(data[at:at + 65536])
+        walk = inspector._data_walk or inspector._walk
+        assert len(walk._buffer) <= 65536 + 4096
+    assert inspector.finish().sop_uid == pydicom.dcmread(ct_files[0]).SOPInstanceUID
+    assert inspector.ready and inspector.bits_allocated == 16 and inspector.study_uid

@@ -75,8 +75,8 @@ def test_full_disk_import_stops_cleanly_and_resumes(tmp_path, long_study):
         assert result.returncode != 0
         # log lines (stderr is not a TTY), then the one line for a human
         # (index and blobs share this volume: whichever write meets the full disk first says so)
-        assert re.fullmatch(r"appliance: import stopped: out of space on the (data volume \(write\)|index volume; "
-                            r"nothing was committed)", result.stderr.strip().splitlines()[-1])
+        assert re.fullmatch(r"appliance: import stopped: out of space on the (data volume \((write|\d+ MB free)\)"
+                            r"|index volume; nothing was committed)", result.stderr.strip().splitlines()[-1])
         status = json.loads(run_cli("status", "--json", home=home).stdout)
         assert 0 < status["instances"] < len(files)
         assert run_cli("fsck", home=home).returncode == 0

@@ -75,6 +75,45 @@ class FilesystemBackend:
         with atomic_file(self._incoming / f"{name}.{os.getpid()}.tmp", final) as fp:
             yield fp
 
+    def write_unsynced(self, name: str, data, mtime_ns: int) -> None:
+        """Write an object whose bytes are durable elsewhere already (the ingest journal), in
+        place and without waiting for the disk; `make_durable` later. Readers find it only
+        through the index, which names it once this returned. `mtime_ns`: when it was stored
+        (a rebuild of the index orders versions by it)."""
+        path = self.path(name)
+        if not path.parent.is_dir():
+            path.parent.mkdir(exist_ok=True)
+            fsync_dir(path.parent.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+
+    def set_stored_time(self, name: str, mtime_ns: int) -> None:
+        os.utime(self.path(name), ns=(mtime_ns, mtime_ns))
+
+    def make_durable(self, names: Iterable[str]) -> None:
+        """fsync objects written by write_unsynced, then their directories (each once)."""
+        directories = set()
+        for name in names:
+            path = self.path(name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # deleted meanwhile (a duplicate, a superseded version)
+                directories.add(path.parent)
+                continue
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            directories.add(path.parent)
+        for directory in sorted(directories):
+            fsync_dir(directory)
+
     def put(self, name: str, src: BinaryIO) -> None:
         with self.create(name) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)

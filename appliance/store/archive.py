@@ -1,43 +1,184 @@
 """The archive facade: store, read, list and delete instances.
 
-It ties the pieces together in the order that makes a store durable before it
-is acknowledged:
+A store is durable before it is acknowledged, with one shared sync:
 
-    inspect (hash, check framing, read attributes) -> study data key
-    -> seal into the hot tier (temp, fsync, rename, fsync dir)
-    -> index commit (synced, group commit) -> acknowledged
+    bytes as they arrive -> inspect (framing, index attributes) and seal (SHA-256, zstd,
+    AES-GCM) together -> the study's data key once the walk has seen the study
+    -> journal record {index entry, sealed bytes (or the synced hot file of a large
+       instance), audit record}, group-committed with one fdatasync -> acknowledged
+    -> applied: the hot file, the index entry (LMDB), the audit record; checkpointed
+       (made durable there) before the journal record is dropped (journal.py).
 
-A crash before the commit leaves at most an unreferenced sealed file (removed by
-`fsck`) or a temp file (swept when a writer opens the home); never an index
-entry without its blob.
+A crash before the journal commit leaves at most a temp file of a large blob (swept
+when a writer opens the home); after it, the next writer to open the home replays the
+journal. Never an index entry without its blob.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from appliance import audit, backends
 from appliance.audit import AuditTrail
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
-from appliance.errors import ApplianceError, BlobMissing, IntegrityError, NotFound
-from appliance.fsutil import HomeLock, raise_if_out_of_space
+from appliance.errors import ApplianceError, BlobMissing, IntegrityError, InvalidInstance, NotFound, OutOfSpace
+from appliance.fsutil import HomeLock, free_bytes, raise_if_out_of_space
 from appliance.store import index as ix
+from appliance.store import journal as jr
 from appliance.store import p10, sealed, tiering
 from appliance.store.index import Index
 from appliance.store.keys import Keyring
+
+# Sealed bytes of one instance held in memory and written into its journal record; a
+# larger instance streams into its hot file as it arrives (synced before the commit).
+INLINE_LIMIT = 1 << 20
+# Plaintext held while the walk has not yet seen the study (its key seals the bytes).
+BEFORE_KEY_LIMIT = 64 << 20
+# A store is refused (0xA700) unless this much more than twice its sealed size is free:
+# it is written twice (journal, hot file) and the index and trail must still fit.
+FREE_MARGIN = 2 << 20
 
 
 @dataclass(frozen=True)
 class StoreOutcome:
     status: str  # "stored", "new_version" or "duplicate"
     info: p10.InstanceInfo
+
+
+class _SealedSink:
+    """Where an instance's sealed bytes go while it arrives: memory up to INLINE_LIMIT, then
+    its own hot file (sealed bytes only), made durable when the instance is complete."""
+
+    def __init__(self, hot: FilesystemBackend, name: str):
+        self._hot, self._name = hot, name
+        self._memory = bytearray()
+        self._context = None
+        self._file = None
+
+    def write(self, data) -> None:
+        if self._file is None:
+            self._memory += data
+            if len(self._memory) > INLINE_LIMIT:
+                self._context = self._hot.create(self._name)
+                self._file = self._context.__enter__()
+                self._file.write(self._memory)
+                self._memory = bytearray()
+            return
+        self._file.write(data)
+
+    def finish(self) -> bytes | None:
+        """The sealed bytes when they are small enough for the journal; None when they went
+        to the hot file (now durable: fsync, rename, fsync of its directory)."""
+        if self._file is None:
+            return bytes(self._memory)
+        context, self._context, self._file = self._context, None, None
+        context.__exit__(None, None, None)
+        return None
+
+    def discard(self) -> None:
+        """Forget what was written (the temp file of a large blob is removed)."""
+        self._memory = bytearray()
+        if self._file is not None:
+            context, self._context, self._file = self._context, None, None
+            try:
+                context.__exit__(_Discarded, _Discarded(), None)
+            except _Discarded:
+                pass
+
+
+class _Discarded(Exception):
+    pass
+
+
+class Ingest:
+    """One instance being stored as its bytes arrive (a C-STORE's PDVs, a file's chunks):
+    `write()` them, then `finish()` (durable when it returns) or `abort()`. Plaintext is
+    only ever in memory; what reaches a disk is sealed."""
+
+    def __init__(self, archive: "Archive", source: str):
+        self._archive = archive
+        self.source = source
+        self.inspector = p10.Inspector()
+        self.name = os.urandom(16).hex()
+        self._sink = _SealedSink(archive.hot, self.name)
+        settings = archive.config.appliance.store
+        self._sealer = sealed.Sealer(self._sink, level=settings.compression_level,
+                                     segment_size=settings.segment_size_kb << 10)
+        self._key_id: bytes | None = None
+        self._unsealable = False  # no study in the data set: refused at the end, nothing sealed
+
+    def write(self, data) -> None:
+        self.inspector.feed(data)
+        if self._unsealable:
+            return
+        try:
+            self._sealer.write(data)
+            if not self._sealer.started and self.inspector.ready:
+                self._start()
+        except OSError as exc:
+            raise_if_out_of_space(exc)
+            raise
+        if not self._sealer.started and self._sealer.buffered > BEFORE_KEY_LIMIT:
+            raise InvalidInstance("no Study Instance UID in the first 64 MB of the data set")
+
+    def _start(self) -> None:
+        study_uid = self.inspector.study_uid
+        if not study_uid:
+            self._unsealable = True  # finish() says what is missing
+            return
+        self._key_id = self._archive.study_key(study_uid)
+        self._sealer.start(data_key=self._archive.keyring.data_key(self._key_id), key_id=self._key_id,
+                           try_compression=self.inspector.compressible,
+                           shuffled=self.inspector.bits_allocated == 16)
+
+    def abort(self) -> None:
+        self._sink.discard()
+
+    def finish(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None) -> StoreOutcome:
+        """Complete the instance and commit it with its audit record (`audit_entry(info,
+        status)`); returns once durable. Raises InvalidInstance or OutOfSpace, and then
+        nothing of it is stored (the refusal's audit record is the caller's)."""
+        try:
+            info = self.inspector.finish()
+            if not self._sealer.started:
+                self._start()
+            result = self._sealer.finish()
+            info.content_address = result.content_address
+            status = self._archive.known_status(info)
+            entry = audit_entry(info, status) if audit_entry else None
+            if status == "duplicate":
+                self._sink.discard()
+                self._archive.commit_audit(entry)
+                return StoreOutcome(status, info)
+            self._archive.check_space(result.sealed_size)
+            inline = self._sink.finish()
+        except OSError as exc:
+            self._sink.discard()
+            raise_if_out_of_space(exc)
+            raise
+        except BaseException:
+            self._sink.discard()
+            raise
+        blob = {"name": self.name, "sealed_size": result.sealed_size, "xxh3": result.sealed_xxh3,
+                "key_id": self._key_id, "compression": result.compression}
+        stored_ns = time.time_ns()
+        try:
+            if inline is None:
+                self._archive.hot.set_stored_time(self.name, stored_ns)
+            self._archive.commit_store(info, blob, inline, self.source, entry, stored_ns)
+        except BaseException:
+            if inline is None:
+                self._archive.hot.delete(self.name)
+            raise
+        return StoreOutcome(status, info)
 
 
 class Archive:
@@ -61,8 +202,16 @@ class Archive:
         self._tiers_lock = threading.Lock()
         self._recalls: dict[str, Future] = {}
         self._recall_lock = threading.Lock()
+        self._journal: jr.Journal | None = None
+        self._journal_lock = threading.Lock()
+        # Stores journaled but not yet in the index: content address / SOP Instance UID -> count.
+        self._in_flight: dict[bytes, int] = {}
+        self._in_flight_sops: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+        self._unsynced_names: set[str] = set()  # hot files written by apply since the last checkpoint
         if lock is not None and self.hot.root.is_dir():
             self.hot.sweep_incoming()
+            self.replay_journals()
 
     @classmethod
     def open(cls, config: Config, *, writer: bool = False, exclusive: bool = False) -> "Archive":
@@ -75,6 +224,10 @@ class Archive:
             raise
 
     def close(self) -> None:
+        if self._journal is not None:
+            journal, self._journal = self._journal, None
+            self.index.barrier = None
+            journal.close()
         self.index.close()
         self.keyring.close()
         if self._lock is not None:
@@ -91,7 +244,7 @@ class Archive:
     def study_key(self, study_uid: str) -> bytes:
         """The study's data key id, created (durably) on the study's first instance."""
         with self._key_lock:
-            with self.index.read() as t:
+            with self.index.read(fresh=False) as t:
                 key_id = t.get("study_keys", study_uid)
             if key_id is not None:
                 return key_id
@@ -106,43 +259,154 @@ class Archive:
                 self._tiers[name] = backends.open_tier(self.config, self.config.tiers[name])
             return self._tiers[name]
 
+    def begin_store(self, source: str = "import") -> Ingest:
+        """An instance to store as its bytes arrive. `source`: the calling AE title, or "import"."""
+        return Ingest(self, source)
+
     def store_file(self, path: str | os.PathLike, source: str = "import") -> StoreOutcome:
         """Store one P10 file byte-exact. Returns once it is durable; raises InvalidInstance,
-        OutOfSpace or another ApplianceError and then nothing of it is stored.
-        `source`: the calling AE title, or "import"."""
-        info = p10.inspect(path)
-        with self.index.read() as t:
+        OutOfSpace or another ApplianceError and then nothing of it is stored."""
+        ingest = self.begin_store(source)
+        head = b""
+        try:
+            with open(path, "rb") as fp:
+                for chunk in p10.file_chunks(fp):
+                    head = head or chunk[:132]
+                    ingest.write(chunk)
+            return ingest.finish()
+        except InvalidInstance as exc:
+            ingest.abort()
+            if head[128:132] != b"DICM" and str(exc).startswith(("truncated", "malformed")):
+                raise InvalidInstance("not a DICOM file") from None
+            raise
+        except OSError as exc:
+            ingest.abort()
+            raise InvalidInstance(f"cannot read: {exc.strerror}") from None
+        except BaseException:
+            ingest.abort()
+            raise
+
+    def known_status(self, info: p10.InstanceInfo) -> str:
+        """What storing `info` would be: "duplicate" (the same bytes are stored or on their
+        way), "new_version" (another version of the instance is) or "stored"."""
+        with self._in_flight_lock:
+            if info.content_address in self._in_flight:
+                return "duplicate"
+            pending_sop = info.sop_uid in self._in_flight_sops
+        with self.index.read(fresh=False) as t:
             known = t.get("blobs", info.content_address)
             if known is not None and not known.get("damaged"):
-                return StoreOutcome("duplicate", info)
-            # A damaged version sent again (by the PACS, or imported from a backup) is stored anew.
-        key_id = self.study_key(info.study_uid)
-        settings = self.config.appliance.store
-        name = os.urandom(16).hex()
-        with open(path, "rb") as src, self.hot.create(name) as dst:
-            try:
-                result = sealed.seal(src, info.length, dst, data_key=self.keyring.data_key(key_id),
-                                     key_id=key_id, content_address=info.content_address,
-                                     level=settings.compression_level, try_compression=info.compressible,
-                                     shuffled=info.bits_allocated == 16,
-                                     segment_size=settings.segment_size_kb << 10)
-            except OSError as exc:
-                raise_if_out_of_space(exc)
-                raise
-        blob = {"name": name, "sealed_size": result.sealed_size, "xxh3": result.sealed_xxh3,
-                "key_id": key_id, "compression": result.compression}
+                return "duplicate"  # a damaged version sent again is stored anew
+            return "new_version" if pending_sop or t.get("instances", info.sop_uid) is not None else "stored"
+
+    def check_space(self, sealed_size: int) -> None:
+        free = free_bytes(self.hot.root)
+        if free < 2 * sealed_size + FREE_MARGIN:
+            raise OutOfSpace(f"out of space on the data volume ({free >> 20} MB free)")
+
+    def _journal_for_writing(self) -> jr.Journal:
+        with self._journal_lock:
+            if self._journal is None:
+                self._journal = jr.Journal(self.config.journal_dir, self.keyring.kek_id, self.keyring.journal_key,
+                                           self)
+                self.index.barrier = self._journal.wait_applied
+            return self._journal
+
+    def commit_store(self, info: p10.InstanceInfo, blob: dict, inline: bytes | None, source: str,
+                     audit_entry: dict | None, stored_ns: int) -> None:
+        """Journal one stored instance: durable when this returns, in the index just after."""
+        journal = self._journal_for_writing()
+        body = {"op": "store", "info": dataclasses.asdict(info), "blob": blob, "inline": inline,
+                "source": source, "audit": audit_entry if self.audit.enabled else None, "stored_ns": stored_ns}
+        with self._in_flight_lock:
+            self._in_flight[info.content_address] = self._in_flight.get(info.content_address, 0) + 1
+            self._in_flight_sops[info.sop_uid] = self._in_flight_sops.get(info.sop_uid, 0) + 1
         try:
-            status, superseded = self.index.write(lambda t: self._record(t, info, blob, source))
+            journal.commit(body)
         except BaseException:
-            self.hot.delete(name)
+            self._done_in_flight([body])
             raise
-        if status == "duplicate":
+
+    def commit_audit(self, entry: dict | None) -> None:
+        """Journal an audit record of the store path (a duplicate): durable on return."""
+        if entry is not None and self.audit.enabled:
+            self._journal_for_writing().commit({"op": "audit", "audit": entry})
+
+    def _done_in_flight(self, bodies: list[dict]) -> None:
+        with self._in_flight_lock:
+            for body in bodies:
+                for table, key in ((self._in_flight, body["info"]["content_address"]),
+                                   (self._in_flight_sops, body["info"]["instance"]["SOPInstanceUID"])):
+                    left = table.get(key, 0) - 1
+                    if left > 0:
+                        table[key] = left
+                    else:
+                        table.pop(key, None)
+
+    # -- applying the journal (journal.Applier) ---------------------------------------------
+
+    def replay_journals(self) -> int:
+        """Apply what the journals of processes that are gone hold (after a crash)."""
+        return jr.replay(self.config.journal_dir, self.keyring.kek_id, self.keyring.journal_key, self)
+
+    def apply(self, records: list[jr.Record], replaying: bool) -> None:
+        """Redo journal records on the hot tier, the index and the trail (see journal.py)."""
+        stores = [r for r in records if r.body["op"] == "store"]
+        journal_id = records[0].journal_id
+        with self.index.read(fresh=False) as t:
+            position = t.get("meta", jr.position_key(journal_id)) or 0
+        for record in stores:
+            blob, inline = record.body["blob"], record.body["inline"]
+            if inline is not None and (record.number > position or self._needs_rewrite(blob)):
+                self.hot.write_unsynced(blob["name"], inline, record.body["stored_ns"])
+                self._unsynced_names.add(blob["name"])
+        surplus = self.index.write(lambda t: self._apply_to_index(t, stores, records[-1], replaying))
+        for name in surplus:
             self.hot.delete(name)
-        # Previous versions the config does not keep go once the new one is committed;
-        # should this fail, fsck reclaims the unreferenced files.
-        for old_name in superseded:
-            self.hot.delete(old_name)
-        return StoreOutcome(status, info)
+        if not replaying:
+            self._done_in_flight([r.body for r in stores])
+        done = self.audit.journal_places(journal_id.hex(), records[0].started) if replaying else set()
+        self.audit.append_journaled([{**entry, "detail": {**entry.get("detail", {}), "jrn": record.place}}
+                                     for record in records
+                                     if (entry := record.body.get("audit")) and record.place not in done])
+
+    def _needs_rewrite(self, blob: dict) -> bool:
+        """A replayed inline blob whose hot file a crash left short or lost."""
+        try:
+            return self.hot.size(blob["name"]) != blob["sealed_size"]
+        except BlobMissing:
+            return True
+
+    def _apply_to_index(self, t: ix.Txn, stores: list[jr.Record], last: jr.Record, replaying: bool) -> list[str]:
+        """The index part of apply, exactly once per record: the position of the last record
+        applied is kept in the same transaction. Returns hot files no longer needed."""
+        key = jr.position_key(last.journal_id)
+        position = t.get("meta", key) or 0
+        surplus = []
+        for record in stores:
+            if record.number <= position:
+                continue
+            body = record.body
+            blob = body["blob"]
+            if replaying and not self.keyring.has(blob["key_id"]):
+                surplus.append(blob["name"])  # its study was deleted (shredded) after it was stored
+                continue
+            status, superseded = self._record(t, p10.InstanceInfo(**body["info"]), blob, body["source"])
+            if status == "duplicate":
+                surplus.append(blob["name"])
+            surplus.extend(superseded)
+        t.put("meta", key, max(position, last.number))
+        return surplus
+
+    def checkpoint(self) -> None:
+        """Make durable what apply wrote without waiting: hot files and the trail."""
+        names = set(self._unsynced_names)
+        self.hot.make_durable(names)
+        self.audit.sync()
+        self._unsynced_names -= names
+
+    def forget(self, journal_id: bytes) -> None:
+        self.index.write(lambda t: t.delete("meta", jr.position_key(journal_id)))
 
     def _record(self, t: ix.Txn, info: p10.InstanceInfo, blob: dict, source: str) -> tuple[str, list[str]]:
         known = t.get("blobs", info.content_address)

@@ -191,6 +191,7 @@ class Index:
         self._dbs = {name: self._env.open_db(name.encode()) for name in _PLAIN_DBS}
         self._dbs.update({name: self._env.open_db(name.encode(), dupsort=True) for name in _DUP_DBS})
         self._rw = _RWLock()
+        self.barrier: Callable[[], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._committer = threading.Thread(target=self._commit_loop, name="index-committer", daemon=True)
         self._committer.start()
@@ -214,7 +215,12 @@ class Index:
     # -- reading -------------------------------------------------------------------------
 
     @contextmanager
-    def read(self) -> Iterator[Txn]:
+    def read(self, fresh: bool = True) -> Iterator[Txn]:
+        """A read transaction. `fresh`: first wait until every store this process has
+        acknowledged is in the index (`barrier`, set while an ingest journal applies)."""
+        barrier = self.barrier
+        if fresh and barrier is not None:
+            barrier()
         while True:
             with self._rw.shared():
                 try:

@@ -43,7 +43,9 @@ from pathlib import Path
 import lmdb
 import msgpack
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from appliance.errors import KeyFileError, KeyMissing
 from appliance.fsutil import fsync_dir, write_file_atomic
@@ -74,13 +76,14 @@ class Kek:
                 f"key: {base64.b64encode(self.key).decode()}\n").encode()
 
 
+def _derive(kek: Kek, salt: bytes, info: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(kek.key)
+
+
 def snapshot_key(kek: Kek) -> bytes:
     """The key that seals what goes off-site besides the blobs (index snapshot, keyring copy,
     manifests): derived from the KEK, so the key file alone opens them at restore."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(hashes.SHA256(), 32, salt=kek.key_id, info=b"pacs-vault off-site v1").derive(kek.key)
+    return _derive(kek, kek.key_id, b"pacs-vault off-site v1")
 
 
 def write_key_file(path: Path, kek: Kek) -> None:
@@ -185,6 +188,10 @@ class Keyring:
     def snapshot_key(self) -> tuple[bytes, bytes]:
         """(KEK id, key) for sealing off-site snapshots and manifests."""
         return self._kek.key_id, snapshot_key(self._kek)
+
+    def journal_key(self, journal_id: bytes) -> bytes:
+        """The key sealing one ingest journal's records (store/journal.py), derived from the KEK."""
+        return _derive(self._kek, journal_id, b"pacs-vault journal v1")
 
     def copy_to(self, directory: Path) -> None:
         """A consistent copy of the keyring (wrapped keys only) into an empty directory."""

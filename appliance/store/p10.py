@@ -1,13 +1,16 @@
-"""Reading a received DICOM file just enough to index it, never re-encoding it.
+"""Reading a received DICOM instance just enough to index it, never re-encoding it.
 
-`inspect(path)` does three things over the bytes as received:
-  1. the content address: SHA-256 and length of every byte;
-  2. the framing: every data element, sequence, item and pixel-data fragment
-     is walked by its declared length, so a truncated or malformed file is
-     rejected (pydicom alone reads a truncated file without complaint);
-  3. the attributes the index and C-FIND need: their elements are taken during
-     the walk and converted with pydicom's element converter (a deflated dataset
-     is read by pydicom itself).
+An `Inspector` is fed the Part 10 bytes as they arrive (PDV by PDV from a C-STORE,
+chunk by chunk from a file) and keeps nothing but element headers and a few short
+values:
+  1. the framing: every data element, sequence, item and pixel-data fragment is
+     walked by its declared length, so a truncated or malformed instance is
+     rejected (pydicom alone reads a truncated file without complaint); a deflated
+     data set is inflated on the way and walked the same;
+  2. the attributes the index and C-FIND need: their elements are taken during the
+     walk and converted with pydicom's element converter;
+  3. while it walks, what the sealer needs to start (the study, 16-bit pixels or not).
+`inspect(path)` does the same for a file and adds its content address (SHA-256).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Iterable, Iterator
 
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
@@ -54,6 +57,11 @@ _KEPT = {(tag >> 16, tag & 0xFFFF): keyword for keyword, tag in (
                                          "SpecificCharacterSet", "BitsAllocated", "MediaStorageSOPClassUID",
                                          "MediaStorageSOPInstanceUID"))}
 _CHARSET = (0x0008, 0x0005)
+_STUDY_UID = (0x0020, 0x000D)
+_BITS_ALLOCATED = (0x0028, 0x0100)
+# A kept attribute longer than this is not captured (it cannot be one: they are short
+# strings), so a declared length from the peer never becomes an allocation.
+_KEPT_MAX = 1 << 16
 
 
 @dataclass
@@ -90,191 +98,412 @@ class InstanceInfo:
             return True
 
 
-class _Reader:
-    def __init__(self, fp: BinaryIO, size: int, little: bool):
-        self.fp, self.size, self.little = fp, size, little
-        self.pos = fp.tell()
+class _Skip:
+    """A request of the walk: pass over `n` bytes without keeping them."""
 
-    def read(self, n: int) -> bytes:
-        if self.pos + n > self.size:  # checked first: the length comes from the file
-            raise InvalidInstance("truncated: the file ends inside a data element")
-        data = self.fp.read(n)
-        if len(data) != n:
-            raise InvalidInstance("truncated: the file ends inside a data element")
-        self.pos += n
-        return data
+    __slots__ = ("n",)
 
-    def skip(self, n: int) -> None:
-        if self.pos + n > self.size:
-            raise InvalidInstance("truncated: a data element runs past the end of the file")
-        self.pos += n
-        self.fp.seek(self.pos)
-
-    def u16_pair(self) -> tuple[int, int]:
-        return struct.unpack("<HH" if self.little else ">HH", self.read(4))
-
-    def u32(self) -> int:
-        return struct.unpack("<I" if self.little else ">I", self.read(4))[0]
-
-    def u16(self) -> int:
-        return struct.unpack("<H" if self.little else ">H", self.read(2))[0]
+    def __init__(self, n: int):
+        self.n = n
 
 
-def _element_header(r: _Reader, explicit: bool) -> tuple[tuple[int, int], bytes | None, int]:
-    tag = r.u16_pair()
-    if tag[0] == 0xFFFE:
-        return tag, None, r.u32()
-    if not explicit:
-        return tag, None, r.u32()
-    vr = r.read(2)
-    if vr in _LONG_VRS:
-        r.read(2)
-        return tag, vr, r.u32()
-    if not (vr.isalpha() and vr.isupper()):
-        raise InvalidInstance(f"malformed: invalid VR at offset {r.pos - 2}")
-    return tag, vr, r.u16()
+class _Peek:
+    """A request of the walk: look at up to `n` bytes without consuming them (fewer at the end)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+class _Walk:
+    """Drives a walk (a generator) over bytes fed in any pieces.
+
+    The generator yields its requests: an int n (the next n bytes; it is sent None when
+    the input ends first), _Skip(n) or _Peek(n). Skipped bytes are never buffered, so a
+    gigabyte of pixel data passes through without a copy; only element headers and
+    the values the walk keeps are. `rest()`: what was fed past the walk's end."""
+
+    def __init__(self, walk, *, trailing_ok: bool = False):
+        self._walk = walk
+        self._trailing_ok = trailing_ok
+        self._buffer = bytearray()
+        self._offset = 0
+        self._skip = 0
+        self._ended = False
+        self.result = None
+        self.done = False
+        self._request = None
+        self._advance(None, first=True)
+
+    def feed(self, data) -> None:
+        view = memoryview(data)
+        if self._skip and self._offset == len(self._buffer):
+            take = min(self._skip, len(view))
+            self._skip -= take
+            view = view[take:]
+            if not self._skip:
+                self._advance(None)
+        if len(view):
+            if self.done and not self._trailing_ok:
+                raise InvalidInstance("malformed: bytes after the end of the data set")
+            if self._offset == len(self._buffer):
+                self._buffer, self._offset = view, 0  # walked in place; only a remainder is copied
+            else:
+                self._buffer = bytearray(self._buffer[self._offset:]) + view
+                self._offset = 0
+        self._run()
+        if isinstance(self._buffer, memoryview):
+            self._buffer, self._offset = bytearray(self._buffer[self._offset:]), 0
+
+    def finish(self):
+        self._ended = True
+        self._run()
+        if not self.done:
+            raise InvalidInstance("truncated: the data ends inside a data element")
+        return self.result
+
+    def rest(self) -> bytes:
+        return bytes(self._buffer[self._offset:])
+
+    def _advance(self, reply, first: bool = False) -> None:
+        while True:
+            try:
+                request = next(self._walk) if first else self._walk.send(reply)
+            except StopIteration as stop:
+                self.done, self.result, self._request = True, stop.value, None
+                return
+            first, reply = False, None
+            if type(request) is not _Skip:
+                self._request = request
+                return
+            if request.n:
+                self._skip, self._request = request.n, None
+                return
+
+    def _run(self) -> None:
+        while not self.done:
+            available = len(self._buffer) - self._offset
+            if self._skip:
+                take = min(self._skip, available)
+                self._offset += take
+                self._skip -= take
+                if self._skip:
+                    if self._ended:
+                        raise InvalidInstance("truncated: a data element runs past the end of the data")
+                    return
+                self._advance(None)
+                continue
+            request = self._request
+            if type(request) is int:
+                if available < request and not self._ended:
+                    return
+                reply = None
+                if available >= request:
+                    reply = bytes(self._buffer[self._offset:self._offset + request])
+                    self._offset += request
+            else:  # _Peek
+                if available < request.n and not self._ended:
+                    return
+                reply = bytes(self._buffer[self._offset:self._offset + request.n])
+            self._advance(reply)
+        if len(self._buffer) > self._offset and not self._trailing_ok:
+            raise InvalidInstance("malformed: bytes after the end of the data set")
+
+
+def _need(data: bytes | None) -> bytes:
+    if data is None:
+        raise InvalidInstance("truncated: the data ends inside a data element")
+    return data
+
+
+class _Elements:
+    """The element framing of one byte order and VR encoding."""
+
+    def __init__(self, little: bool, explicit: bool):
+        self.little, self.explicit = little, explicit
+        self._pair = struct.Struct("<HH" if little else ">HH")
+        self._u32 = struct.Struct("<I" if little else ">I")
+        self._u16 = struct.Struct("<H" if little else ">H")
+
+    def header(self, first: bytes | None = None):
+        """(tag, vr, length) of the next element; None at a clean end of the data (`first`:
+        its tag bytes, already read)."""
+        raw = first if first is not None else (yield 4)
+        if raw is None:
+            return None
+        tag = self._pair.unpack(raw)
+        if tag[0] == 0xFFFE or not self.explicit:
+            return tag, None, self._u32.unpack(_need((yield 4)))[0]
+        vr = _need((yield 2))
+        if vr in _LONG_VRS:
+            return tag, vr, self._u32.unpack(_need((yield 6))[2:])[0]
+        if not (vr.isalpha() and vr.isupper()):
+            raise InvalidInstance("malformed: invalid VR")
+        return tag, vr, self._u16.unpack(_need((yield 2)))[0]
 
 
 def _tag_int(tag: tuple[int, int]) -> int:
     return (tag[0] << 16) | tag[1]
 
 
-def _capture(captured: dict, r: _Reader, tag: tuple[int, int], vr: bytes | None, length: int,
-             explicit: bool) -> None:
-    """Read one element's value into `captured` as the RawDataElement pydicom would make of it."""
-    tell = r.pos
-    captured[tag] = RawDataElement(BaseTag(_tag_int(tag)), vr.decode() if vr else None, length, r.read(length),
-                                   tell, not explicit, r.little)
+def _raw_element(tag: tuple[int, int], vr: bytes | None, value: bytes, framing: _Elements) -> RawDataElement:
+    """A kept element as the RawDataElement pydicom would make of it."""
+    return RawDataElement(BaseTag(_tag_int(tag)), vr.decode() if vr else None, len(value), value, 0,
+                          not framing.explicit, framing.little)
 
 
-def _walk_dataset(r: _Reader, explicit: bool, end: int | None, depth: int = 0,
-                  captured: dict | None = None) -> None:
-    """Walk elements until `end`, or until an item delimiter when `end` is None. The value of
-    every element of the top level that the index keeps is put into `captured` as a
-    pydicom RawDataElement."""
-    if depth > 64:
-        raise InvalidInstance("malformed: sequences nested too deep")
-    while end is None or r.pos < end:
-        tag, vr, length = _element_header(r, explicit)
-        if tag == _ITEM_END and end is None:
-            return
-        if tag[0] == 0xFFFE:
-            raise InvalidInstance(f"malformed: unexpected delimiter at offset {r.pos - 8}")
-        if tag == _PIXEL_DATA:
-            captured = None  # what follows the pixel data is not read (as pydicom's stop_before_pixels)
-        if captured is not None and tag in _KEPT and length != _UNDEFINED:
-            _capture(captured, r, tag, vr, length, explicit)
-        elif length != _UNDEFINED:
-            r.skip(length)
+class _DatasetWalk:
+    """Walks a data set element by element, checking every declared length, keeping the
+    top-level elements the index needs (before the pixel data, as pydicom's
+    stop_before_pixels), and noting how far it got (the sealer starts once it knows the
+    study and the pixels)."""
+
+    def __init__(self, framing: _Elements):
+        self.framing = framing
+        self.captured: dict = {}
+        self.last_top_tag = (0, 0)
+        self.pixels_seen = False
+
+    def top(self, first: bytes | None = None):
+        framing = self.framing
+        while True:
+            element = yield from framing.header(first)
+            first = None
+            if element is None:
+                return
+            tag, vr, length = element
+            if tag[0] == 0xFFFE:
+                raise InvalidInstance("malformed: unexpected delimiter at the top level")
+            self.last_top_tag = tag
+            if tag == _PIXEL_DATA:
+                self.pixels_seen = True
+            keep = not self.pixels_seen and tag in _KEPT and length != _UNDEFINED
+            if keep and length <= _KEPT_MAX:
+                self.captured[tag] = _raw_element(tag, vr, _need((yield length)), framing)
+            else:
+                yield from self._value(tag, vr, length, 0)
+
+    def _value(self, tag, vr, length: int, depth: int):
+        if length != _UNDEFINED:
+            if length:
+                yield _Skip(length)
         elif tag == _PIXEL_DATA and vr != b"SQ":
-            _walk_fragments(r)
+            yield from self._fragments()
         elif vr in (None, b"SQ"):
-            _walk_sequence(r, explicit, depth)
+            yield from self._sequence(self.framing, depth)
         elif vr == b"UN":  # undefined-length UN holds implicit VR little endian
-            little = r.little
-            r.little = True
-            _walk_sequence(r, False, depth)
-            r.little = little
+            yield from self._sequence(_Elements(True, False), depth)
         else:
             raise InvalidInstance(f"malformed: undefined length on a {vr.decode()} element")
-    if end is not None and r.pos != end:
-        raise InvalidInstance("malformed: an item's content overruns its length")
+
+    def _sequence(self, framing: _Elements, depth: int):
+        if depth > 64:
+            raise InvalidInstance("malformed: sequences nested too deep")
+        while True:
+            tag, _, length = _need((yield from framing.header()))
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM:
+                raise InvalidInstance("malformed: expected a sequence item")
+            yield from self._item(framing, None if length == _UNDEFINED else length, depth + 1)
+
+    def _item(self, framing: _Elements, length: int | None, depth: int):
+        """The elements of one item: up to its item delimiter, or exactly `length` bytes."""
+        remaining = length
+        while remaining is None or remaining > 0:
+            element = yield from framing.header()
+            tag, vr, value_length = _need(element)
+            header_size = 8 if not framing.explicit or tag[0] == 0xFFFE else (12 if vr in _LONG_VRS else 8)
+            if tag == _ITEM_END and length is None:
+                return
+            if tag[0] == 0xFFFE:
+                raise InvalidInstance("malformed: unexpected delimiter inside an item")
+            if remaining is not None:
+                if value_length != _UNDEFINED and header_size + value_length > remaining:
+                    raise InvalidInstance("malformed: an item's content overruns its length")
+                remaining -= header_size
+            walk = self._value(tag, vr, value_length, depth)
+            if remaining is None or value_length != _UNDEFINED:
+                yield from walk
+                if remaining is not None:
+                    remaining -= value_length
+            else:  # an undefined-length element inside a defined-length item: measure it
+                used = yield from _measured(walk)
+                if used > remaining:
+                    raise InvalidInstance("malformed: an item's content overruns its length")
+                remaining -= used
+        if remaining:
+            raise InvalidInstance("malformed: an item's content overruns its length")
+
+    def _fragments(self):
+        framing = _Elements(self.framing.little, False)
+        while True:
+            tag, _, length = _need((yield from framing.header()))
+            if tag == _SEQUENCE_END:
+                return
+            if tag != _ITEM or length == _UNDEFINED:
+                raise InvalidInstance("malformed: encapsulated pixel data has a bad fragment")
+            if length:
+                yield _Skip(length)
 
 
-def _walk_sequence(r: _Reader, explicit: bool, depth: int) -> None:
-    while True:
-        tag, _, length = _element_header(r, explicit)  # group FFFE: tag + 4-byte length always
-        if tag == _SEQUENCE_END:
-            return
-        if tag != _ITEM:
-            raise InvalidInstance(f"malformed: expected a sequence item at offset {r.pos - 8}")
-        if length == _UNDEFINED:
-            _walk_dataset(r, explicit, None, depth + 1)
+def _measured(walk):
+    """Run a sub-walk and return how many bytes it consumed."""
+    used = 0
+    request = next(walk, _DONE)
+    while request is not _DONE:
+        if type(request) is int:
+            reply = yield request
+            used += len(reply) if reply is not None else 0
+        elif type(request) is _Skip:
+            yield request
+            used += request.n
+            reply = None
         else:
-            _walk_dataset(r, explicit, r.pos + length, depth + 1)
+            reply = yield request
+        try:
+            request = walk.send(reply)
+        except StopIteration:
+            break
+    return used
 
 
-def _walk_fragments(r: _Reader) -> None:
-    while True:
-        tag, _, length = _element_header(r, False)
-        if tag == _SEQUENCE_END:
-            return
-        if tag != _ITEM or length == _UNDEFINED:
-            raise InvalidInstance("malformed: encapsulated pixel data has a bad fragment")
-        r.skip(length)
+_DONE = object()
 
 
-def _check_deflated(fp: BinaryIO) -> None:
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        while chunk := fp.read(_READ_SIZE):
-            inflater.decompress(chunk, 0)
-            if inflater.eof:
-                break
-    except zlib.error as exc:
-        raise InvalidInstance(f"malformed: deflated dataset does not inflate ({exc})") from None
-    if not inflater.eof:
-        raise InvalidInstance("truncated: deflated dataset ends early")
+class Inspector:
+    """Reads a Part 10 stream (or a bare data set) as it arrives: `feed()` the bytes in any
+    pieces, then `finish()` for the InstanceInfo. The content address is the caller's
+    (the sealer hashes what it seals); `finish(content_address=...)` puts it in.
 
+    While the bytes come, `transfer_syntax`, `study_uid`, `bits_allocated` and `ready`
+    (the walk is past the attributes the sealer needs: group 0028's Bits Allocated or
+    the pixel data) tell the caller when it can start sealing."""
 
-def _walk_file(fp: BinaryIO, size: int, captured: dict) -> tuple[str, bool]:
-    """Check the framing of a whole file; return (transfer syntax, has file meta). The
-    elements the index keeps go into `captured` (not from a deflated dataset)."""
-    fp.seek(128)
-    has_preamble = fp.read(4) == b"DICM"
-    fp.seek(132 if has_preamble else 0)
-    first = fp.read(2)
-    fp.seek(132 if has_preamble else 0)
-    transfer_syntax = ""
-    has_meta = has_preamble or first == b"\x02\x00"
-    if has_meta:
-        r = _Reader(fp, size, little=True)
-        while r.pos < size:
-            group = struct.unpack("<H", fp.read(2))[0]
-            fp.seek(r.pos)
-            if group != 0x0002:
-                break
-            tag, vr, length = _element_header(r, True)
-            if length == _UNDEFINED:
-                raise InvalidInstance("malformed: undefined length in the file meta information")
-            if tag == (0x0002, 0x0010):
-                transfer_syntax = r.read(length).rstrip(b"\x00 ").decode("ascii", "replace")
-            elif tag in _KEPT:
-                _capture(captured, r, tag, vr, length, explicit=True)
-            else:
-                r.skip(length)
+    def __init__(self):
+        self.transfer_syntax = ""
+        self.has_meta = False
+        self._meta_captured: dict = {}
+        self._dataset: _DatasetWalk | None = None
+        self._inflater = None
+        self._walk = _Walk(self._meta(), trailing_ok=True)
+        self._data_walk: _Walk | None = None
+        self.length = 0
+
+    # -- progress, for the sealer --------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        d = self._dataset
+        return d is not None and (d.pixels_seen or d.last_top_tag > _BITS_ALLOCATED)
+
+    @property
+    def study_uid(self) -> str:
+        element = self._dataset.captured.get(_STUDY_UID) if self._dataset else None
+        return element.value.decode("ascii", "replace").strip("\x00 ") if element is not None else ""
+
+    @property
+    def bits_allocated(self) -> int:
+        element = self._dataset.captured.get(_BITS_ALLOCATED) if self._dataset else None
+        if element is None or len(element.value) != 2:
+            return 0
+        return struct.unpack("<H" if element.is_little_endian else ">H", element.value)[0]
+
+    @property
+    def compressible(self) -> bool:
+        return _compressible(self.transfer_syntax)
+
+    # -- feeding -------------------------------------------------------------------------
+
+    def feed(self, data) -> None:
+        self.length += len(data)
+        if self._data_walk is None:
+            self._walk.feed(data)
+            if not self._walk.done:
+                return
+            data = self._start_dataset()
+        self._feed_dataset(data)
+
+    def finish(self, content_address: bytes = b"") -> InstanceInfo:
+        if self.length == 0:
+            raise InvalidInstance("empty file")
+        if self._data_walk is None:
+            self._walk.finish()
+            self._feed_dataset(self._start_dataset())
+        if self._inflater is not None:
+            if not self._inflater.eof:
+                raise InvalidInstance("truncated: deflated dataset ends early")
+        self._data_walk.finish()
+        return _instance_info(content_address, self.length, self.transfer_syntax, self.has_meta,
+                              {**self._meta_captured, **self._dataset.captured})
+
+    def _feed_dataset(self, data) -> None:
+        if self._inflater is not None:
+            try:
+                data = self._inflater.decompress(data)
+            except zlib.error as exc:
+                raise InvalidInstance(f"malformed: deflated dataset does not inflate ({exc})") from None
+        self._data_walk.feed(data)
+
+    def _start_dataset(self) -> bytes:
+        """The meta walk is over: what it read past the meta goes to the data set walk."""
+        self.transfer_syntax, little, explicit = self._walk.result
+        if self.transfer_syntax in _DEFLATED:
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._dataset = _DatasetWalk(_Elements(little, explicit))
+        self._data_walk = _Walk(self._dataset.top())
+        return self._walk.rest()
+
+    def _meta(self):
+        """Preamble and file meta (explicit VR little endian); returns (transfer syntax, the
+        data set's byte order and VR encoding)."""
+        head = yield _Peek(132)
+        has_preamble = head[128:132] == b"DICM"
+        if has_preamble:
+            yield _Skip(132)
+        first = yield _Peek(2)
+        self.has_meta = has_preamble or first == b"\x02\x00"
+        transfer_syntax = ""
+        if self.has_meta:
+            framing = _Elements(True, True)
+            while True:
+                group = yield _Peek(2)
+                if group != b"\x02\x00":
+                    break
+                tag, vr, length = _need((yield from framing.header()))
+                if length == _UNDEFINED:
+                    raise InvalidInstance("malformed: undefined length in the file meta information")
+                if length > _KEPT_MAX:
+                    raise InvalidInstance("malformed: a file meta element is too long")
+                value = _need((yield length))
+                if tag == (0x0002, 0x0010):
+                    transfer_syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
+                elif tag in _KEPT:
+                    self._meta_captured[tag] = _raw_element(tag, vr, value, framing)
+            if not transfer_syntax:
+                raise InvalidInstance("malformed: file meta information has no transfer syntax")
+        if transfer_syntax in _DEFLATED:
+            return transfer_syntax, True, True
+        head = yield _Peek(6)
+        if transfer_syntax:
+            little = transfer_syntax != _EXPLICIT_BE
+        else:  # no file meta: the smaller reading of the first group number is the right byte order
+            little = len(head) < 2 or head[1::-1] <= head[0:2]
+        # Like pydicom, trust the first element over the transfer syntax for explicit/implicit
+        # VR: real archives hold files that say explicit and are written implicit.
+        explicit = len(head) == 6 and head[4:6].isalpha() and head[4:6].isupper()
         if not transfer_syntax:
-            raise InvalidInstance("malformed: file meta information has no transfer syntax")
-        data_start = r.pos
-    else:
-        data_start = 0
-    fp.seek(data_start)
-    if transfer_syntax in _DEFLATED:
-        _check_deflated(fp)
-        return transfer_syntax, has_meta
-    head = fp.read(6)
-    fp.seek(data_start)
-    if transfer_syntax:
-        little = transfer_syntax != _EXPLICIT_BE
-    else:  # no file meta: the smaller reading of the first group number is the right byte order
-        little = len(head) < 2 or head[1::-1] <= head[0:2]
-    # Like pydicom, trust the first element over the transfer syntax for explicit/implicit
-    # VR: real archives hold files that say explicit and are written implicit.
-    explicit = len(head) == 6 and head[4:6].isalpha() and head[4:6].isupper()
-    if not transfer_syntax:
-        transfer_syntax = _IMPLICIT_LE if not explicit else (_EXPLICIT_LE if little else _EXPLICIT_BE)
-    _walk_dataset(_Reader(fp, size, little), explicit, size, captured=captured)
-    return transfer_syntax, has_meta
+            transfer_syntax = _IMPLICIT_LE if not explicit else (_EXPLICIT_LE if little else _EXPLICIT_BE)
+        return transfer_syntax, little, explicit
 
 
-def _content_address(fp: BinaryIO) -> tuple[bytes, int]:
-    sha = hashlib.sha256()
-    size = 0
-    fp.seek(0)
-    while chunk := fp.read(_READ_SIZE):
-        sha.update(chunk)
-        size += len(chunk)
-    return sha.digest(), size
+def _compressible(transfer_syntax: str) -> bool:
+    """False when the pixel data is already compressed (encapsulated or deflated)."""
+    try:
+        return not UID(transfer_syntax).is_compressed
+    except ValueError:  # a private transfer syntax: let the compression probe decide
+        return True
 
 
 def person_name_key(value: str) -> str:
@@ -303,19 +532,10 @@ def _required_uid(values: dict, keyword: str, meta_keyword: str | None = None) -
     return value
 
 
-def _attribute_values(fp: BinaryIO, transfer_syntax: str, captured: dict) -> dict:
+def _attribute_values(captured: dict) -> dict:
     """keyword -> value of every attribute the index keeps, converted by pydicom's own
     element converter (its character sets, VR lookup for implicit VR, UN replacement), but
-    from the elements the walk captured: no second parse of the file."""
-    if transfer_syntax in _DEFLATED:  # the walk only inflated it to check the framing
-        fp.seek(0)
-        try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-        except (InvalidDicomError, ValueError, EOFError, struct.error, KeyError) as exc:
-            raise InvalidInstance(f"not readable as DICOM: {exc}") from None
-        sources = [source for source in (getattr(ds, "file_meta", None), ds) if source is not None]
-        captured = {tag: element for tag in _KEPT for source in sources
-                    if (element := source.get_item(_tag_int(tag))) is not None}
+    from the elements the walk captured: no second parse."""
     encodings = [default_encoding]
     charset = captured.get(_CHARSET)
     if charset is not None:
@@ -323,50 +543,60 @@ def _attribute_values(fp: BinaryIO, transfer_syntax: str, captured: dict) -> dic
     return {_KEPT[tag]: _converted(element, encodings) for tag, element in captured.items()}
 
 
-def _converted(element, encodings):
-    if isinstance(element, RawDataElement):
-        return convert_raw_data_element(element, encoding=encodings).value
-    return element.value
+def _converted(element: RawDataElement, encodings):
+    return convert_raw_data_element(element, encoding=encodings).value
+
+
+def _instance_info(content_address: bytes, length: int, transfer_syntax: str, has_meta: bool,
+                   captured: dict) -> InstanceInfo:
+    info = InstanceInfo(content_address, length, transfer_syntax, has_meta)
+    try:
+        values = _attribute_values(captured)
+        info.specific_character_set = text_value(values.get("SpecificCharacterSet"))
+        bits = values.get("BitsAllocated")
+        info.bits_allocated = bits if isinstance(bits, int) else 0
+        for keys, target in ((PATIENT_KEYS, info.patient), (STUDY_KEYS, info.study),
+                             (SERIES_KEYS, info.series), (INSTANCE_KEYS, info.instance)):
+            for keyword in keys:
+                target[keyword] = text_value(values.get(keyword)).strip("\x00 ")
+    except Exception as exc:  # pydicom raises many types for a bad value  # noqa: BLE001
+        raise InvalidInstance(f"unreadable attribute: {exc}") from None
+    info.study["StudyInstanceUID"] = _required_uid(values, "StudyInstanceUID")
+    info.series["SeriesInstanceUID"] = _required_uid(values, "SeriesInstanceUID")
+    info.instance["SOPInstanceUID"] = _required_uid(values, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
+    info.instance["SOPClassUID"] = _required_uid(values, "SOPClassUID", "MediaStorageSOPClassUID")
+    return info
+
+
+def inspect_stream(chunks: Iterable) -> InstanceInfo:
+    """Hash and inspect P10 bytes given as chunks (see Inspector). Raises InvalidInstance."""
+    inspector = Inspector()
+    sha = hashlib.sha256()
+    first = b""
+    try:
+        for chunk in chunks:
+            if len(first) < 132:
+                first += bytes(chunk[:132 - len(first)])
+            sha.update(chunk)
+            inspector.feed(chunk)
+        return inspector.finish(sha.digest())
+    except InvalidInstance as exc:
+        if first[128:132] != b"DICM" and str(exc).startswith(("truncated", "malformed")):
+            raise InvalidInstance("not a DICOM file") from None
+        raise
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise InvalidInstance(f"malformed: {exc}") from None
+
+
+def file_chunks(fp: BinaryIO) -> Iterator[bytes]:
+    while chunk := fp.read(_READ_SIZE):
+        yield chunk
 
 
 def inspect(path: str | os.PathLike) -> InstanceInfo:
     """Hash, check and read the index attributes of one file. Raises InvalidInstance."""
     try:
         with open(path, "rb") as fp:
-            size = os.fstat(fp.fileno()).st_size
-            if size == 0:
-                raise InvalidInstance("empty file")
-            content_address, hashed = _content_address(fp)
-            if hashed != size:
-                raise InvalidInstance("file changed while it was read")
-            captured: dict = {}
-            try:
-                transfer_syntax, has_meta = _walk_file(fp, size, captured)
-            except InvalidInstance as exc:
-                fp.seek(128)
-                if fp.read(4) != b"DICM" and str(exc).startswith(("truncated", "malformed")):
-                    raise InvalidInstance("not a DICOM file") from None
-                raise
-            except (struct.error, UnicodeDecodeError) as exc:
-                raise InvalidInstance(f"malformed: {exc}") from None
-            info = InstanceInfo(content_address, size, transfer_syntax, has_meta)
-            try:
-                values = _attribute_values(fp, transfer_syntax, captured)
-                info.specific_character_set = text_value(values.get("SpecificCharacterSet"))
-                bits = values.get("BitsAllocated")
-                info.bits_allocated = bits if isinstance(bits, int) else 0
-                for keys, target in ((PATIENT_KEYS, info.patient), (STUDY_KEYS, info.study),
-                                     (SERIES_KEYS, info.series), (INSTANCE_KEYS, info.instance)):
-                    for keyword in keys:
-                        target[keyword] = text_value(values.get(keyword)).strip("\x00 ")
-            except InvalidInstance:
-                raise
-            except Exception as exc:  # pydicom raises many types for a bad value  # noqa: BLE001
-                raise InvalidInstance(f"unreadable attribute: {exc}") from None
-            info.study["StudyInstanceUID"] = _required_uid(values, "StudyInstanceUID")
-            info.series["SeriesInstanceUID"] = _required_uid(values, "SeriesInstanceUID")
-            info.instance["SOPInstanceUID"] = _required_uid(values, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
-            info.instance["SOPClassUID"] = _required_uid(values, "SOPClassUID", "MediaStorageSOPClassUID")
-            return info
+            return inspect_stream(file_chunks(fp))
     except OSError as exc:
         raise InvalidInstance(f"cannot read: {exc.strerror}") from None

@@ -1,0 +1,508 @@
+"""The ingest journal: one durable write for a batch of stores, shared across associations.
+
+A C-STORE is answered Success once its sealed instance, index entry and audit record
+are durable. Writing each where it finally lives costs five syncs (the blob, its
+directory, LMDB's data and meta pages, the trail). Here the three go into one record
+of an append-only journal, a batch of concurrent records is written with one
+`fdatasync`, and that is the acknowledgement; a thread then applies the records to the
+hot tier, LMDB and the trail (without waiting for the disk), and a checkpoint makes
+what was applied durable before the journal file that holds it is deleted. A process
+that starts after a crash (kill -9, power cut) replays every journal whose writer is
+gone. A large blob is not copied into the journal: it is written (and synced) into its
+hot file while it arrives, and its record only points at it.
+
+Files: `HOME/journal/<journal id>-<n>.wal`, one journal per writing process (the id is
+random, made when it starts), flock'ed by it while it lives; a new file at every
+checkpoint, the old ones deleted once everything in them is durable elsewhere.
+
+    file header (64 bytes)
+    offset size field
+    0      8    magic "PVJRNL\\r\\n"
+    8      2    format version (big-endian u16), 1
+    10     6    reserved, 0
+    16     16   KEK id the journal key is derived from
+    32     16   journal id (random; the same in every file of one journal)
+    48     8    when the journal was started (big-endian u64, unix seconds)
+    56     8    reserved, 0
+
+    record
+    0      4    magic "PVJR"
+    4      4    L, length of the sealed body (big-endian u32)
+    8      8    record number n (big-endian u64): 1, 2, ... across the journal's files
+    16     L    AES-256-GCM(journal key, nonce = 4 zero bytes || n, msgpack body,
+                associated data = the 16 bytes before it)
+    journal key = HKDF-SHA256(KEK, salt = journal id, info = "pacs-vault journal v1")
+
+The body is what the applier needs to redo the store (the index attributes, the blob
+record, the inline sealed bytes, the audit entry): patient data like the index's,
+encrypted here so that the journal holds none in the clear. A record that is cut short
+or does not authenticate ends the journal: its batch's fdatasync never returned, so
+neither it nor anything after it was acknowledged.
+
+Replay is exact: LMDB keeps, in the same transaction as the index entries, the number
+of the last record applied (`meta` "journal:<id>"), so no index mutation is done twice;
+audit entries carry their record's place (`detail.jrn`) and go in only if the trail
+lacks them; inline blobs are rewritten when their hot file is missing or short.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from appliance.errors import ApplianceError, OutOfSpace
+from appliance.fsutil import fsync_dir
+
+FILE_MAGIC = b"PVJRNL\r\n"
+VERSION = 1
+FILE_HEADER = struct.Struct(">8sH6s16s16sQ8s")
+RECORD_MAGIC = b"PVJR"
+RECORD_HEADER = struct.Struct(">4sIQ")
+TAG_SIZE = 16
+SUFFIX = ".wal"
+# A checkpoint follows this long after the first record not yet made durable elsewhere,
+# or this much journal: long enough that the kernel has written most of it back already.
+CHECKPOINT_INTERVAL_S = 5.0
+CHECKPOINT_BYTES = 256 << 20
+_MAX_BATCH_BYTES = 64 << 20
+_MAX_RECORD = 1 << 31
+
+assert FILE_HEADER.size == 64 and RECORD_HEADER.size == 16
+LOG = logging.getLogger("appliance.journal")
+
+
+class JournalError(ApplianceError):
+    """The journal cannot be written: nothing more is acknowledged until a restart."""
+
+    exit_code = 74
+    dicom_status = 0xA700
+
+
+@dataclass(frozen=True)
+class Record:
+    journal_id: bytes
+    number: int
+    body: dict
+    started: int = 0  # when its journal was started, unix seconds
+
+    @property
+    def place(self) -> str:
+        """Where the record is, as audit entries name it (`detail.jrn`)."""
+        return f"{self.journal_id.hex()}:{self.number}"
+
+
+class Applier(Protocol):
+    """What a journal's records are applied to (the archive).
+
+    `apply(records, replaying)` redoes them on the hot tier, the index and the trail; it
+    may be called again for records it has applied (after a crash) and must then change
+    nothing more. `checkpoint()` makes everything applied so far durable. `forget(id)`:
+    the journal is gone, drop what apply kept about it (its position)."""
+
+    def apply(self, records: list[Record], replaying: bool) -> None: ...
+
+    def checkpoint(self) -> None: ...
+
+    def forget(self, journal_id: bytes) -> None: ...
+
+
+def position_key(journal_id: bytes) -> bytes:
+    """The index `meta` key holding the number of the last record applied to the index."""
+    return b"journal:" + journal_id.hex().encode()
+
+
+def _nonce(number: int) -> bytes:
+    return b"\0\0\0\0" + struct.pack(">Q", number)
+
+
+def _aead(journal_key: Callable[[bytes], bytes], journal_id: bytes) -> AESGCM:
+    return AESGCM(journal_key(journal_id))
+
+
+def encode_record(aead: AESGCM, number: int, body: dict) -> list[bytes]:
+    plain = msgpack.packb(body)
+    length = len(plain) + TAG_SIZE
+    if length > _MAX_RECORD:
+        raise ValueError("journal record too large")
+    header = RECORD_HEADER.pack(RECORD_MAGIC, length, number)
+    return [header, aead.encrypt(_nonce(number), plain, header)]
+
+
+def read_records(path: Path, journal_key: Callable[[bytes], bytes],
+                 kek_id: bytes) -> tuple[bytes, Iterator[Record]]:
+    """(journal id, its records in order) of one journal file, up to the first record that is
+    cut short or does not authenticate (never acknowledged)."""
+    fp = open(path, "rb")
+    head = fp.read(FILE_HEADER.size)
+    if len(head) < FILE_HEADER.size:
+        fp.close()
+        return b"", iter(())  # created, never written: nothing in it was acknowledged
+    magic, version, _, file_kek, journal_id, started, _ = FILE_HEADER.unpack(head)
+    if magic != FILE_MAGIC or version != VERSION:
+        fp.close()
+        raise JournalError(f"{path} is not a pacs-vault journal")
+    if file_kek != kek_id:
+        fp.close()
+        raise JournalError(f"{path} was written under another key-encryption key: replay it with that key file")
+    aead = _aead(journal_key, journal_id)
+
+    def records() -> Iterator[Record]:
+        with fp:
+            while True:
+                header = fp.read(RECORD_HEADER.size)
+                if len(header) < RECORD_HEADER.size:
+                    return
+                magic, length, number = RECORD_HEADER.unpack(header)
+                if magic != RECORD_MAGIC:
+                    return
+                sealed = fp.read(length)
+                try:
+                    plain = aead.decrypt(_nonce(number), sealed, header)
+                except (InvalidTag, ValueError):
+                    return
+                yield Record(journal_id, number, msgpack.unpackb(plain), started)
+
+    return journal_id, records()
+
+
+def _write_all(fd: int, buffers: list) -> None:
+    views = [memoryview(b) for b in buffers]
+    while views:
+        written = os.writev(fd, views[:1024])
+        while written:
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+class _File:
+    """One journal file being appended to (exclusive flock held while it is open)."""
+
+    def __init__(self, path: Path, header: bytes):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.size = 0
+        self.last = 0  # number of the last record in it
+        try:
+            _write_all(self.fd, [header])
+            os.fdatasync(self.fd)
+            fsync_dir(path.parent)
+        except BaseException:
+            self.close()
+            path.unlink(missing_ok=True)
+            raise
+        self.size = len(header)
+
+    def append(self, buffers: list, last: int) -> None:
+        start = self.size
+        try:
+            _write_all(self.fd, buffers)
+            os.fdatasync(self.fd)
+        except OSError:
+            os.ftruncate(self.fd, start)  # never half a record before the next batch
+            raise
+        self.size += sum(len(b) for b in buffers)
+        self.last = last
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        os.fdatasync(self.fd)
+        self.size = size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Journal:
+    """The journal of this process: `commit(body)` returns once the record is durable; a
+    thread applies records after that; `wait_applied(n)` waits until record n is in the
+    index (read-your-writes for this process); `close()` applies and checkpoints all,
+    and removes the journal."""
+
+    def __init__(self, directory: Path, kek_id: bytes, journal_key: Callable[[bytes], bytes], applier: Applier,
+                 *, checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S):
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        self.journal_id = os.urandom(16)
+        self.started = int(time.time())
+        self._kek_id = kek_id
+        self._aead = _aead(journal_key, self.journal_id)
+        self._applier = applier
+        self._interval = checkpoint_interval_s
+        self._header = FILE_HEADER.pack(FILE_MAGIC, VERSION, b"", kek_id, self.journal_id, self.started, b"")
+        self._file_lock = threading.Lock()  # the committer appends, the checkpoint truncates or rotates
+        self._files: list[_File] = []
+        self._file_number = 0
+        self._number = 0  # last record number handed out
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._applying: queue.SimpleQueue = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._acked = 0
+        self._applied = 0
+        self._broken: Exception | None = None
+        self._apply_error: Exception | None = None
+        self._open_file()
+        self._committer = threading.Thread(target=self._commit_loop, name="journal-commit", daemon=True)
+        self._apply_thread = threading.Thread(target=self._apply_loop, name="journal-apply", daemon=True)
+        self._committer.start()
+        self._apply_thread.start()
+
+    # -- committing ----------------------------------------------------------------------
+
+    def commit(self, body: dict) -> Record:
+        """Append one record and return once it is durable (raises OutOfSpace or JournalError)."""
+        future: Future = Future()
+        self._queue.put((body, future))
+        return future.result()
+
+    def _open_file(self) -> None:
+        self._file_number += 1
+        path = self.directory / f"{self.journal_id.hex()}-{self._file_number:06d}{SUFFIX}"
+        self._files.append(_File(path, self._header))
+
+    def _commit_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, size = [item], 0
+            while size < _MAX_BATCH_BYTES:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list) -> None:
+        if self._broken is not None:
+            for _, future in batch:
+                future.set_exception(JournalError(f"the journal cannot be written ({self._broken}): restart the "
+                                                  "server"))
+            return
+        buffers, records = [], []
+        number = self._number
+        for body, future in batch:
+            number += 1
+            try:
+                buffers.extend(encode_record(self._aead, number, body))
+            except (ValueError, TypeError) as exc:
+                number -= 1
+                future.set_exception(exc)
+                continue
+            records.append((Record(self.journal_id, number, body, self.started), future))
+        if not records:
+            return
+        try:
+            with self._file_lock:
+                self._files[-1].append(buffers, number)
+        except OSError as exc:
+            error: Exception = OutOfSpace("out of space on the data volume: journal not written") \
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                self._broken = exc  # fsyncgate: after a failed sync nothing is known; stop
+                error = JournalError(f"the journal cannot be written ({exc}): restart the server")
+            for _, future in records:
+                future.set_exception(error)
+            return
+        self._number = number
+        with self._cond:
+            self._acked = number
+        self._applying.put([record for record, _ in records])
+        for record, future in records:
+            future.set_result(record)
+
+    # -- applying ------------------------------------------------------------------------
+
+    def _apply_loop(self) -> None:
+        pending_since = None
+        while True:
+            try:
+                records = self._applying.get(timeout=0.5 if pending_since is not None else None)
+            except queue.Empty:
+                records = []
+            if records is None:
+                return
+            while True:
+                try:
+                    more = self._applying.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._applying.put(None)
+                    break
+                records += more
+            if records:
+                self._apply(records)
+                pending_since = pending_since or time.monotonic()
+            written = sum(f.size for f in self._files)
+            if pending_since is not None and (not records or written >= CHECKPOINT_BYTES
+                                              or time.monotonic() - pending_since >= self._interval):
+                self._checkpoint()
+                pending_since = None
+
+    def _apply(self, records: list[Record]) -> None:
+        while True:
+            try:
+                self._applier.apply(records, replaying=False)
+                break
+            except Exception as exc:  # noqa: BLE001 - durable in the journal: retried, and said
+                LOG.error("journal records %d-%d not applied yet, retrying: %s", records[0].number,
+                          records[-1].number, exc)
+                with self._cond:
+                    self._apply_error = exc
+                    self._cond.notify_all()
+                time.sleep(1.0)
+        with self._cond:
+            self._apply_error = None
+            self._applied = records[-1].number
+            self._cond.notify_all()
+
+    def _checkpoint(self) -> None:
+        """Make what was applied durable, then drop the journal records it covers: files
+        wholly applied go, the current one is cut back to its header when it is (or else
+        replaced by a new one, so that it can go at the next checkpoint)."""
+        applied = self._applied
+        try:
+            self._applier.checkpoint()
+        except Exception as exc:  # noqa: BLE001 - nothing is dropped; the next checkpoint tries again
+            LOG.error("journal checkpoint failed, the journal keeps its records: %s", exc)
+            return
+        with self._file_lock:
+            done = [f for f in self._files[:-1] if f.last <= applied]
+            for old in done:
+                old.close()
+                os.unlink(old.path)
+                self._files.remove(old)
+            if done:
+                fsync_dir(self.directory)
+            current = self._files[-1]
+            if current.size > len(self._header):
+                if current.last <= applied:
+                    current.truncate(len(self._header))
+                else:
+                    self._open_file()
+
+    def wait_applied(self, number: int | None = None, timeout: float = 30.0) -> bool:
+        """Wait until record `number` (default: every acknowledged record) is in the index;
+        False (and logged) if that takes longer than `timeout` (applying keeps failing)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._acked if number is None else number
+            while self._applied < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    LOG.error("reading the index before acknowledged stores are in it (%s)",
+                              self._apply_error or "still applying")
+                    return False
+                self._cond.wait(left)
+        return True
+
+    @property
+    def apply_error(self) -> Exception | None:
+        return self._apply_error
+
+    def close(self) -> None:
+        """Stop committing, apply and checkpoint everything, remove the journal files."""
+        self._queue.put(None)
+        self._committer.join()
+        self._applying.put(None)
+        self._apply_thread.join()
+        leftover: list[Record] = []
+        while True:
+            try:
+                more = self._applying.get_nowait()
+            except queue.Empty:
+                break
+            if more:
+                leftover += more
+        if leftover:
+            self._apply(leftover)
+        self._applier.checkpoint()
+        for old in self._files:
+            old.close()
+            os.unlink(old.path)
+        self._files = []
+        fsync_dir(self.directory)
+        self._applier.forget(self.journal_id)
+
+
+def orphans(directory: Path) -> dict[bytes, list[Path]]:
+    """Journal files whose writer is gone (no flock on them), by journal id, in order."""
+    found: dict[str, list[Path]] = {}
+    if not directory.is_dir():
+        return {}
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
+        journal_hex = path.name.split("-", 1)[0]
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            found.pop(journal_hex, None)
+            found[journal_hex] = None  # one file held: the whole journal is alive
+            continue
+        os.close(fd)
+        if found.get(journal_hex, []) is not None:
+            found.setdefault(journal_hex, []).append(path)
+    return {bytes.fromhex(k): v for k, v in found.items() if v}
+
+
+def replay(directory: Path, kek_id: bytes, journal_key: Callable[[bytes], bytes], applier: Applier) -> int:
+    """Apply every record of every orphaned journal, make it durable, delete the files.
+    Returns the number of records replayed. Safe to run in several processes at once
+    (each journal is replayed under its files' locks)."""
+    replayed = 0
+    for journal_id, paths in orphans(directory).items():
+        locks = []
+        try:
+            for path in paths:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                locks.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another process is replaying it
+                    break
+            else:
+                records: list[Record] = []
+                for path in paths:
+                    _, found = read_records(path, journal_key, kek_id)
+                    records.extend(found)
+                if records:
+                    applier.apply(records, replaying=True)
+                applier.checkpoint()
+                for path in paths:
+                    path.unlink(missing_ok=True)
+                fsync_dir(directory)
+                applier.forget(journal_id)
+                replayed += len(records)
+        finally:
+            for fd in locks:
+                os.close(fd)
+    return replayed
