@@ -137,8 +137,11 @@ def sign_checkpoint(key: Ed25519PrivateKey, seq: int, digest: str, now: float) -
 def checkpoint_signed(checkpoint: dict) -> bool:
     try:
         body = {k: checkpoint[k] for k in ("seq", "hash", "time", "key")}
+        signature = bytes.fromhex(checkpoint["sig"])
+        if signature.hex() != checkpoint["sig"]:  # only the canonical spelling: any edited byte shows
+            return False
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(checkpoint["key"])).verify(
-            bytes.fromhex(checkpoint["sig"]), _SIGNED_LABEL + canonical(body))
+            signature, _SIGNED_LABEL + canonical(body))
         return True
     except (KeyError, ValueError, TypeError, InvalidSignature):
         return False

@@ -70,7 +70,21 @@ class DicomConfig:
     allow_unknown_callers: bool = False
     allow_any_called_ae_title: bool = False
     allow_unknown_sop_classes: bool = False
-    max_associations: int = field(default=16, metadata=_check(lambda v: 1 <= v <= 256, "must be 1 to 256"))
+    # Association slots, in all, per calling AE title and per source address: no one peer can
+    # take every slot. Connections that have not yet sent their A-ASSOCIATE-RQ hold none; at
+    # most `max_pending_per_address` of them per address, each dropped after
+    # `association_request_timeout_s` (the TLS handshake included).
+    max_associations: int = field(default=32, metadata=_check(lambda v: 1 <= v <= 1024, "must be 1 to 1024"))
+    max_associations_per_ae: int = field(default=8, metadata=_check(lambda v: 1 <= v <= 1024,
+                                                                      "must be 1 to 1024"))
+    max_associations_per_address: int = field(default=16, metadata=_check(lambda v: 1 <= v <= 1024,
+                                                                           "must be 1 to 1024"))
+    max_pending_per_address: int = field(default=16, metadata=_check(lambda v: 1 <= v <= 4096,
+                                                                      "must be 1 to 4096"))
+    association_request_timeout_s: float = field(default=5.0, metadata=_check(lambda v: 0.1 <= v <= 300,
+                                                                               "must be 0.1 to 300"))
+    # An accepted association with nothing on the wire for this long is released.
+    idle_timeout_s: float = field(default=120.0, metadata=_check(lambda v: 1 <= v <= 86400, "must be 1 to 86400"))
     max_pdu_kb: int = field(default=1024, metadata=_check(lambda v: 16 <= v <= 65536, "must be 16 to 65536"))
     tls: TlsConfig = TlsConfig()
 
@@ -335,7 +349,7 @@ def _check_tier(tier: TierConfig, source: _Source) -> None:
 
 def _value(kind, value: Any, default: Any, source: _Source, here: tuple) -> Any:
     """Check one YAML value against its annotated type: a dataclass, an optional dataclass,
-    a tuple of items, bool, int or text."""
+    a tuple of items, bool, int, float or text."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         inner = [arg for arg in typing.get_args(kind) if arg is not type(None)][0]
         return None if value is None else _value(inner, value, None, source, here)
@@ -352,6 +366,10 @@ def _value(kind, value: Any, default: Any, source: _Source, here: tuple) -> Any:
     elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise source.error(here, "must be a whole number")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise source.error(here, "must be a number")
+        value = float(value)
     elif kind is str:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise source.error(here, "must be text (put it in quotes)")

@@ -112,7 +112,17 @@ dicom:
   allow_any_called_ae_title: false
   # Accept SOP classes pydicom does not know (private ones), stored as received.
   allow_unknown_sop_classes: false
-  max_associations: 16
+  # Association slots in all, per calling AE title and per source address: no one
+  # peer takes every slot. A connection that has not sent a complete A-ASSOCIATE-RQ
+  # within association_request_timeout_s (the TLS handshake included) is dropped;
+  # at most max_pending_per_address of those wait at once per address.
+  max_associations: 32
+  max_associations_per_ae: 8
+  max_associations_per_address: 16
+  max_pending_per_address: 16
+  association_request_timeout_s: 5
+  # An association with nothing on the wire for this long is released.
+  idle_timeout_s: 120
   # Largest PDU we accept; a large one means fewer round trips.
   max_pdu_kb: 1024
   # TLS: set certificate and private_key (PEM) to turn it on.

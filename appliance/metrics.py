@@ -50,6 +50,7 @@ class ServerMetrics:
 
     COUNTERS = {
         "associations_total": "Associations requested, by outcome (accepted, rejected).",
+        "dropped_connections_total": "Connections dropped before an association (junk, slow, silent, too many).",
         "requests_total": "DIMSE requests served, by service and outcome (success, failure, refused).",
         "stored_instances_total": "Instances stored (new bytes; duplicates not included).",
         "duplicate_instances_total": "Instances received again with the same bytes.",
@@ -78,19 +79,6 @@ class ServerMetrics:
                     row[number] += 1
             row[-2] += seconds
             row[-1] += 1
-
-    def timed(self, service: str, handler: Callable, outcome_of: Callable) -> Callable:
-        """Wrap a pynetdicom handler: its duration and outcome (outcome_of(result))."""
-        def wrapper(event, *args):
-            started = time.perf_counter()
-            outcome = "failure"
-            try:
-                result = handler(event, *args)
-                outcome = outcome_of(result)
-                return result
-            finally:
-                self.observe(service, time.perf_counter() - started, outcome)
-        return wrapper
 
     def render(self) -> str:
         with self._lock:

@@ -19,7 +19,7 @@ import shutil
 from typing import BinaryIO, Iterable, Iterator
 
 from appliance.errors import BlobMissing, TierUnavailable
-from appliance.fsutil import atomic_file, fsync_dir
+from appliance.fsutil import atomic_file, free_bytes, fsync_dir
 
 _NAME = re.compile(r"^[0-9a-f]{8,64}$")
 _INCOMING = ".incoming"
@@ -74,6 +74,10 @@ class FilesystemBackend:
             fsync_dir(final.parent.parent)
         with atomic_file(self._incoming / f"{name}.{os.getpid()}.tmp", final) as fp:
             yield fp
+
+    def free_bytes(self) -> int:
+        self._prepare()
+        return free_bytes(self.root)
 
     def write_unsynced(self, name: str, data, mtime_ns: int) -> None:
         """Write an object whose bytes are durable elsewhere already (the ingest journal), in

@@ -1,9 +1,8 @@
-"""Thin DICOM event handlers: each gets the archive and returns DICOM statuses.
+"""What the DICOM services do with the archive: thin, each returns DICOM statuses.
 
-C-STORE arrives as a Part 10 file that pynetdicom wrote to the receive
-directory on the data volume (chunked receive); the archive stores it and the
-Success status goes out only once the sealed blob is durable and the index
-commit is synced.
+The association (association.py) reads and writes the wire and calls these; they know
+nothing of sockets. A C-STORE's data set streams into the archive as its PDVs arrive
+(StoreSink): sealed on the way, committed with its audit record before Success is sent.
 """
 
 from __future__ import annotations
@@ -12,15 +11,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from io import BytesIO
+from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 
 from appliance import audit
 from appliance.audit import AuditError
 from appliance.dicom import query as q
+from appliance.dicom.negotiation import EXPLICIT_BE, IMPLICIT_LE
 from appliance.errors import ApplianceError, InvalidInstance, OutOfSpace
 from appliance.metrics import ServerMetrics
+from appliance.store import p10
 from appliance.store.archive import Archive
 
 LOG = logging.getLogger("appliance.dicom")
@@ -29,6 +34,20 @@ STATUS_NOT_AUTHORISED = 0x0124
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_UNRECOGNISED_OPERATION = 0x0211
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of an association."""
+
+    ae_title: str
+    address: str
+
+    def who(self) -> dict:
+        """Who an audit record is about: the calling AE and its address."""
+        return {"user": self.ae_title, "host": self.address}
 
 
 @dataclass
@@ -44,6 +63,7 @@ class AssociationStats:
     bytes: int = 0
     queries: int = 0
     retrieved: int = 0
+    transcoded: int = 0
     services: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     totals: ServerMetrics | None = None  # the server's counters, kept live
@@ -62,106 +82,139 @@ class AssociationStats:
                     self.totals.add(self._TOTALS[name], value)
 
 
-def outcome(status) -> str:
+def outcome(status: int) -> str:
     """A DIMSE status as a metrics label."""
-    code = status if isinstance(status, int) else getattr(status, "Status", 0xC000)
-    if code == 0x0000:
+    if status == 0x0000:
         return "success"
-    if (code & 0xF000) == 0xB000:
+    if (status & 0xF000) == 0xB000:
         return "warning"
-    return "refused" if code == STATUS_NOT_AUTHORISED else "failure"
+    return "refused" if status == STATUS_NOT_AUTHORISED else "failure"
 
 
-def _status(code: int, comment: str = "") -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:64]
+def refuse(archive: Archive, peer: Peer, op: str, role: str) -> None:
+    """Audit a request the calling AE has no role for."""
+    archive.audit.record(audit.event("Security Alert", type="Use of Restricted Function", op=op, outcome=4,
+                                     reason=f"calling AE has no {role} role", **peer.who()))
+
+
+# -- data sets in a presentation context's transfer syntax ---------------------------------
+
+def decode_dataset(data: bytes, transfer_syntax: str) -> Dataset:
+    """A small data set (an identifier, an action's information) as pydicom reads it."""
+    ds = read_dataset(BytesIO(data), transfer_syntax == IMPLICIT_LE, transfer_syntax != EXPLICIT_BE)
+    ds.set_original_encoding(transfer_syntax == IMPLICIT_LE, transfer_syntax != EXPLICIT_BE)
     return ds
 
 
-def handle_echo(event) -> int:
-    return 0x0000
+def encode_dataset(ds: Dataset, transfer_syntax: str) -> bytes:
+    out = DicomBytesIO()
+    out.is_implicit_VR = transfer_syntax == IMPLICIT_LE
+    out.is_little_endian = transfer_syntax != EXPLICIT_BE
+    write_dataset(out, ds)
+    return out.getvalue()
 
 
-def requestor(assoc) -> dict:
-    """Who an audit record is about: the calling AE and its address."""
-    return {"user": str(assoc.requestor.ae_title).strip(), "host": str(assoc.requestor.address)}
+# -- C-STORE ---------------------------------------------------------------------------------
 
+class StoreSink:
+    """A C-STORE data set arriving PDV by PDV: the file meta the archive stores with it
+    (SOP class and instance from the command, transfer syntax from the context), then
+    every fragment, straight into the archive's ingest. `result()`: the status to send."""
 
-def refuse(archive: Archive, assoc, op: str, role: str) -> None:
-    """Audit a request the calling AE has no role for."""
-    archive.audit.record(audit.event("Security Alert", type="Use of Restricted Function", op=op, outcome=4,
-                                     reason=f"calling AE has no {role} role", **requestor(assoc)))
+    def __init__(self, archive: Archive, peer: Peer, stats: AssociationStats, command: dict, transfer_syntax: str,
+                 allowed: bool):
+        self._archive, self._peer, self._stats = archive, peer, stats
+        self._error: ApplianceError | None = None
+        self._ingest = None
+        self.allowed = allowed
+        if allowed:
+            self._ingest = archive.begin_store(source=peer.ae_title)
+            self._write(p10.file_meta(str(command.get("AffectedSOPClassUID", "")),
+                                      str(command.get("AffectedSOPInstanceUID", "")), transfer_syntax))
 
-
-def handle_store(event, archive: Archive, authorise, stats_of) -> Dataset | int:
-    stats = stats_of(event.assoc)
-    path = event.dataset_path
-    try:
-        if not authorise(event.assoc, "store"):
-            refuse(archive, event.assoc, "c-store", "store")
-            return _status(STATUS_NOT_AUTHORISED, "calling AE may not store")
+    def _write(self, data) -> None:
         try:
-            outcome = archive.store_file(path, source=str(event.assoc.requestor.ae_title).strip())
-        except InvalidInstance as exc:
-            stats.count("C-STORE", failed=1)
-            archive.audit.record(audit.event("DICOM Instances Transferred", op="c-store", action="C", outcome=4,
-                                             reason=str(exc), **requestor(event.assoc)))
-            return _status(STATUS_CANNOT_UNDERSTAND, str(exc))
-        except OutOfSpace as exc:
-            stats.count("C-STORE", failed=1)
-            LOG.error("C-STORE refused: %s", exc)
-            return _status(STATUS_OUT_OF_RESOURCES, "out of storage space")
+            self._ingest.write(data)
         except ApplianceError as exc:
-            stats.count("C-STORE", failed=1)
+            self._error = exc
+            self._ingest.abort()
+
+    def write(self, data) -> None:
+        if self._ingest is not None and self._error is None:
+            self._write(data)
+
+    def discard(self) -> None:
+        """The association ended inside the data set: nothing of it is kept."""
+        if self._ingest is not None:
+            self._ingest.abort()
+
+    def result(self) -> tuple[int, str]:
+        """Commit (durable with its audit record before this returns) and say how it went."""
+        if not self.allowed:
+            refuse(self._archive, self._peer, "c-store", "store")
+            return STATUS_NOT_AUTHORISED, "calling AE may not store"
+        try:
+            if self._error is not None:
+                raise self._error
+            stored = self._ingest.finish(self._audit_entry)
+        except InvalidInstance as exc:
+            self._stats.count("C-STORE", failed=1)
+            self._archive.commit_audit(audit.event("DICOM Instances Transferred", op="c-store", action="C",
+                                                   outcome=4, reason=str(exc), **self._peer.who()))
+            return STATUS_CANNOT_UNDERSTAND, str(exc)
+        except OutOfSpace as exc:
+            self._stats.count("C-STORE", failed=1)
+            LOG.error("C-STORE refused: %s", exc)
+            return STATUS_OUT_OF_RESOURCES, "out of storage space"
+        except AuditError as exc:
+            LOG.error("C-STORE not acknowledged: %s", exc)
+            return STATUS_OUT_OF_RESOURCES, "audit trail cannot be written"
+        except ApplianceError as exc:
+            self._stats.count("C-STORE", failed=1)
             LOG.error("C-STORE failed: %s", exc)
-            return _status(STATUS_PROCESSING_FAILURE, str(exc))
-        info = outcome.info
-        # Acknowledged only once its record is durable too: every Success has its audit record.
-        archive.audit.record(audit.event(
-            "DICOM Instances Transferred", op="c-store", action="C", patient=str(info.patient.get("PatientID", "")),
-            study=info.study_uid, instances=1, sop=info.sop_uid, duplicate=outcome.status == "duplicate",
-            **requestor(event.assoc)))
-        if outcome.status == "duplicate":
-            stats.count("C-STORE", duplicates=1)
+            return exc.dicom_status if exc.dicom_status != 0xC000 else STATUS_PROCESSING_FAILURE, str(exc)
+        if stored.status == "duplicate":
+            self._stats.count("C-STORE", duplicates=1)
         else:
-            stats.count("C-STORE", stored=1, bytes=outcome.info.length)
-        return 0x0000
-    except AuditError as exc:
-        LOG.error("C-STORE not acknowledged: %s", exc)
-        return _status(STATUS_OUT_OF_RESOURCES, "audit trail cannot be written")
-    finally:
-        Path(path).unlink(missing_ok=True)  # the received file; its sealed copy is all we keep
+            self._stats.count("C-STORE", stored=1, bytes=stored.info.length)
+        return 0x0000, ""
+
+    def _audit_entry(self, info: p10.InstanceInfo, status: str) -> dict:
+        # Acknowledged only once its record is durable too: every Success has its audit record.
+        return audit.event("DICOM Instances Transferred", op="c-store", action="C",
+                           patient=info.patient.get("PatientID", ""), study=info.study_uid, instances=1,
+                           sop=info.sop_uid, duplicate=status == "duplicate", **self._peer.who())
 
 
-def handle_find(event, archive: Archive, model_of, authorise, stats_of, ae_title: str):
-    sop_class = str(event.request.AffectedSOPClassUID)
-    if not authorise(event.assoc, "query"):
-        refuse(archive, event.assoc, "c-find", "query")
-        yield STATUS_NOT_AUTHORISED, None
-        return
+# -- C-FIND ----------------------------------------------------------------------------------
+
+def find(archive: Archive, peer: Peer, identifier: Dataset, model: str, sop_class: str, ae_title: str,
+         stats: AssociationStats, cancelled: Callable[[], bool]) -> Iterator[tuple[int, str, Dataset | None]]:
+    """(status, error comment, identifier) of every C-FIND response."""
     try:
-        query = q.parse(event.identifier, model_of(sop_class))
+        query = q.parse(identifier, model)
     except q.QueryError as exc:
         archive.audit.record(audit.event("Query", op="c-find", outcome=4, reason=str(exc), sop_class=sop_class,
-                                         **requestor(event.assoc)))
-        yield _status(exc.status, str(exc)), None
+                                         **peer.who()))
+        yield exc.status, str(exc), None
         return
-    stats_of(event.assoc).count("C-FIND", queries=1)
+    stats.count("C-FIND", queries=1)
     # Collect first: a transaction held while a slow peer reads responses would hold up the
     # index (a map resize waits for every reader).
     with archive.index.read() as t:
         views = list(q.find(t, query))
     keys = {keyword: value for keyword, (_, value) in query.keys.items()}
-    archive.audit.record(audit.event("Query", op="c-find", patient=keys.get("PatientID", ""), level=query.level, sop_class=sop_class, keys=keys, matches=len(views),
-                                     **requestor(event.assoc)))
+    archive.audit.record(audit.event("Query", op="c-find", patient=keys.get("PatientID", ""), level=query.level,
+                                     sop_class=sop_class, keys=keys, matches=len(views), **peer.who()))
     for view in views:
-        if event.is_cancelled:
-            yield 0xFE00, None
+        if cancelled():
+            yield 0xFE00, "", None
             return
-        yield 0xFF00, q.response(query, view, ae_title)
+        yield 0xFF00, "", q.response(query, view, ae_title)
+    yield 0x0000, "", None
 
+
+# -- Storage Commitment ----------------------------------------------------------------------
 
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known Storage Commitment SOP Instance
 _NO_SUCH_INSTANCE, _CLASS_MISMATCH = 0x0112, 0x0119
@@ -196,16 +249,10 @@ def commitment_result(archive: Archive, request: Dataset) -> tuple[int, Dataset]
     return (2 if failed else 1), report
 
 
-def handle_commitment(event, archive: Archive, authorise, send_report):
-    """N-ACTION of Storage Commitment Push Model: accept, then report from another thread."""
-    if event.action_type != 1:
-        return 0x0123, None  # no such action
-    if not authorise(event.assoc, "store"):
-        refuse(archive, event.assoc, "storage commitment", "store")
-        return STATUS_NOT_AUTHORISED, None
-    request = event.action_information
-    if "TransactionUID" not in request:
-        return 0x0120, None  # missing attribute
-    threading.Thread(target=send_report, args=(event.assoc, request), name="commitment-report",
-                     daemon=True).start()
-    return 0x0000, None
+def commitment_request(action_type: int, information: Dataset) -> int:
+    """The N-ACTION-RSP status for a commitment request (0 when it is accepted)."""
+    if action_type != 1:
+        return 0x0123  # no such action
+    if "TransactionUID" not in information:
+        return 0x0120  # missing attribute
+    return 0x0000

@@ -1,53 +1,54 @@
 """C-GET and C-MOVE: send stored instances byte-exact, in bounded memory.
 
-pynetdicom's own retrieve service wants a pydicom Dataset per sub-operation and
-re-encodes it in memory; an archive must send the bytes it stored, and a 2 GB
-multi-frame instance must not become 2 GB of process memory. So the retrieve
-service lives here: every sub-operation decrypts and verifies the instance into
-an anonymous in-memory file (memfd: decrypted bytes never touch a persistent
-disk) and hands its path to pynetdicom's chunked C-STORE sender, which reads it
-a PDU at a time; the next instance (up to 64 MB) is decrypted while the current
-one is sent. An instance is sent in the transfer syntax it was stored in
-(no transcoding); C-MOVE proposes exactly those, C-GET needs the requestor to
-have offered them.
+Every sub-operation is a C-STORE the archive writes itself: the stored bytes are
+decrypted and verified in memory (never on a disk), the data set after the file meta
+is cut into P-DATA-TF PDUs that fit the peer's maximum PDU length, and those go out
+many per system call (a 16 KB-PDU getscu takes 6,400 PDUs per 100 MB). An instance up
+to PREFETCH_MAX_BYTES is verified whole before its first byte is sent, and the next one
+is decrypted by a worker thread while the current one is on the wire; a larger one is
+streamed, its last chunk held back until its SHA-256 checks (should it fail, the
+association is aborted: the peer never has the whole of a wrong instance). An
+instance is sent in the transfer syntax it was stored in (no transcoding); C-MOVE
+proposes exactly those, C-GET needs the requestor to have offered them.
 
 A study that lives only on cold tiers is recalled first (one recall per study,
 shared by concurrent requests); while it comes back the requestor gets a Pending
 response every few seconds, and a study that cannot be recalled (cartridge not
 loaded in time, tier down) fails its sub-operations with the reason in the final
-response's Error Comment. Responses follow PS3.4 C.4.2/C.4.3: a Pending response after every
-sub-operation with the remaining/completed/failed/warning counts; the final
-response is Success, Warning (0xB000) or Failure (0xA702) with the Failed SOP
-Instance UID List; a C-CANCEL stops before the next sub-operation (0xFE00).
+response's Error Comment. Responses follow PS3.4 C.4.2/C.4.3: a Pending response after
+every sub-operation with the remaining/completed/failed/warning counts; the final
+response is Success, Warning (0xB000) or Failure (0xA702) with the Failed SOP Instance
+UID List; a C-CANCEL stops before the next sub-operation (0xFE00).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from io import BytesIO
-from typing import Callable
+from typing import Callable, Iterator
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pynetdicom import build_context
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
-from pynetdicom.dsutils import decode, encode
+from pydicom.dataset import Dataset
 
 from appliance import audit
 from appliance.audit import AuditError
+from appliance.dicom import dimse, handlers, pdu
 from appliance.dicom import query as q
-from appliance.dicom.handlers import refuse, requestor
-from appliance.errors import ApplianceError
+from appliance.dicom.handlers import Peer
+from appliance.dicom.link import Link, Message
+from appliance.dicom.negotiation import Accepted, Proposed
+from appliance.dicom.requestor import AssociationRefused, RequestedAssociation
+from appliance.dicom.wire import ConnectionClosed
+from appliance.errors import ApplianceError, IntegrityError
+from appliance.store import p10
 from appliance.store.archive import Archive
 
 LOG = logging.getLogger("appliance.dicom")
 _PENDING, _CANCEL, _WARNING, _SUBOP_FAILURE = 0xFF00, 0xFE00, 0xB000, 0xA702
 _MAX_CONTEXTS = 128
 _PENDING_INTERVAL_S = 2.0
+PREFETCH_MAX_BYTES = 32 << 20
 
 
 @dataclass
@@ -68,11 +69,12 @@ class SubOperations:
             self.failed += 1
             self.failed_uids.append(sop_uid)
 
-    def fill(self, rsp) -> None:
-        rsp.NumberOfRemainingSuboperations = self.remaining
-        rsp.NumberOfCompletedSuboperations = self.completed
-        rsp.NumberOfFailedSuboperations = self.failed
-        rsp.NumberOfWarningSuboperations = self.warning
+    def counts(self, remaining: bool = True) -> dict:
+        out = {"NumberOfCompletedSuboperations": self.completed, "NumberOfFailedSuboperations": self.failed,
+               "NumberOfWarningSuboperations": self.warning}
+        if remaining:
+            out["NumberOfRemainingSuboperations"] = self.remaining
+        return out
 
 
 def instances_for(archive: Archive, ident: q.Query) -> list[tuple[str, dict]]:
@@ -83,37 +85,36 @@ def instances_for(archive: Archive, ident: q.Query) -> list[tuple[str, dict]]:
                 for view in q.find(t, image_level)]
 
 
-def plaintext_file(archive: Archive, record: dict, sop_uid: str) -> int:
-    """An anonymous in-memory file (memfd) holding the verified original bytes as a Part 10
-    file; the caller closes it."""
-    fd = os.memfd_create("pacs-vault-retrieve", os.MFD_CLOEXEC)
-    try:
-        with os.fdopen(os.dup(fd), "wb") as out:
-            chunks = archive.open_blob(record["current"])
-            first = next(chunks, b"")
-            if first[128:132] != b"DICM":
-                # Stored without file meta (imported raw dataset): add one, the dataset bytes stay as stored.
-                meta = FileMetaDataset()
-                meta.MediaStorageSOPClassUID = record["SOPClassUID"]
-                meta.MediaStorageSOPInstanceUID = sop_uid
-                meta.TransferSyntaxUID = record["transfer_syntax"]
-                out.write(b"\x00" * 128 + b"DICM")
-                write_file_meta_info(out, meta, enforce_standard=True)
-            out.write(first)
-            for chunk in chunks:
-                out.write(chunk)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+# -- the bytes of each instance, verified, one decrypted ahead ---------------------------------
+
+@dataclass
+class Plaintext:
+    """One instance's data set (after its file meta): whole when small (verified), else a
+    stream whose last chunk is held back until the whole instance verified."""
+
+    chunks: Iterator[bytes]
+    whole: bool
+
+
+def _dataset_chunks(archive: Archive, record: dict) -> Iterator[bytes]:
+    chunks = archive.open_blob(record["current"])
+    first = next(chunks, b"")
+    offset = p10.dataset_offset(first)
+    if first[offset:]:
+        yield first[offset:]
+    yield from chunks
+
+
+def plaintext(archive: Archive, record: dict, size: int) -> Plaintext:
+    if size <= PREFETCH_MAX_BYTES:
+        return Plaintext(iter(list(_dataset_chunks(archive, record))), True)
+    return Plaintext(_dataset_chunks(archive, record), False)
 
 
 class _Plaintexts:
-    """The plaintext of each instance to send, the next one decrypted in a worker thread while
-    the current one is on the wire (the requestor's answer is awaited meanwhile). Memory stays
-    bounded: only an instance of at most PREFETCH_MAX_BYTES is prepared ahead."""
-
-    PREFETCH_MAX_BYTES = 64 << 20
+    """The plaintext of each instance to send, the next one decrypted in a worker thread
+    while the current one is on the wire. Memory stays bounded: only an instance of at most
+    PREFETCH_MAX_BYTES is prepared ahead."""
 
     def __init__(self, archive: Archive, instances: list[tuple[str, dict]], skip: Callable[[dict], bool]):
         self._archive, self._instances, self._skip = archive, instances, skip
@@ -125,155 +126,163 @@ class _Plaintexts:
 
     def __exit__(self, *exc) -> None:
         for future in self._ahead.values():
-            if not future.cancel() and future.exception() is None:
-                os.close(future.result())
+            future.cancel()
         self._worker.shutdown(wait=True)
+
+    def _size(self, record: dict) -> int:
+        with self._archive.index.read() as t:
+            blob = t.get("blobs", record["current"])
+        return blob["size"] if blob else PREFETCH_MAX_BYTES + 1
 
     def _prefetch(self, number: int) -> None:
         if number >= len(self._instances):
             return
-        sop_uid, record = self._instances[number]
+        _, record = self._instances[number]
         try:
-            if self._skip(record):
-                return
-            with self._archive.index.read() as t:
-                blob = t.get("blobs", record["current"])
-            if blob is None or blob.get("size", self.PREFETCH_MAX_BYTES + 1) > self.PREFETCH_MAX_BYTES:
-                return
-            self._ahead[number] = self._worker.submit(plaintext_file, self._archive, record, sop_uid)
+            if not self._skip(record) and self._size(record) <= PREFETCH_MAX_BYTES:
+                self._ahead[number] = self._worker.submit(plaintext, self._archive, record, 0)
         except Exception as exc:  # noqa: BLE001 - prefetching is an optimisation: that instance is read when due
             LOG.warning("retrieve prefetch skipped: %s", exc)
 
-    def take(self, number: int) -> int:
-        """The memfd of instance `number` (the caller closes it); raises what preparing raised."""
+    def take(self, number: int) -> Plaintext:
+        """The plaintext of instance `number`; raises what preparing it raised."""
         future = self._ahead.pop(number, None)
         try:
             if future is not None:
                 return future.result()
-            sop_uid, record = self._instances[number]
-            return plaintext_file(self._archive, record, sop_uid)
+            _, record = self._instances[number]
+            return plaintext(self._archive, record, self._size(record))
         finally:
             self._prefetch(number + 1)
 
 
-def _send_one(assoc, plaintexts: _Plaintexts, number: int, msg_id: int,
-              originator: tuple[str, int] | None = None) -> int | None:
+# -- one sub-operation ----------------------------------------------------------------------
+
+def send_c_store(link: Link, context: Accepted, sop_class: str, sop_uid: str, data: Plaintext,
+                 originator: tuple[str, int] | None, on_cancel: Callable[[int], None] | None) -> int:
+    """One C-STORE on `link`; returns the peer's status. A stream that fails its final check
+    aborts the link (IntegrityError raised)."""
+    message_id = link.next_message_id()
+    command = {"CommandField": dimse.C_STORE_RQ, "MessageID": message_id, "Priority": 0,
+               "AffectedSOPClassUID": sop_class, "AffectedSOPInstanceUID": sop_uid, "CommandDataSetType": 0x0001}
+    if originator is not None:
+        command["MoveOriginatorApplicationEntityTitle"], command["MoveOriginatorMessageID"] = originator
+    fragment_max = (link.peer_max_pdu or (1 << 24)) - pdu.PDV_HEADER_SIZE
+    link.conn.send_pdus(pdu.message_pdus(context.context_id, dimse.encode(command), None, link.peer_max_pdu))
     try:
-        fd = plaintexts.take(number)
-        try:
-            kwargs = {}
-            if originator:
-                kwargs = {"originator_aet": originator[0], "originator_id": originator[1]}
-            status = assoc.send_c_store(f"/proc/self/fd/{fd}", msg_id=msg_id, **kwargs)
-        finally:
-            os.close(fd)
-    except (ApplianceError, ValueError, AttributeError) as exc:
-        LOG.warning("retrieve sub-operation failed: %s", exc)
-        return None
-    return getattr(status, "Status", None)
+        link.conn.send_pdus(_data_pdus(context.context_id, data.chunks, fragment_max))
+    except IntegrityError:
+        link.conn.send([pdu.abort(pdu.ABORT_USER)])
+        raise
+    response = link.response_to(message_id, dimse.C_STORE_RSP, on_cancel)
+    return response.command.get("Status", 0xC000)
 
 
-def _identifier(req, context) -> Dataset:
-    ts = context.transfer_syntax[0]
-    return decode(req.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+def _data_pdus(context_id: int, chunks: Iterator[bytes], fragment_max: int) -> Iterator[list]:
+    """The data set's PDUs, the last one flagged: each chunk is cut into fragments, the one
+    after it is read before the last fragment of the current one goes."""
+    current = next(chunks, b"")
+    for following in chunks:
+        yield from pdu.data_pdus(context_id, current, fragment_max, last=False)
+        current = following
+    yield from pdu.data_pdus(context_id, current, fragment_max, last=True)
 
 
-def _encode(ds: Dataset, context) -> BytesIO:
-    ts = context.transfer_syntax[0]
-    return BytesIO(encode(ds, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated))
+# -- the service ----------------------------------------------------------------------------
 
-
-def _failed_list(subops: SubOperations, context) -> BytesIO:
-    ds = Dataset()
-    ds.FailedSOPInstanceUIDList = subops.failed_uids
-    return _encode(ds, context)
+class _LinkAborted(Exception):
+    """A streamed instance failed its check on the way: its association was aborted."""
 
 
 class RetrieveService:
     """Serves C-GET and C-MOVE for one archive; called by the association for those requests."""
 
-    def __init__(self, archive: Archive, model_of: Callable[[str], str], authorise: Callable,
-                 move_destination: Callable[[str], tuple[str, int] | None], open_association: Callable,
-                 stats_of: Callable):
+    def __init__(self, archive: Archive, *, ae_title: str, model_of: Callable[[str], str | None],
+                 authorise: Callable[[Peer, str], bool],
+                 move_destination: Callable[[str], tuple[str, int] | None], max_pdu: int, timeout_s: float):
         self._archive = archive
-        self._stats_of = stats_of  # assoc -> handlers.AssociationStats
+        self._ae_title = ae_title
         self._model_of = model_of
-        self._authorise = authorise  # (assoc, role) -> bool
+        self._authorise = authorise
         self._destination = move_destination  # AE title -> (host, port) or None
-        self._open_association = open_association  # (host, port, ae_title, contexts) -> Association
+        self._max_pdu = max_pdu
+        self._timeout = timeout_s
 
-    def serve(self, assoc, req, context) -> int:
-        """Serve one C-GET or C-MOVE; return its final status."""
-        rsp = C_GET() if isinstance(req, C_GET) else C_MOVE()
-        rsp.MessageIDBeingRespondedTo = req.MessageID
-        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
-        cx_id = context.context_id
+    def serve(self, assoc, message: Message) -> int:
+        """Serve one C-GET or C-MOVE (`assoc`: the association.Association); return its final status."""
+        is_get = message.field == dimse.C_GET_RQ
+        op = "c-get" if is_get else "c-move"
+        syntax = message.context.transfer_syntax
 
-        def finish(status: int, subops: SubOperations | None = None, comment: str = "") -> int:
-            rsp.Status = status
+        def respond(status: int, subops: SubOperations | None = None, comment: str = "", final: bool = True) -> int:
+            elements, dataset = {}, None
             if subops is not None:
-                subops.fill(rsp)
-                if status != 0x0000:
-                    rsp.Identifier = _failed_list(subops, context)
-                if status != _CANCEL:
-                    rsp.NumberOfRemainingSuboperations = None
-            if comment:
-                rsp.ErrorComment = comment[:64]
-            assoc.dimse.send_msg(rsp, cx_id)
+                elements = subops.counts(remaining=not final or status == _CANCEL)
+                if final and status != 0x0000:
+                    failed = Dataset()
+                    failed.FailedSOPInstanceUIDList = subops.failed_uids
+                    dataset = handlers.encode_dataset(failed, syntax)
+            assoc.respond(message, status, comment, dataset, **elements)
             return status
 
-        op = "c-get" if isinstance(req, C_GET) else "c-move"
-        if not self._authorise(assoc, "retrieve"):
+        if not self._authorise(assoc.peer, "retrieve"):
             try:
-                refuse(self._archive, assoc, op, "retrieve")
+                handlers.refuse(self._archive, assoc.peer, op, "retrieve")
             except AuditError as exc:
                 LOG.error("retrieve refusal not recorded: %s", exc)
-            return finish(0x0124, comment="calling AE may not retrieve")
+            return respond(0x0124, comment="calling AE may not retrieve")
+        model = self._model_of(message.context.abstract_syntax)
+        if model is None:
+            return respond(handlers.STATUS_SOP_CLASS_NOT_SUPPORTED, comment="not a retrieve model")
         try:
-            ident = q.parse(_identifier(req, context), self._model_of(context.abstract_syntax))
+            ident = q.parse(handlers.decode_dataset(message.payload or b"", syntax), model)
         except q.QueryError as exc:
-            return finish(exc.status, comment=str(exc))
+            return respond(exc.status, comment=str(exc))
         except Exception as exc:  # noqa: BLE001 - an undecodable identifier
-            return finish(0xC000, comment=f"identifier cannot be decoded: {exc}")
+            return respond(0xC000, comment=f"identifier cannot be decoded: {exc}")
         instances = instances_for(self._archive, ident)
         subops = SubOperations(len(instances))
         if not instances:
-            return finish(0x0000, subops)
+            return respond(0x0000, subops)
         if len(instances) > 65535:
-            return finish(0xC000, comment="more than 65535 instances match")
-
+            return respond(0xC000, comment="more than 65535 instances match")
+        message_id = message.command.get("MessageID", 0)
         studies = sorted({record["study"] for _, record in instances})
         for study_uid in studies:
             self._archive.touch_study(study_uid)
-        unavailable = self._recall(assoc, req, rsp, cx_id, studies, subops)
+        unavailable = self._recall(assoc, message, respond, studies, subops)
         if unavailable is None:  # cancelled while waiting
             subops.failed_uids.extend(uid for uid, _ in instances)
-            return finish(_CANCEL, subops)
+            return respond(_CANCEL, subops)
 
-        target = assoc
-        originator = None
-        who = requestor(assoc)
+        who = assoc.peer.who()
         dest = f"{who['user']}@{who['host']}"
-        if isinstance(req, C_MOVE):
-            dest = str(req.MoveDestination).strip()
-            destination = self._destination(dest)
+        target: Link = assoc
+        originator = None
+        if not is_get:
+            move_to = str(message.command.get("MoveDestination", "")).strip()
+            destination = self._destination(move_to)
             if destination is None:
                 try:
                     self._archive.audit.record(audit.event(
-                        "Security Alert", type="Use of Restricted Function", op=op, outcome=4, dest=dest,
+                        "Security Alert", type="Use of Restricted Function", op=op, outcome=4, dest=move_to,
                         reason="move destination unknown or without the move-destination role", **who))
                 except AuditError as exc:
                     LOG.error("retrieve refusal not recorded: %s", exc)
-                return finish(0xA801, comment="move destination unknown or not allowed")
-            dest = f"{dest}@{destination[0]}:{destination[1]}"
+                return respond(0xA801, comment="move destination unknown or not allowed")
+            dest = f"{move_to}@{destination[0]}:{destination[1]}"
             pairs = sorted({(rec["SOPClassUID"], rec["transfer_syntax"]) for _, rec in instances})
             if len(pairs) > _MAX_CONTEXTS:
-                return finish(0xA701, comment="too many SOP class / transfer syntax pairs for one association")
-            target = self._open_association(destination[0], destination[1], str(req.MoveDestination).strip(),
-                                            [build_context(sop, [ts]) for sop, ts in pairs])
-            if target is None or not target.is_established:
-                return finish(0xA801, comment="move destination refused the association")
-            originator = (assoc.requestor.ae_title, req.MessageID)
+                return respond(0xA701, comment="too many SOP class / transfer syntax pairs for one association")
+            try:
+                target = RequestedAssociation.open(
+                    destination[0], destination[1], calling_ae=self._ae_title, called_ae=move_to,
+                    contexts=[Proposed(2 * n + 1, sop, (ts,)) for n, (sop, ts) in enumerate(pairs)],
+                    max_pdu=self._max_pdu, timeout=self._timeout)
+            except AssociationRefused as exc:
+                LOG.warning("C-MOVE destination refused: %s", exc)
+                return respond(0xA801, comment="move destination refused the association")
+            originator = (assoc.peer.ae_title, message_id)
         per_study = {uid: [0, 0] for uid in studies}  # instances sent, failed
         try:
             for study_uid in studies:
@@ -285,27 +294,35 @@ class RetrieveService:
             LOG.error("retrieve refused: %s", exc)
             if target is not assoc:
                 target.release()
-            return finish(0xA701, comment="audit trail cannot be written")
+            return respond(0xA701, comment="audit trail cannot be written")
+        cancel = {"asked": False}
+
+        def on_cancel(their_id: int) -> None:
+            cancel["asked"] = cancel["asked"] or their_id == message_id
+
+        broken = False  # the destination's association was aborted: the rest fail
         try:
             with _Plaintexts(self._archive, instances, lambda record: record["study"] in unavailable) as plaintexts:
                 for number, (sop_uid, record) in enumerate(instances):
-                    if req.MessageID in assoc.dimse.cancel_req:
-                        del assoc.dimse.cancel_req[req.MessageID]
+                    if cancel["asked"] or assoc.cancelled(message_id):
                         subops.failed_uids.extend(uid for uid, _ in instances[number:])
-                        return finish(_CANCEL, subops)
-                    msg_id = (req.MessageID + number + 1) % 65536 or 1
+                        return respond(_CANCEL, subops)
                     status = None
-                    if record["study"] not in unavailable:
-                        status = _send_one(target, plaintexts, number, msg_id, originator)
+                    if record["study"] not in unavailable and not broken:
+                        try:
+                            status = self._send_one(target, plaintexts, number, record, sop_uid, originator,
+                                                    on_cancel if is_get else None)
+                        except _LinkAborted as exc:
+                            LOG.error("retrieve aborted: %s", exc)
+                            if is_get:  # the requestor's own association: nothing more can be said on it
+                                raise ConnectionClosed(str(exc)) from None
+                            broken = True
                     subops.record(sop_uid, status)
                     delivered = status is not None and (status == 0x0000 or (status & 0xF000) == 0xB000)
                     per_study[record["study"]][0 if delivered else 1] += 1
-                    rsp.Status = _PENDING
-                    subops.fill(rsp)
-                    rsp.Identifier = None
-                    assoc.dimse.send_msg(rsp, cx_id)
+                    respond(_PENDING, subops, final=False)
         finally:
-            if target is not assoc:
+            if target is not assoc and not broken:
                 target.release()
             for study_uid, (sent, failed) in per_study.items():
                 try:
@@ -315,32 +332,48 @@ class RetrieveService:
                         failed=failed, reason=unavailable.get(study_uid, ""), **who))
                 except AuditError as exc:  # sent already: the Begin record stands; say so loudly
                     LOG.error("retrieve of a study sent but its end not recorded: %s", exc)
-        self._stats_of(assoc).count("C-GET" if isinstance(req, C_GET) else "C-MOVE", retrieved=subops.completed)
+        assoc.stats.count("C-GET" if is_get else "C-MOVE", retrieved=subops.completed)
         comment = next(iter(unavailable.values()), "")
         if subops.failed == len(instances):
-            return finish(_SUBOP_FAILURE, subops, comment)
-        return finish(_WARNING if subops.failed or subops.warning else 0x0000, subops, comment)
+            return respond(_SUBOP_FAILURE, subops, comment)
+        return respond(_WARNING if subops.failed or subops.warning else 0x0000, subops, comment)
 
-    def _recall(self, assoc, req, rsp, cx_id, studies: list[str], subops: SubOperations) -> dict[str, str] | None:
+    def _send_one(self, target: Link, plaintexts: _Plaintexts, number: int, record: dict, sop_uid: str,
+                  originator: tuple[str, int] | None, on_cancel) -> int | None:
+        """The peer's status for one sub-operation, or None when it failed on our side."""
+        sop_class, stored_syntax = record["SOPClassUID"], record["transfer_syntax"]
+        contexts = [cx for cx in target.sending_contexts(sop_class) if cx.transfer_syntax == stored_syntax]
+        if not contexts:
+            LOG.warning("retrieve sub-operation failed: the peer did not accept %s in the stored syntax", sop_class)
+            return None
+        try:
+            data = plaintexts.take(number)
+        except (ApplianceError, ValueError) as exc:
+            LOG.warning("retrieve sub-operation failed: %s", exc)
+            return None
+        try:
+            return send_c_store(target, contexts[0], sop_class, sop_uid, data, originator, on_cancel)
+        except IntegrityError as exc:  # a streamed instance failed its final check: the link is aborted
+            raise _LinkAborted(str(exc)) from None
+
+    def _recall(self, assoc, message: Message, respond, studies: list[str],
+                subops: SubOperations) -> dict[str, str] | None:
         """Recall the studies that are on cold tiers only, sending Pending responses meanwhile.
 
         Returns {study: why it could not be recalled}, or None when the requestor cancelled."""
         waiting = {uid: self._archive.recall_in_background(uid) for uid in studies
                    if self._archive.needs_recall(uid)}
         unavailable = {}
+        message_id = message.command.get("MessageID", 0)
         for study_uid, future in waiting.items():
             while True:
                 try:
                     future.result(timeout=_PENDING_INTERVAL_S)
                     break
                 except FutureTimeout:
-                    if req.MessageID in assoc.dimse.cancel_req:
-                        del assoc.dimse.cancel_req[req.MessageID]
+                    if assoc.cancelled(message_id):
                         return None
-                    rsp.Status = _PENDING
-                    subops.fill(rsp)
-                    rsp.Identifier = None
-                    assoc.dimse.send_msg(rsp, cx_id)
+                    respond(_PENDING, subops, final=False)
                 except ApplianceError as exc:
                     LOG.warning("recall for a retrieve failed: %s", exc)
                     unavailable[study_uid] = str(exc)

@@ -16,7 +16,6 @@ journal. Never an index entry without its blob.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -30,7 +29,7 @@ from appliance.audit import AuditTrail
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
 from appliance.errors import ApplianceError, BlobMissing, IntegrityError, InvalidInstance, NotFound, OutOfSpace
-from appliance.fsutil import HomeLock, free_bytes, raise_if_out_of_space
+from appliance.fsutil import HomeLock, raise_if_out_of_space
 from appliance.store import index as ix
 from appliance.store import journal as jr
 from appliance.store import p10, sealed, tiering
@@ -266,11 +265,21 @@ class Archive:
     def store_file(self, path: str | os.PathLike, source: str = "import") -> StoreOutcome:
         """Store one P10 file byte-exact. Returns once it is durable; raises InvalidInstance,
         OutOfSpace or another ApplianceError and then nothing of it is stored."""
+        try:
+            fp = open(path, "rb")
+        except OSError as exc:
+            raise InvalidInstance(f"cannot read: {exc.strerror}") from None
         ingest = self.begin_store(source)
         head = b""
         try:
-            with open(path, "rb") as fp:
-                for chunk in p10.file_chunks(fp):
+            with fp:
+                while True:
+                    try:
+                        chunk = fp.read(p10.READ_SIZE)
+                    except OSError as exc:
+                        raise InvalidInstance(f"cannot read: {exc.strerror}") from None
+                    if not chunk:
+                        break
                     head = head or chunk[:132]
                     ingest.write(chunk)
             return ingest.finish()
@@ -279,9 +288,6 @@ class Archive:
             if head[128:132] != b"DICM" and str(exc).startswith(("truncated", "malformed")):
                 raise InvalidInstance("not a DICOM file") from None
             raise
-        except OSError as exc:
-            ingest.abort()
-            raise InvalidInstance(f"cannot read: {exc.strerror}") from None
         except BaseException:
             ingest.abort()
             raise
@@ -300,7 +306,7 @@ class Archive:
             return "new_version" if pending_sop or t.get("instances", info.sop_uid) is not None else "stored"
 
     def check_space(self, sealed_size: int) -> None:
-        free = free_bytes(self.hot.root)
+        free = self.hot.free_bytes()
         if free < 2 * sealed_size + FREE_MARGIN:
             raise OutOfSpace(f"out of space on the data volume ({free >> 20} MB free)")
 
@@ -316,7 +322,7 @@ class Archive:
                      audit_entry: dict | None, stored_ns: int) -> None:
         """Journal one stored instance: durable when this returns, in the index just after."""
         journal = self._journal_for_writing()
-        body = {"op": "store", "info": dataclasses.asdict(info), "blob": blob, "inline": inline,
+        body = {"op": "store", "info": vars(info), "blob": blob, "inline": inline,
                 "source": source, "audit": audit_entry if self.audit.enabled else None, "stored_ns": stored_ns}
         with self._in_flight_lock:
             self._in_flight[info.content_address] = self._in_flight.get(info.content_address, 0) + 1
@@ -357,7 +363,8 @@ class Archive:
             position = t.get("meta", jr.position_key(journal_id)) or 0
         for record in stores:
             blob, inline = record.body["blob"], record.body["inline"]
-            if inline is not None and (record.number > position or self._needs_rewrite(blob)):
+            if inline is not None and (record.number > position
+                                       or self._needs_rewrite(record.body["info"]["content_address"], blob)):
                 self.hot.write_unsynced(blob["name"], inline, record.body["stored_ns"])
                 self._unsynced_names.add(blob["name"])
         surplus = self.index.write(lambda t: self._apply_to_index(t, stores, records[-1], replaying))
@@ -370,8 +377,12 @@ class Archive:
                                      for record in records
                                      if (entry := record.body.get("audit")) and record.place not in done])
 
-    def _needs_rewrite(self, blob: dict) -> bool:
-        """A replayed inline blob whose hot file a crash left short or lost."""
+    def _needs_rewrite(self, ca: bytes, blob: dict) -> bool:
+        """A replayed inline blob that the index names, whose hot file a crash left short or lost."""
+        with self.index.read(fresh=False) as t:
+            known = t.get("blobs", ca)
+        if known is None or known["copies"].get(self.hot.name, {}).get("name") != blob["name"]:
+            return False
         try:
             return self.hot.size(blob["name"]) != blob["sealed_size"]
         except BlobMissing:

@@ -12,8 +12,12 @@ gone. A large blob is not copied into the journal: it is written (and synced) in
 hot file while it arrives, and its record only points at it.
 
 Files: `HOME/journal/<journal id>-<n>.wal`, one journal per writing process (the id is
-random, made when it starts), flock'ed by it while it lives; a new file at every
-checkpoint, the old ones deleted once everything in them is durable elsewhere.
+random, made when it starts), flock'ed by it while it lives. Each file is made whole at
+once (SEGMENT_BYTES of zeros, synced), so that a commit overwrites blocks that exist
+already and its fdatasync flushes data only, no file system metadata. Records fill a
+file from its header on; once a checkpoint has made every record of a file durable
+elsewhere, the file is written again from its start. The files go when the journal
+closes.
 
     file header (64 bytes)
     offset size field
@@ -35,9 +39,10 @@ checkpoint, the old ones deleted once everything in them is durable elsewhere.
 
 The body is what the applier needs to redo the store (the index attributes, the blob
 record, the inline sealed bytes, the audit entry): patient data like the index's,
-encrypted here so that the journal holds none in the clear. A record that is cut short
-or does not authenticate ends the journal: its batch's fdatasync never returned, so
-neither it nor anything after it was acknowledged.
+encrypted here so that the journal holds none in the clear. Reading a file stops at the
+first record that is cut short, does not authenticate, or does not carry the number
+after the one before it (older records of a file written again): its batch's fdatasync
+never returned, so neither it nor anything after it was acknowledged.
 
 Replay is exact: LMDB keeps, in the same transaction as the index entries, the number
 of the last record applied (`meta` "journal:<id>"), so no index mutation is done twice;
@@ -74,14 +79,14 @@ RECORD_MAGIC = b"PVJR"
 RECORD_HEADER = struct.Struct(">4sIQ")
 TAG_SIZE = 16
 SUFFIX = ".wal"
-# A checkpoint follows this long after the first record not yet made durable elsewhere,
-# or this much journal: long enough that the kernel has written most of it back already.
+SEGMENT_BYTES = 32 << 20
+# A checkpoint follows this long after the first record not yet made durable elsewhere
+# (sooner when a file fills): long enough that the kernel has written most of it back.
 CHECKPOINT_INTERVAL_S = 5.0
-CHECKPOINT_BYTES = 256 << 20
-_MAX_BATCH_BYTES = 64 << 20
-_MAX_RECORD = 1 << 31
+_SPARE_FILES = 2  # free files kept for reuse
 
 assert FILE_HEADER.size == 64 and RECORD_HEADER.size == 16
+_MAX_BATCH_BYTES = SEGMENT_BYTES - FILE_HEADER.size
 LOG = logging.getLogger("appliance.journal")
 
 
@@ -136,7 +141,7 @@ def _aead(journal_key: Callable[[bytes], bytes], journal_id: bytes) -> AESGCM:
 def encode_record(aead: AESGCM, number: int, body: dict) -> list[bytes]:
     plain = msgpack.packb(body)
     length = len(plain) + TAG_SIZE
-    if length > _MAX_RECORD:
+    if RECORD_HEADER.size + length > _MAX_BATCH_BYTES:
         raise ValueError("journal record too large")
     header = RECORD_HEADER.pack(RECORD_MAGIC, length, number)
     return [header, aead.encrypt(_nonce(number), plain, header)]
@@ -161,14 +166,17 @@ def read_records(path: Path, journal_key: Callable[[bytes], bytes],
     aead = _aead(journal_key, journal_id)
 
     def records() -> Iterator[Record]:
+        expected = None
         with fp:
             while True:
                 header = fp.read(RECORD_HEADER.size)
                 if len(header) < RECORD_HEADER.size:
                     return
                 magic, length, number = RECORD_HEADER.unpack(header)
-                if magic != RECORD_MAGIC:
+                if magic != RECORD_MAGIC or (expected is not None and number != expected) \
+                        or length > _MAX_BATCH_BYTES:
                     return
+                expected = number + 1
                 sealed = fp.read(length)
                 try:
                     plain = aead.decrypt(_nonce(number), sealed, header)
@@ -179,53 +187,58 @@ def read_records(path: Path, journal_key: Callable[[bytes], bytes],
     return journal_id, records()
 
 
-def _write_all(fd: int, buffers: list) -> None:
-    views = [memoryview(b) for b in buffers]
+def _write_at(fd: int, buffers: list, offset: int) -> int:
+    """Write every byte of `buffers` at `offset`; return how many."""
+    views = [memoryview(b) for b in buffers if len(b)]
+    total = 0
     while views:
-        written = os.writev(fd, views[:1024])
+        written = os.pwritev(fd, views[:1024], offset + total)
+        total += written
         while written:
             if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
+                written -= len(views.pop(0))
             else:
                 views[0] = views[0][written:]
                 written = 0
+    return total
 
 
 class _File:
-    """One journal file being appended to (exclusive flock held while it is open)."""
+    """One journal file, made whole at once (exclusive flock held while it is open)."""
 
     def __init__(self, path: Path, header: bytes):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.size = 0
-        self.last = 0  # number of the last record in it
+        self.start = len(header)
+        self.offset = self.start
+        self.last = 0  # number of the last record written since the file was (re)started
         try:
-            _write_all(self.fd, [header])
+            zeros = bytes(1 << 20)
+            written = _write_at(self.fd, [header], 0)
+            while written < SEGMENT_BYTES:
+                written += _write_at(self.fd, [zeros[:SEGMENT_BYTES - written]], written)
             os.fdatasync(self.fd)
             fsync_dir(path.parent)
         except BaseException:
             self.close()
             path.unlink(missing_ok=True)
             raise
-        self.size = len(header)
+
+    @property
+    def room(self) -> int:
+        return SEGMENT_BYTES - self.offset
 
     def append(self, buffers: list, last: int) -> None:
-        start = self.size
-        try:
-            _write_all(self.fd, buffers)
-            os.fdatasync(self.fd)
-        except OSError:
-            os.ftruncate(self.fd, start)  # never half a record before the next batch
-            raise
-        self.size += sum(len(b) for b in buffers)
+        """Write a batch and sync it; on failure nothing counts (the next batch overwrites it)."""
+        written = _write_at(self.fd, buffers, self.offset)
+        os.fdatasync(self.fd)
+        self.offset += written
         self.last = last
 
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-        os.fdatasync(self.fd)
-        self.size = size
+    def restart(self) -> None:
+        """Everything in it is durable elsewhere: write it again from the start."""
+        self.offset, self.last = self.start, 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -250,10 +263,12 @@ class Journal:
         self._applier = applier
         self._interval = checkpoint_interval_s
         self._header = FILE_HEADER.pack(FILE_MAGIC, VERSION, b"", kek_id, self.journal_id, self.started, b"")
-        self._file_lock = threading.Lock()  # the committer appends, the checkpoint truncates or rotates
-        self._files: list[_File] = []
+        self._file_lock = threading.Lock()  # the committer appends, the checkpoint restarts files
+        self._files: list[_File] = []  # the first is being written
         self._file_number = 0
         self._number = 0  # last record number handed out
+        self._checkpointed = 0  # every record up to this one is durable elsewhere
+        self._wants_checkpoint = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._applying: queue.SimpleQueue = queue.SimpleQueue()
         self._cond = threading.Condition()
@@ -261,7 +276,7 @@ class Journal:
         self._applied = 0
         self._broken: Exception | None = None
         self._apply_error: Exception | None = None
-        self._open_file()
+        self._files.append(self._new_file())
         self._committer = threading.Thread(target=self._commit_loop, name="journal-commit", daemon=True)
         self._apply_thread = threading.Thread(target=self._apply_loop, name="journal-apply", daemon=True)
         self._committer.start()
@@ -275,18 +290,34 @@ class Journal:
         self._queue.put((body, future))
         return future.result()
 
-    def _open_file(self) -> None:
+    def _new_file(self) -> _File:
         self._file_number += 1
-        path = self.directory / f"{self.journal_id.hex()}-{self._file_number:06d}{SUFFIX}"
-        self._files.append(_File(path, self._header))
+        return _File(self.directory / f"{self.journal_id.hex()}-{self._file_number:06d}{SUFFIX}", self._header)
+
+    def _file_for(self, size: int) -> _File:
+        """The file the next batch goes into (under the file lock): the current one while it
+        has room, else a free one (every record durable elsewhere) or a new one."""
+        current = self._files[0]
+        if current.room >= size:
+            return current
+        free = next((f for f in self._files[1:] if f.last <= self._checkpointed), None)
+        if free is None:
+            free = self._new_file()
+        else:
+            self._files.remove(free)
+        free.restart()
+        self._files.insert(0, free)
+        self._wants_checkpoint = True  # so that the file just left is free again soon
+        self._applying.put([])
+        return free
 
     def _commit_loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            batch, size = [item], 0
-            while size < _MAX_BATCH_BYTES:
+            batch = [item]
+            while len(batch) < 1024:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -303,22 +334,27 @@ class Journal:
                 future.set_exception(JournalError(f"the journal cannot be written ({self._broken}): restart the "
                                                   "server"))
             return
-        buffers, records = [], []
+        buffers, records, size = [], [], 0
         number = self._number
         for body, future in batch:
-            number += 1
             try:
-                buffers.extend(encode_record(self._aead, number, body))
+                encoded = encode_record(self._aead, number + 1, body)
             except (ValueError, TypeError) as exc:
-                number -= 1
                 future.set_exception(exc)
                 continue
+            length = sum(len(b) for b in encoded)
+            if size + length > _MAX_BATCH_BYTES:  # the rest in the next batch
+                self._queue.put((body, future))
+                continue
+            number += 1
+            size += length
+            buffers.extend(encoded)
             records.append((Record(self.journal_id, number, body, self.started), future))
         if not records:
             return
         try:
             with self._file_lock:
-                self._files[-1].append(buffers, number)
+                self._file_for(size).append(buffers, number)
         except OSError as exc:
             error: Exception = OutOfSpace("out of space on the data volume: journal not written") \
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc
@@ -358,8 +394,7 @@ class Journal:
             if records:
                 self._apply(records)
                 pending_since = pending_since or time.monotonic()
-            written = sum(f.size for f in self._files)
-            if pending_since is not None and (not records or written >= CHECKPOINT_BYTES
+            if pending_since is not None and (not records or self._wants_checkpoint
                                               or time.monotonic() - pending_since >= self._interval):
                 self._checkpoint()
                 pending_since = None
@@ -382,9 +417,8 @@ class Journal:
             self._cond.notify_all()
 
     def _checkpoint(self) -> None:
-        """Make what was applied durable, then drop the journal records it covers: files
-        wholly applied go, the current one is cut back to its header when it is (or else
-        replaced by a new one, so that it can go at the next checkpoint)."""
+        """Make what was applied durable; the files whose records all are then become free
+        (written again from their start; more than a couple of spare ones are deleted)."""
         applied = self._applied
         try:
             self._applier.checkpoint()
@@ -392,19 +426,18 @@ class Journal:
             LOG.error("journal checkpoint failed, the journal keeps its records: %s", exc)
             return
         with self._file_lock:
-            done = [f for f in self._files[:-1] if f.last <= applied]
-            for old in done:
+            self._checkpointed = applied
+            self._wants_checkpoint = False
+            spare = [f for f in self._files[1:] if f.last <= applied]
+            for old in spare[_SPARE_FILES:]:
                 old.close()
                 os.unlink(old.path)
                 self._files.remove(old)
-            if done:
+            if spare[_SPARE_FILES:]:
                 fsync_dir(self.directory)
-            current = self._files[-1]
-            if current.size > len(self._header):
-                if current.last <= applied:
-                    current.truncate(len(self._header))
-                else:
-                    self._open_file()
+            current = self._files[0]
+            if current.last and current.last <= applied:
+                current.restart()
 
     def wait_applied(self, number: int | None = None, timeout: float = 30.0) -> bool:
         """Wait until record `number` (default: every acknowledged record) is in the index;
@@ -429,6 +462,13 @@ class Journal:
         """Stop committing, apply and checkpoint everything, remove the journal files."""
         self._queue.put(None)
         self._committer.join()
+        while True:  # a commit that came after the end: refused, not lost
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1].set_exception(JournalError("the journal is closing: not stored"))
         self._applying.put(None)
         self._apply_thread.join()
         leftover: list[Record] = []
@@ -494,6 +534,7 @@ def replay(directory: Path, kek_id: bytes, journal_key: Callable[[bytes], bytes]
                 for path in paths:
                     _, found = read_records(path, journal_key, kek_id)
                     records.extend(found)
+                records.sort(key=lambda record: record.number)
                 if records:
                     applier.apply(records, replaying=True)
                 applier.checkpoint()

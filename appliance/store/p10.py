@@ -40,7 +40,7 @@ _PIXEL_DATA = (0x7FE0, 0x0010)
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _EXPLICIT_LE, _IMPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
-_READ_SIZE = 1 << 20
+READ_SIZE = 1 << 20
 
 # Attributes kept in the index, by level (see index.py for the schema).
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "IssuerOfPatientID")
@@ -498,6 +498,51 @@ class Inspector:
         return transfer_syntax, little, explicit
 
 
+# The file meta the archive writes before a received data set (C-STORE, STOW-RS): its
+# own implementation class UID (pydicom generate_uid of "pacs-vault implementation class") and version.
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.12562272139305564999365229736904451166"
+IMPLEMENTATION_VERSION = "PACS_VAULT_1"
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr in (b"UI", b"OB") else b" "
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, "DICM" and the file meta group (explicit VR little endian) for a data set
+    received over the network: the same for the same instance, so a data set sent again is
+    a duplicate."""
+    elements = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii", "replace")),
+        _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii", "replace")),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
+        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode())))
+    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
+
+
+def dataset_offset(head: bytes) -> int:
+    """Where the data set starts in stored P10 bytes (`head`: enough of their beginning, the
+    whole file meta): after the preamble and the file meta group, or 0 for a bare data set."""
+    if head[128:132] != b"DICM":
+        return 0
+    at = 132
+    while head[at:at + 2] == b"\x02\x00":
+        vr = head[at + 4:at + 6]
+        if vr in _LONG_VRS:
+            at += 12 + struct.unpack_from("<I", head, at + 8)[0]
+        else:
+            at += 8 + struct.unpack_from("<H", head, at + 6)[0]
+    if at > len(head):
+        raise InvalidInstance("the file meta runs past the first chunk")
+    return at
+
+
 def _compressible(transfer_syntax: str) -> bool:
     """False when the pixel data is already compressed (encapsulated or deflated)."""
     try:
@@ -589,7 +634,7 @@ def inspect_stream(chunks: Iterable) -> InstanceInfo:
 
 
 def file_chunks(fp: BinaryIO) -> Iterator[bytes]:
-    while chunk := fp.read(_READ_SIZE):
+    while chunk := fp.read(READ_SIZE):
         yield chunk
 
 
