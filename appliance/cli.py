@@ -51,11 +51,14 @@ def cmd_init(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from appliance.dicom.server import DicomServer  # pynetdicom is only needed here
+    from appliance.dicom.server import DicomServer  # the DICOM front's imports only where it runs
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    # A thread back from a sync (its acknowledgement ready) waits at most this long for the
+    # interpreter while another thread computes (Python's default is 5 ms).
+    sys.setswitchinterval(0.0005)
     with _open(args, writer=True) as archive:
         DicomServer(archive, port=args.port, ae_title=args.ae_title).serve_until_signalled()
     return 0

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from appliance.config import Config
-from appliance.errors import ApplianceError, IntegrityError, KeyMissing, TierUnavailable
+from appliance.errors import ApplianceError, IntegrityError, KeyMissing, NotFound, TierUnavailable
 from appliance.fsutil import HomeLock
 from appliance.store import index as ix
 from appliance.backends import open_tier
@@ -122,6 +122,10 @@ class RebuildReport:
 def rebuild(config: Config) -> RebuildReport:
     """Move the index aside and rebuild it from the hot tier's blobs and the keyring."""
     report = RebuildReport()
+    try:  # what a crashed writer's journal holds goes into the index (and its blobs to the hot tier) first
+        Archive.open(config, exclusive=True).close()
+    except NotFound:
+        pass  # no index to replay into: the next writer to open the home replays into the rebuilt one
     with HomeLock(config.home, exclusive=True):
         index_path = config.index_path
         if index_path.exists():

@@ -107,8 +107,9 @@ def small_instances(directory: Path, count: int, *, patient_name: str = "POE^EDG
 
 
 def multiframe(path: Path, megabytes: int, *, patient_name: str = "BIG^FRAMES", patient_id: str = "PV0004",
-               seed: int = 4) -> Path:
-    """One multi-frame instance of about `megabytes` MB, written in bounded memory."""
+               seed: int = 4, comments: str = "", marker: bytes = b"") -> Path:
+    """One multi-frame instance of about `megabytes` MB, written in bounded memory
+    (`comments`: its Image Comments; `marker`: bytes that begin every frame, a canary)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame_bytes = 512 * 512 * 2
@@ -116,12 +117,14 @@ def multiframe(path: Path, megabytes: int, *, patient_name: str = "BIG^FRAMES", 
     ds = _dataset(MULTIFRAME_SC, generate_uid(), generate_uid(), 1, patient_name=patient_name,
                   patient_id=patient_id, modality="OT", rows=512, columns=512)
     ds.NumberOfFrames = frames
+    if comments:
+        ds.ImageComments = comments
     ds.save_as(path, enforce_file_format=True)  # header only; pixel data appended below
     rng = np.random.default_rng(seed)
     with open(path, "ab") as fp:
         fp.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, frames * frame_bytes))
         # 16 distinct noisy frames in turn: more than zstd's window, so the ratio stays realistic.
-        distinct = [_phantom(rng, 512, number).tobytes() for number in range(min(frames, 16))]
+        distinct = [marker + _phantom(rng, 512, number).tobytes()[len(marker):] for number in range(min(frames, 16))]
         for number in range(frames):
             fp.write(distinct[number % len(distinct)])
         fp.flush()

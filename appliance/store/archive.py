@@ -44,6 +44,7 @@ BEFORE_KEY_LIMIT = 64 << 20
 # A store is refused (0xA700) unless this much more than twice its sealed size is free:
 # it is written twice (journal, hot file) and the index and trail must still fit.
 FREE_MARGIN = 2 << 20
+_NAME_PREFIX_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Ingest:
         self._archive = archive
         self.source = source
         self.inspector = p10.Inspector()
-        self.name = os.urandom(16).hex()
+        self.name = archive.new_blob_name()
         self._sink = _SealedSink(archive.hot, self.name)
         settings = archive.config.appliance.store
         self._sealer = sealed.Sealer(self._sink, level=settings.compression_level,
@@ -208,6 +209,8 @@ class Archive:
         self._in_flight_sops: dict[str, int] = {}
         self._in_flight_lock = threading.Lock()
         self._unsynced_names: set[str] = set()  # hot files written by apply since the last checkpoint
+        self._name_lock = threading.Lock()
+        self._name_prefix = ("", -_NAME_PREFIX_S)
         if lock is not None and self.hot.root.is_dir():
             self.hot.sweep_incoming()
             self.replay_journals()
@@ -257,6 +260,16 @@ class Archive:
             if name not in self._tiers:
                 self._tiers[name] = backends.open_tier(self.config, self.config.tiers[name])
             return self._tiers[name]
+
+    def new_blob_name(self) -> str:
+        """A random 128-bit name. Names made within the same few seconds share their first 16
+        bits, so their files share a fan-out directory: a checkpoint syncs one directory for
+        them, not one each."""
+        with self._name_lock:
+            now = time.monotonic()
+            if now - self._name_prefix[1] >= _NAME_PREFIX_S:
+                self._name_prefix = (os.urandom(2).hex(), now)
+            return self._name_prefix[0] + os.urandom(14).hex()
 
     def begin_store(self, source: str = "import") -> Ingest:
         """An instance to store as its bytes arrive. `source`: the calling AE title, or "import"."""
@@ -402,9 +415,11 @@ class Archive:
             if replaying and not self.keyring.has(blob["key_id"]):
                 surplus.append(blob["name"])  # its study was deleted (shredded) after it was stored
                 continue
-            status, superseded = self._record(t, p10.InstanceInfo(**body["info"]), blob, body["source"])
-            if status == "duplicate":
-                surplus.append(blob["name"])
+            info = p10.InstanceInfo(**body["info"])
+            status, superseded = self._record(t, info, blob, body["source"])
+            known = t.get("blobs", info.content_address)
+            if status == "duplicate" and known["copies"].get(self.hot.name, {}).get("name") != blob["name"]:
+                surplus.append(blob["name"])  # the same bytes were stored under another name first
             surplus.extend(superseded)
         t.put("meta", key, max(position, last.number))
         return surplus

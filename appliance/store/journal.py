@@ -13,7 +13,7 @@ hot file while it arrives, and its record only points at it.
 
 Files: `HOME/journal/<journal id>-<n>.wal`, one journal per writing process (the id is
 random, made when it starts), flock'ed by it while it lives. Each file is made whole at
-once (SEGMENT_BYTES of zeros, synced), so that a commit overwrites blocks that exist
+once (SEGMENT_BYTES of zeros, less on a small volume; synced), so that a commit overwrites blocks that exist
 already and its fdatasync flushes data only, no file system metadata. Records fill a
 file from its header on; once a checkpoint has made every record of a file durable
 elsewhere, the file is written again from its start. The files go when the journal
@@ -60,7 +60,6 @@ import queue
 import struct
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -70,7 +69,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import ApplianceError, OutOfSpace
-from appliance.fsutil import fsync_dir
+from appliance.fsutil import free_bytes, fsync_dir
 
 FILE_MAGIC = b"PVJRNL\r\n"
 VERSION = 1
@@ -80,13 +79,16 @@ RECORD_HEADER = struct.Struct(">4sIQ")
 TAG_SIZE = 16
 SUFFIX = ".wal"
 SEGMENT_BYTES = 32 << 20
+_MIN_SEGMENT_BYTES = 4 << 20  # an inline blob (1 MiB at most) and its record always fit
 # A checkpoint follows this long after the first record not yet made durable elsewhere
 # (sooner when a file fills): long enough that the kernel has written most of it back.
 CHECKPOINT_INTERVAL_S = 5.0
 _SPARE_FILES = 2  # free files kept for reuse
+# Records acknowledged within this long are applied together (one index commit), unless a
+# reader of this process waits for them.
+APPLY_DELAY_S = 0.01
 
 assert FILE_HEADER.size == 64 and RECORD_HEADER.size == 16
-_MAX_BATCH_BYTES = SEGMENT_BYTES - FILE_HEADER.size
 LOG = logging.getLogger("appliance.journal")
 
 
@@ -141,8 +143,6 @@ def _aead(journal_key: Callable[[bytes], bytes], journal_id: bytes) -> AESGCM:
 def encode_record(aead: AESGCM, number: int, body: dict) -> list[bytes]:
     plain = msgpack.packb(body)
     length = len(plain) + TAG_SIZE
-    if RECORD_HEADER.size + length > _MAX_BATCH_BYTES:
-        raise ValueError("journal record too large")
     header = RECORD_HEADER.pack(RECORD_MAGIC, length, number)
     return [header, aead.encrypt(_nonce(number), plain, header)]
 
@@ -173,8 +173,7 @@ def read_records(path: Path, journal_key: Callable[[bytes], bytes],
                 if len(header) < RECORD_HEADER.size:
                     return
                 magic, length, number = RECORD_HEADER.unpack(header)
-                if magic != RECORD_MAGIC or (expected is not None and number != expected) \
-                        or length > _MAX_BATCH_BYTES:
+                if magic != RECORD_MAGIC or (expected is not None and number != expected) or length > SEGMENT_BYTES:
                     return
                 expected = number + 1
                 sealed = fp.read(length)
@@ -203,11 +202,17 @@ def _write_at(fd: int, buffers: list, offset: int) -> int:
     return total
 
 
+def segment_bytes(directory: Path) -> int:
+    """The size of the journal's files: SEGMENT_BYTES, or a sixteenth of what is free."""
+    return max(_MIN_SEGMENT_BYTES, min(SEGMENT_BYTES, free_bytes(directory) // 16 // 4096 * 4096))
+
+
 class _File:
     """One journal file, made whole at once (exclusive flock held while it is open)."""
 
-    def __init__(self, path: Path, header: bytes):
+    def __init__(self, path: Path, header: bytes, size: int):
         self.path = path
+        self.size = size
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.start = len(header)
@@ -216,18 +221,21 @@ class _File:
         try:
             zeros = bytes(1 << 20)
             written = _write_at(self.fd, [header], 0)
-            while written < SEGMENT_BYTES:
-                written += _write_at(self.fd, [zeros[:SEGMENT_BYTES - written]], written)
+            while written < size:
+                written += _write_at(self.fd, [zeros[:size - written]], written)
             os.fdatasync(self.fd)
             fsync_dir(path.parent)
-        except BaseException:
+        except BaseException as exc:
             self.close()
             path.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"out of space on the data volume ({free_bytes(path.parent) >> 20} MB free)") \
+                    from None
             raise
 
     @property
     def room(self) -> int:
-        return SEGMENT_BYTES - self.offset
+        return self.size - self.offset
 
     def append(self, buffers: list, last: int) -> None:
         """Write a batch and sync it; on failure nothing counts (the next batch overwrites it)."""
@@ -244,6 +252,16 @@ class _File:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _Commit:
+    """A record handed to commit(): its outcome, once written, is its Record or an exception."""
+
+    __slots__ = ("body", "outcome")
+
+    def __init__(self, body: dict):
+        self.body = body
+        self.outcome: Record | BaseException | None = None
 
 
 class Journal:
@@ -263,36 +281,62 @@ class Journal:
         self._applier = applier
         self._interval = checkpoint_interval_s
         self._header = FILE_HEADER.pack(FILE_MAGIC, VERSION, b"", kek_id, self.journal_id, self.started, b"")
+        self._segment = segment_bytes(self.directory)
+        self._max_batch = self._segment - FILE_HEADER.size
         self._file_lock = threading.Lock()  # the committer appends, the checkpoint restarts files
         self._files: list[_File] = []  # the first is being written
         self._file_number = 0
         self._number = 0  # last record number handed out
         self._checkpointed = 0  # every record up to this one is durable elsewhere
         self._wants_checkpoint = False
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._applying: queue.SimpleQueue = queue.SimpleQueue()
-        self._cond = threading.Condition()
+        self._commit_cond = threading.Condition()
+        self._waiting: list[_Commit] = []  # records handed in, not yet written
+        self._writing = False
+        self._closed = False
+        self._cond = threading.Condition()  # acknowledged / applied positions
         self._acked = 0
         self._applied = 0
+        self._reader_waiting = threading.Event()
         self._broken: Exception | None = None
         self._apply_error: Exception | None = None
         self._files.append(self._new_file())
-        self._committer = threading.Thread(target=self._commit_loop, name="journal-commit", daemon=True)
         self._apply_thread = threading.Thread(target=self._apply_loop, name="journal-apply", daemon=True)
-        self._committer.start()
         self._apply_thread.start()
 
     # -- committing ----------------------------------------------------------------------
 
     def commit(self, body: dict) -> Record:
-        """Append one record and return once it is durable (raises OutOfSpace or JournalError)."""
-        future: Future = Future()
-        self._queue.put((body, future))
-        return future.result()
+        """Append one record and return once it is durable (raises OutOfSpace or JournalError).
+
+        Group commit without a thread of its own: the first caller that finds no write in
+        progress writes the records of every caller waiting, with one fdatasync."""
+        entry = _Commit(body)
+        with self._commit_cond:
+            if self._closed:
+                raise JournalError("the journal is closed: not stored")
+            self._waiting.append(entry)
+            while entry.outcome is None:
+                if self._writing:
+                    self._commit_cond.wait()
+                    continue
+                self._writing = True
+                batch, self._waiting = self._waiting, []
+                self._commit_cond.release()
+                try:
+                    self._commit_batch(batch)
+                finally:
+                    self._commit_cond.acquire()
+                    self._writing = False
+                    self._commit_cond.notify_all()
+        if isinstance(entry.outcome, BaseException):
+            raise entry.outcome
+        return entry.outcome
 
     def _new_file(self) -> _File:
         self._file_number += 1
-        return _File(self.directory / f"{self.journal_id.hex()}-{self._file_number:06d}{SUFFIX}", self._header)
+        return _File(self.directory / f"{self.journal_id.hex()}-{self._file_number:06d}{SUFFIX}", self._header,
+                     self._segment)
 
     def _file_for(self, size: int) -> _File:
         """The file the next batch goes into (under the file lock): the current one while it
@@ -311,65 +355,57 @@ class Journal:
         self._applying.put([])
         return free
 
-    def _commit_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
+    def _commit_batch(self, batch: list["_Commit"]) -> None:
+        """Write a batch (in pieces that fit a file), sync it; every entry gets its outcome."""
+        while batch:
+            if self._broken is not None:
+                error = JournalError(f"the journal cannot be written ({self._broken}): restart the server")
+                for entry in batch:
+                    entry.outcome = error
                 return
-            batch = [item]
-            while len(batch) < 1024:
+            buffers, written, size = [], [], 0
+            number = self._number
+            while batch:
+                entry = batch[0]
                 try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                batch.append(more)
-            self._commit_batch(batch)
+                    encoded = encode_record(self._aead, number + 1, entry.body)
+                except (ValueError, TypeError) as exc:
+                    entry.outcome = exc
+                    batch.pop(0)
+                    continue
+                length = sum(len(b) for b in encoded)
+                if length > self._max_batch:
+                    entry.outcome = ValueError("journal record too large")
+                    batch.pop(0)
+                    continue
+                if written and size + length > self._max_batch:
+                    break  # the rest in the next piece
+                batch.pop(0)
+                number += 1
+                size += length
+                buffers.extend(encoded)
+                written.append((entry, Record(self.journal_id, number, entry.body, self.started)))
+            if written:
+                self._write(buffers, size, number, written)
 
-    def _commit_batch(self, batch: list) -> None:
-        if self._broken is not None:
-            for _, future in batch:
-                future.set_exception(JournalError(f"the journal cannot be written ({self._broken}): restart the "
-                                                  "server"))
-            return
-        buffers, records, size = [], [], 0
-        number = self._number
-        for body, future in batch:
-            try:
-                encoded = encode_record(self._aead, number + 1, body)
-            except (ValueError, TypeError) as exc:
-                future.set_exception(exc)
-                continue
-            length = sum(len(b) for b in encoded)
-            if size + length > _MAX_BATCH_BYTES:  # the rest in the next batch
-                self._queue.put((body, future))
-                continue
-            number += 1
-            size += length
-            buffers.extend(encoded)
-            records.append((Record(self.journal_id, number, body, self.started), future))
-        if not records:
-            return
+    def _write(self, buffers: list, size: int, number: int, written: list) -> None:
         try:
             with self._file_lock:
                 self._file_for(size).append(buffers, number)
         except OSError as exc:
-            error: Exception = OutOfSpace("out of space on the data volume: journal not written") \
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc
+            error: Exception = OutOfSpace("out of space on the data volume: journal not written")
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 self._broken = exc  # fsyncgate: after a failed sync nothing is known; stop
                 error = JournalError(f"the journal cannot be written ({exc}): restart the server")
-            for _, future in records:
-                future.set_exception(error)
+            for entry, _ in written:
+                entry.outcome = error
             return
         self._number = number
         with self._cond:
             self._acked = number
-        self._applying.put([record for record, _ in records])
-        for record, future in records:
-            future.set_result(record)
+        self._applying.put([record for _, record in written])
+        for entry, record in written:
+            entry.outcome = record
 
     # -- applying ------------------------------------------------------------------------
 
@@ -382,6 +418,9 @@ class Journal:
                 records = []
             if records is None:
                 return
+            if records and not self._reader_waiting.is_set():
+                # Let a few more come (fewer, larger index commits), unless a reader waits for them.
+                self._reader_waiting.wait(APPLY_DELAY_S)
             while True:
                 try:
                     more = self._applying.get_nowait()
@@ -414,6 +453,8 @@ class Journal:
         with self._cond:
             self._apply_error = None
             self._applied = records[-1].number
+            if self._applied >= self._acked:
+                self._reader_waiting.clear()
             self._cond.notify_all()
 
     def _checkpoint(self) -> None:
@@ -445,6 +486,8 @@ class Journal:
         deadline = time.monotonic() + timeout
         with self._cond:
             target = self._acked if number is None else number
+            if self._applied < target:
+                self._reader_waiting.set()
             while self._applied < target:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -460,15 +503,10 @@ class Journal:
 
     def close(self) -> None:
         """Stop committing, apply and checkpoint everything, remove the journal files."""
-        self._queue.put(None)
-        self._committer.join()
-        while True:  # a commit that came after the end: refused, not lost
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[1].set_exception(JournalError("the journal is closing: not stored"))
+        with self._commit_cond:
+            self._closed = True  # later commits are refused, not lost
+            while self._writing or self._waiting:
+                self._commit_cond.wait()
         self._applying.put(None)
         self._apply_thread.join()
         leftover: list[Record] = []

@@ -1,0 +1,125 @@
+"""The ingest journal: what a crash leaves is replayed, exactly once, by the next process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from appliance import audit
+from appliance import config as cfg
+from appliance.store import journal as jr
+from appliance.store.archive import Archive
+from conftest import REPO, run_cli
+
+# Stores each file with a C-STORE-like audit record, says so once it is durable, and dies
+# (kill -9) right after the last one: acknowledged, very likely not yet applied.
+_STORE_THEN_DIE = textwrap.dedent("""
+    import os, signal, sys, time
+    from appliance import audit, config as cfg
+    from appliance.store.archive import Archive
+    from appliance.store import journal as jr
+    jr.CHECKPOINT_INTERVAL_S = 3600  # no checkpoint: the journal holds everything at the kill
+    archive = Archive.open(cfg.load(sys.argv[1]), writer=True)
+    if sys.argv[2] == "slow-apply":
+        original = archive.apply
+        archive.apply = lambda records, replaying: (time.sleep(3600), original(records, replaying))
+    for path in sys.argv[3:]:
+        ingest = archive.begin_store("TESTSCU")
+        with open(path, "rb") as fp:
+            ingest.write(fp.read())
+        stored = ingest.finish(lambda info, status: audit.event(
+            "DICOM Instances Transferred", op="c-store", action="C", study=info.study_uid, instances=1,
+            sop=info.sop_uid, user="TESTSCU", host="127.0.0.1"))
+        print(stored.info.sop_uid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def _crash_after_storing(home, files, mode="plain") -> list[str]:
+    result = subprocess.run([sys.executable, "-c", _STORE_THEN_DIE, str(home), mode, *map(str, files)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    return result.stdout.split()
+
+
+def _c_store_records(home) -> list[str]:
+    config = cfg.load(home)
+    return [r["detail"]["sop"] for r in audit.AuditTrail(config.audit_dir, config.audit_key_file).records()
+            if r["op"] == "c-store"]
+
+
+@pytest.mark.parametrize("mode", ["plain", "slow-apply"])
+def test_acknowledged_stores_of_a_killed_process_are_replayed_once(home, ct_files, tmp_path, mode):
+    """Killed with its journal full: the next writer replays it; every acknowledged instance
+    exports byte-exact, each has one audit record, fsck is clean, the journal is gone."""
+    acknowledged = _crash_after_storing(home, ct_files[:6], mode)
+    assert len(acknowledged) == 6
+    journal_files = list((home / "journal").glob("*.wal"))
+    assert journal_files  # what the kill left
+    with Archive.open(cfg.load(home), writer=True):
+        pass  # opening replays
+    assert not list((home / "journal").glob("*.wal"))
+    assert run_cli("fsck", home=home).returncode == 0
+    assert sorted(_c_store_records(home)) == sorted(acknowledged)
+    out = tmp_path / "out"
+    study = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert study["instances"] == 6
+    import pydicom
+    run_cli("export", pydicom.dcmread(ct_files[0]).StudyInstanceUID, str(out), home=home)
+    assert sorted(p.read_bytes() for p in out.glob("*.dcm")) == sorted(p.read_bytes() for p in ct_files[:6])
+    assert run_cli("audit", "verify", home=home).returncode == 0
+
+
+def test_replaying_a_journal_again_changes_nothing(home, ct_files, tmp_path):
+    """A replay cut short and run again (the same journal files, applied twice) stores each
+    instance once and keeps its bytes."""
+    _crash_after_storing(home, ct_files[:4], "slow-apply")
+    copies = tmp_path / "journal-copy"
+    shutil.copytree(home / "journal", copies)
+    with Archive.open(cfg.load(home), writer=True):
+        pass
+    first = json.loads(run_cli("status", "--json", home=home).stdout)
+    for path in copies.glob("*.wal"):
+        shutil.copy(path, home / "journal" / path.name)
+    with Archive.open(cfg.load(home), writer=True):
+        pass
+    again = json.loads(run_cli("status", "--json", home=home).stdout)
+    assert (again["instances"], again["versions"]) == (first["instances"], first["versions"]) == (4, 4)
+    assert run_cli("fsck", home=home).returncode == 0
+    assert len(_c_store_records(home)) == 4  # each audit record once
+
+
+def test_a_record_cut_short_ends_the_journal(home, ct_files):
+    """A batch the kill interrupted mid-write was never acknowledged: replay takes what
+    precedes it, and nothing of it or after it."""
+    acknowledged = _crash_after_storing(home, ct_files[:5], "slow-apply")
+    [path] = list((home / "journal").glob("*.wal"))
+    data = bytearray(path.read_bytes())
+    # the fourth record's body, one byte changed: it does not authenticate
+    offset = jr.FILE_HEADER.size
+    for _ in range(3):
+        _, length, _ = jr.RECORD_HEADER.unpack_from(data, offset)
+        offset += jr.RECORD_HEADER.size + length
+    data[offset + jr.RECORD_HEADER.size + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with Archive.open(cfg.load(home), writer=True):
+        pass
+    assert json.loads(run_cli("status", "--json", home=home).stdout)["instances"] == 3
+    assert sorted(_c_store_records(home)) == sorted(acknowledged[:3])
+    assert run_cli("fsck", home=home).returncode == 0
+
+
+def test_the_journal_holds_no_patient_data_in_the_clear(home, tmp_path):
+    import corpus
+    files = corpus.ct_study(tmp_path / "ct", 2, patient_name="JOURNAL^CANARY", patient_id="JRNLCANARY")
+    _crash_after_storing(home, files, "slow-apply")
+    data = b"".join(p.read_bytes() for p in (home / "journal").glob("*.wal"))
+    assert data and b"JOURNAL^CANARY" not in data and b"JRNLCANARY" not in data
+    assert os.stat(next((home / "journal").glob("*.wal"))).st_mode & 0o077 == 0
