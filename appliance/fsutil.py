@@ -20,6 +20,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """`mkdir -p` whose new directories are durable: each one's parent is fsynced."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        fsync_dir(directory.parent)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, `root` last (files copied or made
+    without a sync of their own, before something commits to them)."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(directory))
+
+
 @contextmanager
 def atomic_file(tmp: Path, final: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Write `tmp`, fsync, rename to `final`, fsync the directory: `final` is old or new,
