@@ -49,7 +49,7 @@ from appliance import config as cfg
 from appliance import home as home_mod
 from appliance.backends.filesystem import fanout_path
 from appliance.errors import ApplianceError, IntegrityError, KeyFileError, KeyMissing, NotFound
-from appliance.fsutil import fsync_dir, make_dirs, write_file_atomic
+from appliance.fsutil import fsync_dir, fsync_file, make_dirs, write_file_atomic
 from appliance.store import index as ix
 from appliance.store import sealed, tiering
 from appliance.store.alarms import clear_alarm, raise_alarm
@@ -148,18 +148,10 @@ def _sync_pushed(root: Path, dest: str, files: list[str]) -> None:
     directories = {root.parent}
     for name in files:
         path = root / dest / name
-        _fsync_file(path)
+        fsync_file(path)
         directories.update(parent for parent in path.parents if parent == root or root in parent.parents)
     for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
         fsync_dir(directory)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pull(target: Target, files: list[str], source: str, dest: Path) -> Path:
@@ -656,7 +648,7 @@ def _place(source: Path, tier_root: Path) -> None:
         if path.is_file() and _PARTIAL not in path.parts and not path.name.startswith("."):
             dest = tier_root / fanout_path(path.name)
             make_dirs(dest.parent)
-            _fsync_file(path)  # rsync wrote it without a sync
+            fsync_file(path)  # rsync wrote it without a sync
             os.replace(path, dest)
             fsync_dir(dest.parent)
 

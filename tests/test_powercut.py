@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from appliance.fsutil import fsync_dir
 from support.powercut import PAGE, MountUnavailable, PowercutMount
 
 
@@ -30,19 +31,11 @@ def _write(path: Path, data: bytes, *, sync: bool = False, offset: int | None = 
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_only_synced_data_and_synced_entries_survive_a_cut(powercut):
     root = powercut.path
     _write(root / "synced", b"old", sync=True)
     _write(root / "named-only", b"data never synced")
-    _fsync_dir(root)
+    fsync_dir(root)
     _write(root / "synced", b"new and longer, not synced")
     _write(root / "unnamed", b"synced data, its name never", sync=True)  # strict POSIX: the name is lost
     os.rename(root / "named-only", root / "renamed")
@@ -56,8 +49,8 @@ def test_an_unlink_that_was_not_synced_is_undone(powercut):
     root = powercut.path
     (root / "dir").mkdir()
     _write(root / "dir" / "file", b"kept", sync=True)
-    _fsync_dir(root / "dir")
-    _fsync_dir(root)
+    fsync_dir(root / "dir")
+    fsync_dir(root)
     os.unlink(root / "dir" / "file")
     os.rmdir(root / "dir")
     (root / "dir").mkdir()  # a new directory under the old name, never synced
@@ -74,7 +67,7 @@ def test_sync_calls_are_counted(powercut):
     os.fdatasync(fd)
     os.fdatasync(fd)
     os.close(fd)
-    _fsync_dir(root)
+    fsync_dir(root)
     powercut.cut()
     after = powercut.stats()  # counts carry across the cut's remount
     assert {key: after[key] - before[key] for key in ("fsync", "fdatasync", "fsyncdir")} == \
@@ -84,7 +77,7 @@ def test_sync_calls_are_counted(powercut):
 def test_an_o_dsync_write_is_durable_when_it_returns(powercut):
     path = powercut.path / "f"
     _write(path, b"", sync=True)
-    _fsync_dir(powercut.path)
+    fsync_dir(powercut.path)
     fd = os.open(path, os.O_WRONLY | os.O_DSYNC)
     os.write(fd, b"durable")
     os.close(fd)
@@ -95,7 +88,7 @@ def test_an_o_dsync_write_is_durable_when_it_returns(powercut):
 def _dirty_pages(mount: PowercutMount, pages: int) -> None:
     durable = bytes(range(256)) * (pages * PAGE // 256)
     _write(mount.path / "f", durable, sync=True)
-    _fsync_dir(mount.path)
+    fsync_dir(mount.path)
     _write(mount.path / "f", b"\xff" * (pages * PAGE + 100))  # every page, and the file grows
 
 
@@ -123,7 +116,7 @@ def test_random_mode_keeps_some_unsynced_pages_and_is_reproducible(tmp_path):
 def test_a_cut_kills_the_processes_using_the_mount_and_drops_their_page_cache(powercut):
     path = powercut.path / "mapped"
     _write(path, b"a" * PAGE, sync=True)
-    _fsync_dir(powercut.path)
+    fsync_dir(powercut.path)
     # A writer through a shared mapping, never synced, still running at the cut.
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import mmap, os, sys, time
@@ -150,8 +143,8 @@ def test_lmdb_flock_and_fcntl_locks_work_across_processes_and_cuts(powercut):
 
     with opened() as env, env.begin(write=True) as txn:
         txn.put(b"committed", b"1")
-    _fsync_dir(db)  # LMDB never syncs its directory: its user must
-    _fsync_dir(powercut.path)
+    fsync_dir(db)  # LMDB never syncs its directory: its user must
+    fsync_dir(powercut.path)
     reader = f"""
         import fcntl, lmdb, os, time
         env = lmdb.open({str(db)!r}, map_size=1 << 24)
@@ -269,10 +262,10 @@ class DurableStateMachine(RuleBasedStateMachine):
             inode.durable = inode.data
 
     @rule(directory=DIRS)
-    def fsync_dir(self, directory):
+    def fsync_directory(self, directory):
         parent = self._dir(directory)
         if parent is not None:
-            _fsync_dir(self._path(directory))
+            fsync_dir(self._path(directory))
             parent.durable_entries = dict(parent.entries)
 
     @rule(name=st.sampled_from(["d", "e"]))

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 
 from appliance.config import RESTORE_MARKER
+from common import storescu_acknowledged
 from conftest import REPO, make_study, run_cli
 from dicom_server import CLIENT_AE, DCMTK, Server, dataset_bytes, register
 from support.powercut import DROP_ALL, RANDOM
@@ -87,6 +88,15 @@ def vault(powercut, tmp_path):
     return home, Ledger()
 
 
+def _imported(home: Path, ledger: Ledger, directory: Path, count: int) -> None:
+    """A study of `count` instances imported (and so acknowledged) before the cuts begin."""
+    files = _rounds(directory, 1, count)[0]
+    ledger.send(files)
+    run_cli("import", *map(str, files), home=home)
+    for path in files:
+        ledger.acknowledge(path)
+
+
 def _rounds(directory: Path, rounds: int, per_round: int) -> list[list[Path]]:
     """One study (so one export checks it all), its instances sent `per_round` at a time."""
     files = make_study(directory, rounds * per_round, pixels=96)[1]
@@ -124,18 +134,6 @@ def test_import(vault, powercut, tmp_path):
             ledger.acknowledge(path)
 
 
-def _acknowledged(log: Path) -> list[Path]:
-    """Files storescu -v saw answered Success, from its log."""
-    done, sending = [], None
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("I: Sending file: "):
-            sending = Path(line.removeprefix("I: Sending file: "))
-        elif "Received Store Response (Success)" in line and sending is not None:
-            done.append(sending)
-            sending = None
-    return done
-
-
 def test_c_store_over_parallel_associations(vault, powercut, tmp_path):
     home, _ = vault
     ledger = Ledger(dataset_bytes)
@@ -151,7 +149,7 @@ def test_c_store_over_parallel_associations(vault, powercut, tmp_path):
                                     env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}) for n, log in enumerate(logs)]
         cut_after = rng.randint(1, len(files) - 2)
         deadline = time.monotonic() + 120
-        while sum(len(_acknowledged(log)) for log in logs) < cut_after and time.monotonic() < deadline:
+        while sum(len(storescu_acknowledged(log)) for log in logs) < cut_after and time.monotonic() < deadline:
             if all(client.poll() is not None for client in clients):
                 break
             time.sleep(0.01)
@@ -160,7 +158,7 @@ def test_c_store_over_parallel_associations(vault, powercut, tmp_path):
         for client in clients:
             client.wait(60)
         for log in logs:
-            for path in _acknowledged(log):
+            for path in storescu_acknowledged(log):
                 ledger.acknowledge(path)
         _check(home, ledger, tmp_path / "out", what)
 
@@ -218,11 +216,7 @@ def test_scrub_repair(vault, powercut, tmp_path):
     home, ledger = vault
     rng = random.Random(4)
     _policy_to_cold(home, keep_hot=True)
-    files = _rounds(tmp_path / "in", 1, 16)[0]
-    ledger.send(files)
-    run_cli("import", *map(str, files), home=home)
-    for path in files:
-        ledger.acknowledge(path)
+    _imported(home, ledger, tmp_path / "in", 16)
     run_cli("policy", "apply", home=home)
     for round_ in range(2):
         _damage_a_hot_copy(home, rng)
@@ -234,11 +228,7 @@ def test_scrub_repair(vault, powercut, tmp_path):
 def test_keys_rotate(vault, powercut, tmp_path):
     home, ledger = vault
     rng = random.Random(5)
-    files = _rounds(tmp_path / "in", 1, 8)[0]
-    ledger.send(files)
-    run_cli("import", *map(str, files), home=home)
-    for path in files:
-        ledger.acknowledge(path)
+    _imported(home, ledger, tmp_path / "in", 8)
     for round_ in range(2):
         what, _ = _run_and_cut(powercut, home, ["keys", "rotate"], rng.uniform(0.3, 1.0), round_)
         run_cli("keys", "status", home=home)
@@ -248,11 +238,7 @@ def test_keys_rotate(vault, powercut, tmp_path):
 def test_restore_from_an_off_site_copy(vault, powercut, tmp_path):
     home, ledger = vault
     rng = random.Random(6)
-    files = _rounds(tmp_path / "in", 1, 12)[0]
-    ledger.send(files)
-    run_cli("import", *map(str, files), home=home)
-    for path in files:
-        ledger.acknowledge(path)
+    _imported(home, ledger, tmp_path / "in", 12)
     run_cli("replicate", home=home)
     key = tmp_path / "kek.key"  # the key file, kept apart from the data as the README says
     key.write_bytes((home / "kek.key").read_bytes())
