@@ -732,7 +732,8 @@ class _Session:
         self.refused = False
 
     def _open(self) -> bool:
-        if self.trail is None and self.home is not None and (self.home / cfg.CONFIG_FILE).exists():
+        if self.trail is None and self.home is not None and (self.home / cfg.CONFIG_FILE).exists() \
+                and not (self.home / cfg.RESTORE_MARKER).exists():
             self.config = cfg.load(self.home)
             settings = self.config.appliance.access
             self.caller = access.identify(self.home, settings.admin_group, settings.auditor_group)
@@ -744,7 +745,7 @@ class _Session:
         if self._open():
             self.trail.note_config_changes(self.config.files())
             settings = self.config.appliance.access
-        else:  # init, restore: no home yet
+        else:  # init, restore: no home yet (or one whose restore did not finish)
             settings = cfg.AccessConfig()
             self.caller = access.identify(self.home or Path.cwd(), settings.admin_group, settings.auditor_group)
         role = _required_role(self.args)

@@ -379,8 +379,15 @@ def _value(kind, value: Any, default: Any, source: _Source, here: tuple) -> Any:
     return value
 
 
+# Present while `appliance restore` builds a home: the home is not one until it goes.
+RESTORE_MARKER = ".restore-unfinished"
+
+
 def load(home: Path, path: Path | None = None) -> Config:
+    """The home's configuration; `path`: that file instead (a home being made: init, restore)."""
     home = Path(home)
+    if path is None and (home / RESTORE_MARKER).exists():
+        raise NotInitialised(f"the restore into {home} did not finish: run the same `appliance restore` again")
     path = path or home / CONFIG_FILE
     if not path.exists():
         raise NotInitialised(f"{home} is not an appliance home (no {CONFIG_FILE}); run `appliance init`")

@@ -13,11 +13,39 @@ from appliance.errors import HomeLocked, OutOfSpace
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: Path) -> None:
+    _fsync(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """`mkdir -p` whose new directories are durable: each one's parent is fsynced."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        fsync_dir(directory.parent)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, `root` last (files copied or made
+    without a sync of their own, before something commits to them)."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(Path(directory, name))
+        fsync_dir(Path(directory))
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 from appliance import config as cfg
 from appliance.audit import AuditTrail
 from appliance.errors import ApplianceError
-from appliance.fsutil import HomeLock, fsync_dir, write_file_atomic
+from appliance.fsutil import HomeLock, fsync_dir, make_dirs, sync_tree, write_file_atomic
 from appliance.store.archive import Archive
 
 # The repository's example tiers, copied into every new home.
@@ -144,7 +144,7 @@ def init(home: Path, restored: tuple[bytes, Path, Path, Path | None] | None = No
     final = home / cfg.CONFIG_FILE
     if final.exists():
         raise ApplianceError(f"{home} is already an appliance home")
-    home.mkdir(parents=True, exist_ok=True)
+    make_dirs(home)
     with HomeLock(home, exclusive=True):
         for directory in ("tiers", "policies"):
             (home / directory).mkdir(exist_ok=True)
@@ -156,7 +156,7 @@ def init(home: Path, restored: tuple[bytes, Path, Path, Path | None] | None = No
         config = cfg.load(home, draft)
         for tier in config.tiers.values():
             if tier.kind == "filesystem":
-                config.resolve(tier.path).mkdir(parents=True, exist_ok=True)
+                make_dirs(config.resolve(tier.path))
         if restored is None:
             Archive(config, lock=None, create=True).close()
         else:
@@ -168,9 +168,11 @@ def init(home: Path, restored: tuple[bytes, Path, Path, Path | None] | None = No
                 os.replace(audit_dir, config.audit_dir)
         AuditTrail.create(config.audit_dir, config.audit_key_file,
                           reason="restore from an off-site copy" if restored else "appliance init")
+        # LMDB never syncs its directories, shutil.copyfile no file: all of it on disk first.
+        sync_tree(home)
         draft.rename(final)
         fsync_dir(home)
-    config = cfg.load(home)
+    config = cfg.load(home, final)
     # What the configuration is now: later changes are recorded.
     AuditTrail(config.audit_dir, config.audit_key_file).note_config_changes(config.files())
     return config

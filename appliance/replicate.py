@@ -49,7 +49,7 @@ from appliance import config as cfg
 from appliance import home as home_mod
 from appliance.backends.filesystem import fanout_path
 from appliance.errors import ApplianceError, IntegrityError, KeyFileError, KeyMissing, NotFound
-from appliance.fsutil import fsync_dir
+from appliance.fsutil import fsync_dir, fsync_file, make_dirs, write_file_atomic
 from appliance.store import index as ix
 from appliance.store import sealed, tiering
 from appliance.store.alarms import clear_alarm, raise_alarm
@@ -137,6 +137,21 @@ def _push(target: Target, source: Path, files: list[str], dest: str, *, again: b
     with _files_from(files) as listing:
         _rsync(target, "-a", "--mkpath", f"--partial-dir={_PARTIAL}", "--delay-updates",
                *(["--ignore-times"] if again else []), listing, f"{source}/", target.url(dest))
+    if target.kind == "local":
+        _sync_pushed(Path(target.location), dest, files)
+
+
+def _sync_pushed(root: Path, dest: str, files: list[str]) -> None:
+    """rsync syncs nothing: on a local target (a disk of this machine) the files just pushed,
+    and every directory from theirs up to the target's parent, are synced before they are
+    verified and counted (a power cut would otherwise lose a copy that verified)."""
+    directories = {root.parent}
+    for name in files:
+        path = root / dest / name
+        fsync_file(path)
+        directories.update(parent for parent in path.parents if parent == root or root in parent.parents)
+    for directory in sorted(directories, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(directory)
 
 
 def _pull(target: Target, files: list[str], source: str, dest: Path) -> Path:
@@ -517,7 +532,12 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
     """Build a working appliance home from an off-site copy and the key file alone.
     `settings`: how to reach the target (ssh port and key, daemon password file)."""
     new_home = Path(new_home)
-    if new_home.exists() and any(new_home.iterdir()):
+    marker = new_home / cfg.RESTORE_MARKER
+    if marker.exists():  # a restore that was cut short: what it made goes, and it starts again
+        for path in new_home.iterdir():
+            if path != marker:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    elif new_home.exists() and any(new_home.iterdir()):
         raise ApplianceError(f"{new_home} is not empty: restore builds a new home; give an empty or new directory")
     if not Path(key_file).exists():
         raise KeyFileError(f"key file {key_file} is missing: the off-site copy cannot be opened without it")
@@ -528,7 +548,8 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
     if not manifests:
         raise NotFound(f"no manifest at {target}: not a pacs-vault off-site copy, or nothing was replicated yet")
     report = RestoreReport(manifest=manifests[-1])
-    new_home.mkdir(parents=True, exist_ok=True)
+    make_dirs(new_home)
+    write_file_atomic(marker, b"")
     staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=new_home.parent))
     try:
         manifest = _fetch_manifest(target, report.manifest, kek.key_id, key, staging)
@@ -556,8 +577,8 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
                         report.errors.append(f"{path}: differs from the manifest")
             except OSError:
                 report.errors.append(f"{path}: missing off-site")
-        home_mod.init(new_home, (Path(key_file).read_bytes(), staging / "keyring", staging / "index", audit_dir))
-        config = cfg.load(new_home)
+        config = home_mod.init(new_home, (Path(key_file).read_bytes(), staging / "keyring", staging / "index",
+                                          audit_dir))
         _place(staging / "objects", config.resolve(config.hot_tier.path))
         _place(staging / "packs", config.resolve(config.tiers["cold"].path))
         with Archive.open(config, writer=True) as archive:
@@ -567,6 +588,8 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
                 "Application Activity", op="restore", action="C", outcome=4 if report.errors else 0,
                 source=str(target), manifest=report.manifest, snapshot_time=audit.utc(report.snapshot_time),
                 objects=report.objects, packs=report.packs, errors=len(report.errors)))
+        marker.unlink()
+        fsync_dir(new_home)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
@@ -624,7 +647,8 @@ def _place(source: Path, tier_root: Path) -> None:
         # Hidden names are rsync's temporary files left by a transfer that was killed.
         if path.is_file() and _PARTIAL not in path.parts and not path.name.startswith("."):
             dest = tier_root / fanout_path(path.name)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(dest.parent)
+            fsync_file(path)  # rsync wrote it without a sync
             os.replace(path, dest)
             fsync_dir(dest.parent)
 

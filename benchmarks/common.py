@@ -72,6 +72,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def storescu_acknowledged(log: Path) -> list[Path]:
+    """The files a `storescu -v` saw answered Success, from its log (it may have been cut off)."""
+    done, sending = [], None
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("I: Sending file: "):
+            sending = Path(line.removeprefix("I: Sending file: "))
+        elif "Received Store Response (Success)" in line and sending is not None:
+            done.append(sending)
+            sending = None
+    return done
+
+
 def add_common_arguments(parser) -> None:
     """--quick, --workdir and --results: every benchmark script takes them."""
     parser.add_argument("--quick", action="store_true", help="a tiny corpus: every path, no meaningful numbers")

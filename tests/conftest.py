@@ -58,6 +58,21 @@ def ct_files(tmp_path_factory) -> list[Path]:
     return corpus.ct_study(tmp_path_factory.mktemp("ct"), 12)
 
 
+@pytest.fixture
+def powercut(tmp_path):
+    """A file system that loses what was not made durable when the test cuts the power
+    (tests/support/powercut.py), mounted at `powercut.path`; skips where FUSE cannot be mounted."""
+    from support.powercut import MountUnavailable, PowercutMount
+
+    mount = PowercutMount(tmp_path / "powercut")
+    try:
+        mount.mount()
+    except MountUnavailable as exc:
+        pytest.skip(f"FUSE cannot be mounted here: {exc}")
+    yield mount
+    mount.unmount()
+
+
 def sudo_env(person: str) -> dict:
     """The environment sudo gives a command it runs on behalf of `person`."""
     return {**os.environ, "SUDO_USER": person}

@@ -40,21 +40,25 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> 
 
 
 class Server:
-    """`appliance serve` in a subprocess; stderr goes to a log file the test can read."""
+    """`appliance serve` in a subprocess; stderr goes to a log file the test can read (in the
+    home, or in `log_dir`: a home on the power-cut mount must not hold the test's own files)."""
 
-    def __init__(self, home: Path, port: int | None = None, extra: tuple[str, ...] = ()):
+    def __init__(self, home: Path, port: int | None = None, extra: tuple[str, ...] = (),
+                 log_dir: Path | None = None):
         self.home = home
         self.extra = extra
         self.port = port or free_port()
-        self.log = home / f"serve-{self.port}.log"
+        self.log = (log_dir or home) / f"serve-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance", "--home", str(self.home), "serve", "--port", str(self.port), *self.extra],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), cwd=REPO)
-        self.process.stderr = open(self.log)  # for wait_for_port's message
-        wait_for_port(self.port, self.process)
+        with open(self.log) as log:
+            self.process.stderr = log  # for wait_for_port's message
+            wait_for_port(self.port, self.process)
+        self.process.stderr = None
         return self
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:

@@ -1,0 +1,1 @@
+"""Test machinery that is not a fixture: the power-cut file system."""
