@@ -56,6 +56,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    # pydicom warns of every odd value a peer sends (a junk A-ASSOCIATE-RQ, a padded UID):
+    # nothing to act on, and a flood of them would flood the log.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     # A thread back from a sync (its acknowledgement ready) waits at most this long for the
     # interpreter while another thread computes (Python's default is 5 ms).
     sys.setswitchinterval(0.0005)

@@ -34,11 +34,11 @@ class Admission:
         total, per_ae, per_address = self._limits
         with self._lock:
             if self._total >= total:
-                return f"all {total} association slots are taken"
+                return "every association slot is taken"
             if self._by_ae[ae_title] >= per_ae:
-                return f"calling AE {ae_title} holds its {per_ae} associations already"
+                return "the calling AE holds as many associations as it may"
             if self._by_address[address] >= per_address:
-                return f"address {address} holds its {per_address} associations already"
+                return "this address holds as many associations as it may"
             self._total += 1
             self._by_ae[ae_title] += 1
             self._by_address[address] += 1

@@ -33,6 +33,7 @@ class AssociateRequest:
     implementation_uid: str = ""
     implementation_version: str = ""
     user_identity: str = ""  # the primary field of a user identity item (a user name), if any
+    protocol_version: int = 1
 
 
 @dataclass
@@ -52,7 +53,8 @@ def decode_associate_rq(raw: bytes) -> AssociateRequest:
         contexts = [Proposed(cx.context_id, str(cx.abstract_syntax), tuple(str(ts) for ts in cx.transfer_syntax))
                     for cx in primitive.presentation_context_definition_list]
         request = AssociateRequest(str(primitive.calling_ae_title).strip(), str(primitive.called_ae_title).strip(),
-                                   str(primitive.application_context_name or ""), contexts)
+                                   str(primitive.application_context_name or ""), contexts,
+                                   protocol_version=int(rq.protocol_version))
         for item in primitive.user_information:
             if isinstance(item, prim.MaximumLengthNotification):
                 request.max_pdu = int(item.maximum_length_received or 0)

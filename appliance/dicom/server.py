@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import resource
 import selectors
 import signal
@@ -142,11 +143,14 @@ class DicomServer:
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._admission = Admission(self.settings.max_associations, self.settings.max_associations_per_ae,
                                     self.settings.max_associations_per_address)
-        self._refusals = Refusals(self._audit, _REFUSALS_INTERVAL_S)
+        # Refusals are recorded by a thread of their own: the lobby never waits for the disk.
+        self._refusal_records: queue.SimpleQueue = queue.SimpleQueue()
+        self._refusals = Refusals(self._refusal_records.put, _REFUSALS_INTERVAL_S)
         self._tls = _tls_context(self.config)
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._lobby_thread: threading.Thread | None = None
+        self._recorder: threading.Thread | None = None
         self._associations: dict[int, tuple[threading.Thread, Connection]] = {}
         self._associations_lock = threading.Lock()
         self.retrieve = RetrieveService(archive, ae_title=self.ae_title, model_of=QUERY_RETRIEVE.get,
@@ -208,6 +212,8 @@ class DicomServer:
         self._listener = listener
         self._lobby_thread = threading.Thread(target=self._lobby, name="dicom-listener", daemon=True)
         self._lobby_thread.start()
+        self._recorder = threading.Thread(target=self._record_refusals, name="refusal-records", daemon=True)
+        self._recorder.start()
         settings = self.config.appliance.metrics
         if settings.port:
             self.metrics_endpoint = MetricsEndpoint(settings.bind_address, settings.port, self.metrics,
@@ -244,6 +250,10 @@ class DicomServer:
                 entry.sock.close()
             selector.close()
             self._listener.close()
+
+    def _record_refusals(self) -> None:
+        while (entry := self._refusal_records.get()) is not None:
+            self._audit(entry)
 
     def _accept(self, selector, pending: dict, per_address: dict) -> None:
         while True:
@@ -305,17 +315,16 @@ class DicomServer:
                 if len(entry.received) >= pdu.HEADER_SIZE:
                     pdu_type, _, length = pdu.HEADER.unpack_from(entry.received)
                     if pdu_type != pdu.ASSOCIATE_RQ:
-                        raise _Dropped(f"sent PDU type 0x{pdu_type:02x} before any A-ASSOCIATE-RQ")
+                        raise _Dropped("sent another PDU before an A-ASSOCIATE-RQ")
                     if not 68 <= length <= pdu.MAX_ASSOCIATE_RQ:
-                        raise _Dropped(f"an A-ASSOCIATE-RQ of {length} bytes cannot be right")
+                        raise _Dropped("sent an A-ASSOCIATE-RQ length that cannot be right")
                     if len(entry.received) >= pdu.HEADER_SIZE + length:
                         end = pdu.HEADER_SIZE + length
                         return bytes(entry.received[:end]), bytes(entry.received[end:])
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
         except (ConnectionError, ssl.SSLError, OSError) as exc:
-            raise _Dropped(f"connection broke before a complete A-ASSOCIATE-RQ: {exc}",
-                           silent=not entry.received) from None
+            raise _Dropped("connection broke before a complete A-ASSOCIATE-RQ", silent=not entry.received) from None
 
     def _forget(self, selector, pending: dict, per_address: dict, entry: _Pending) -> None:
         selector.unregister(entry.sock)
@@ -344,7 +353,7 @@ class DicomServer:
         except pdu.ProtocolError as exc:
             self._send_and_close(sock, pdu.abort(pdu.ABORT_PROVIDER, exc.reason))
             self.metrics.add("dropped_connections_total", reason="junk or slow")
-            self._refusals.note(entry.address, str(exc), op="connection")
+            self._refusals.note(entry.address, "sent an A-ASSOCIATE-RQ that does not decode", op="connection")
             return
         self._reload_registry()
         refusal = self._refusal(request)
@@ -366,11 +375,12 @@ class DicomServer:
 
     def _refusal(self, request: AssociateRequest) -> tuple[int, int, int, str] | None:
         """Why the request is rejected (A-ASSOCIATE-RJ result, source, reason, text), or None."""
+        if not request.protocol_version & 1:
+            return pdu.RJ_PERMANENT, pdu.RJ_ACSE, pdu.RJ_PROTOCOL_VERSION_NOT_SUPPORTED, "protocol version not supported"
         if request.application_context != negotiation.APPLICATION_CONTEXT:
             return pdu.RJ_PERMANENT, pdu.RJ_USER, pdu.RJ_APP_CONTEXT_NOT_SUPPORTED, "application context not supported"
         if not self.settings.allow_any_called_ae_title and request.called_ae != self.ae_title:
-            return (pdu.RJ_PERMANENT, pdu.RJ_USER, pdu.RJ_CALLED_AE_NOT_RECOGNISED,
-                    f"called AE title {request.called_ae!r} is not this archive's")
+            return pdu.RJ_PERMANENT, pdu.RJ_USER, pdu.RJ_CALLED_AE_NOT_RECOGNISED, "called AE title is not this archive's"
         if not self.settings.allow_unknown_callers and request.calling_ae not in self._registry:
             return pdu.RJ_PERMANENT, pdu.RJ_USER, pdu.RJ_CALLING_AE_NOT_RECOGNISED, "calling AE title not registered"
         return None
@@ -497,6 +507,9 @@ class DicomServer:
         for thread, _ in left:
             thread.join(5)
         self._refusals.flush(final=True)
+        self._refusal_records.put(None)
+        if self._recorder is not None:
+            self._recorder.join()
         self._audit(audit.event("Application Activity", type="Application Stop", op="serve", ae_title=self.ae_title))
         LOG.info(json.dumps({"event": "serve.stopped"}))
 

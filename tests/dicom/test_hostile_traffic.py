@@ -44,13 +44,26 @@ def _request(calling: str = CLIENT_AE) -> bytes:
                                implementation_version="HOSTILE")
 
 
+def _exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
 def _answer(sock: socket.socket) -> bytes:
-    """What the server says before it hangs up (b"" when it just closes)."""
+    """The server's first PDU header (b"" when it just hangs up). An association it accepted
+    (something that decodes from a registered AE) is aborted again."""
     data = b""
     try:
-        while chunk := sock.recv(65536):
+        while len(data) < 6 and (chunk := sock.recv(6 - len(data))):
             data += chunk
-    except (ConnectionResetError, socket.timeout, TimeoutError):
+        if data[:1] == b"\x02":
+            sock.sendall(struct.pack(">BBI", 7, 0, 4) + bytes(4))
+    except (ConnectionResetError, BrokenPipeError, socket.timeout, TimeoutError):
         pass
     return data
 
@@ -99,7 +112,7 @@ class Attack:
         """Associations of a registered AE from one address, held open as long as the server lets it."""
         with _connect(self.port, source) as sock:
             sock.sendall(_request(FLOODER))
-            if sock.recv(6)[:1] == b"\x02":
+            if _exactly(sock, 6)[:1] == b"\x02":
                 with self._lock:
                     self.open_floods += 1
                     self.most_floods = max(self.most_floods, self.open_floods)
@@ -237,7 +250,9 @@ def test_malformed_messages_on_an_association_end_it_cleanly(under_attack, items
     srv = under_attack[0]
     with _connect(srv.port, "127.0.0.1", timeout=8) as sock:
         sock.sendall(_request())
-        assert sock.recv(6)[:1] == b"\x02"
+        head = _exactly(sock, 6)
+        assert head[:1] == b"\x02"
+        _exactly(sock, struct.unpack(">I", head[2:])[0])  # the rest of the A-ASSOCIATE-AC
         body = b"".join(struct.pack(">IBB", length, context, control) + data for length, context, control, data in items)
         sock.sendall(_HEADER.pack(4, 0, len(body)) + body)
         answer = _answer(sock)
