@@ -66,6 +66,46 @@ def describe_machine(workdir: Path) -> dict:
             "dcmtk": _version(["/usr/bin/storescu", "--version"])}
 
 
+def server_processes(pid: int) -> list[int]:
+    """`pid` and every process under it: a server may hand work to child processes, and what they
+    hold is the server's too."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def status_total(pids: list[int], field: str) -> int:
+    """One /proc/PID/status field summed over `pids` (kB for Vm* and Rss*, a count for Threads);
+    a process that ended meanwhile counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in lines if line.startswith(f"{field}:"))
+    return total
+
+
+def reset_peak_rss(pids: list[int]) -> None:
+    """Start a new high-water mark (VmHWM) in each process (clear_refs 5, Linux >= 4.0), so that the
+    next reading is the peak of what came after."""
+    for pid in pids:
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5\n")
+        except FileNotFoundError:  # ended meanwhile
+            pass
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -5,8 +5,14 @@ the same work directory (same file system), and every peer is driven by the same
 client: dcmtk's storescu (one association, and 4 at once on a second CT study) /
 getscu / movescu (to a dcmtk storescp) with TCP_NODELAY=1. Workloads: a CT study,
 ~10 KB instances, an MR series, one large multi-frame instance; pacs-vault also
-stores and sends back one 2 GB instance (its peak RSS). Figures are reported as
-ratios against the peers measured in the same run.
+stores and sends back one 2 GB instance. Figures are reported as ratios against the
+peers measured in the same run. The server's peak RSS is taken per phase (the high-water
+mark is reset before each), over the server's processes.
+
+In a pass of its own before, untimed (strace slows what it traces): pacs-vault, Orthanc
+(compression off) and storescp, each fresh, store the CT study over one association while
+strace counts the sync system calls of every thread of the server; reported per acknowledged
+instance, with the time spent in them and what each peer makes durable before it answers.
 
     python benchmarks/dicom_bench.py [--quick] [--ct N] [--small N] [--mr N] [--multiframe-mb M]
                                      [--big-mb M] [--peers LIST] [--workdir DIR] [--results DIR]
@@ -20,21 +26,26 @@ files without fsync; Orthanc is run with storage compression off and on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402
-from common import add_common_arguments, free_port, machine, run_and_report  # noqa: E402
+from common import (add_common_arguments, free_port, machine, reset_peak_rss, run_and_report,  # noqa: E402
+                    server_processes, status_total)
 
 CLIENT_AE = "BENCH"
 DEST_AE = "BENCHDEST"  # a dcmtk storescp receiving C-MOVE sub-operations
@@ -56,11 +67,24 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def dcmtk_client(tool: str, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([f"/usr/bin/{tool}", *args], capture_output=True, text=True, env=NODELAY_ENV,
+                          timeout=timeout)
+
+
+# What dcmtk clients log with -v for each response: storescu one per instance, findscu / getscu /
+# movescu their final one (and Pending ones before it).
+_RESPONSE = re.compile(r"Received (?:Final )?(?:Store|Find|Move|C-GET) Response(?: \d+)? \(([^)]*)\)")
+
+
+def dimse_statuses(output: str) -> list[str]:
+    """The statuses a dcmtk client run with -v received, Pending ones left out ("Success",
+    "Warning: ...", "Error: CannotUnderstand", "Refused: MoveDestinationUnknown" ...)."""
+    return [status for status in _RESPONSE.findall(output) if status != "Pending"]
+
+
+def acknowledged(status: str) -> bool:
+    return status == "Success" or status.startswith("Warning")
 
 
 def dcmtk(tool: str, *args: str) -> float:
@@ -68,7 +92,7 @@ def dcmtk(tool: str, *args: str) -> float:
     written back first, so that no peer pays for another's writes."""
     os.sync()
     start = time.perf_counter()
-    result = subprocess.run([f"/usr/bin/{tool}", *args], capture_output=True, text=True, env=NODELAY_ENV)
+    result = dcmtk_client(tool, *args)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{tool} failed: {result.stderr[-2000:]}")
@@ -91,7 +115,11 @@ class Peer:
 
     @property
     def rss_mb(self) -> float:
-        return peak_rss_mb(self.process.pid)
+        """Peak RSS since the last reset_peak_rss(), summed over the server's processes."""
+        return status_total(server_processes(self.process.pid), "VmHWM") / 1024
+
+    def reset_peak_rss(self) -> None:
+        reset_peak_rss(server_processes(self.process.pid))
 
 
 class Vault(Peer):
@@ -122,11 +150,12 @@ class Vault(Peer):
 
 
 class Storescp(Peer):
-    name, ae_title, supports_get = "dcmtk storescp", "STORESCP", False
+    name, supports_get = "dcmtk storescp", False
 
-    def __init__(self, work: Path):
-        self.dir = work / "storescp"
-        self.dir.mkdir()
+    def __init__(self, directory: Path, ae_title: str = "STORESCP"):
+        """A storescp writing into `directory`: a peer, or the destination of C-MOVEs (DEST_AE)."""
+        self.dir, self.ae_title = directory, ae_title
+        self.dir.mkdir(parents=True)
         self.port = free_port()
         self.process = subprocess.Popen(["/usr/bin/storescp", "-aet", self.ae_title, "-od", str(self.dir),
                                          str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -211,7 +240,7 @@ def _make_peers(work: Path, names: list[str], destination_port: int) -> list[Pee
     # pays for anything left over from generating the corpus), then with it on.
     makers = {"vault-no-audit": lambda: Vault(work, destination_port, audit=False),
               "vault": lambda: Vault(work, destination_port),
-              "storescp": lambda: Storescp(work),
+              "storescp": lambda: Storescp(work / "storescp"),
               "orthanc": lambda: Orthanc(work, False, destination_port),
               "orthanc-z": lambda: Orthanc(work, True, destination_port)}
     if not Path(ORTHANC).exists():
@@ -231,21 +260,25 @@ def _check_received(directory: Path, expected: int, what: str) -> None:
         raise RuntimeError(f"{what}: {count} of {expected} instances arrived")
 
 
+INGESTS = ("ct", "ct_parallel", "small", "mr", "multiframe")
+RSS_PHASES = INGESTS + ("retrieve", "big")  # the server's peak RSS is taken for each
+
+
 def _measure(peer: Peer, work: Path, studies: dict, moved: Path) -> dict:
     row: dict = {}
-    ct, received = studies["ct"], 0
-    _rate(row, "ct_ingest", ct, storescu(peer, ct))
-    received += studies["bytes"]["ct"]
-    # Everything stored so far is the CT study: the goal's ratio, on its own.
-    row["ct_stored_over_received"] = peer.stored_bytes() / received
-    for name in ("ct_parallel", "small", "mr", "multiframe"):
+    rss = row["peak_rss_mb_by_phase"] = {}
+    for name in INGESTS:
         files = studies[name]
+        peer.reset_peak_rss()
         seconds = storescu_parallel(peer, files) if name == "ct_parallel" else storescu(peer, files)
+        rss[name] = peer.rss_mb
         _rate(row, f"{name}_ingest", files, seconds)
-        received += studies["bytes"][name]
-    row["stored_over_received"] = peer.stored_bytes() / received
+        if name == "ct":  # everything stored so far is the CT study: the goal's ratio, on its own
+            row["ct_stored_over_received"] = peer.stored_bytes() / studies["bytes"]["ct"]
+    row["stored_over_received"] = peer.stored_bytes() / sum(studies["bytes"][name] for name in INGESTS)
     if peer.supports_get:
-        out = work / "get" / peer.name.replace(" ", "_")
+        ct, out = studies["ct"], work / "get" / peer.name.replace(" ", "_")
+        peer.reset_peak_rss()
         row["ct_get_mb_s"] = studies["bytes"]["ct"] / getscu(peer, studies["uids"]["ct"], out / "ct") / 1e6
         _check_received(out / "ct", len(ct), f"C-GET from {peer.name}")
         row["ct_move_mb_s"] = studies["bytes"]["ct"] / movescu(peer, studies["uids"]["ct"]) / 1e6
@@ -253,15 +286,17 @@ def _measure(peer: Peer, work: Path, studies: dict, moved: Path) -> dict:
         row["multiframe_get_mb_s"] = (studies["bytes"]["multiframe"]
                                       / getscu(peer, studies["uids"]["multiframe"], out / "mf") / 1e6)
         _check_received(out / "mf", 1, f"C-GET of the multi-frame instance from {peer.name}")
+        rss["retrieve"] = peer.rss_mb
         shutil.rmtree(out)
     return row
 
 
 def _big_instance(peer: "Vault", work: Path, megabytes: int) -> dict:
     """Store and C-GET one instance of `megabytes` MB; is what came back the data set that was
-    sent? The server's peak RSS is read by the caller afterwards (it is a high-water mark)."""
+    sent? The server's peak RSS over both is read by the caller."""
     big = corpus.multiframe(work / "corpus" / "big" / "big.dcm", megabytes, patient_id="PV0010", seed=12)
     size = big.stat().st_size
+    peer.reset_peak_rss()
     row = {"big_instance_mb": size / 1e6, "big_ingest_mb_s": size / storescu(peer, [big]) / 1e6}
     import pydicom
     uid = pydicom.dcmread(big, stop_before_pixels=True).StudyInstanceUID
@@ -292,6 +327,84 @@ def _same_dataset(a: Path, b: Path) -> bool:
                 return True
 
 
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "msync", "sync")
+# What each peer of the untimed pass makes durable before it answers a C-STORE with Success
+# (its defaults, as run here): the README's table is generated from these with the counts.
+DURABLE_BEFORE_SUCCESS = {
+    "pacs-vault": "the sealed blob, its index entry and its audit record",
+    "Orthanc (compression off)": "each stored file (SyncStorageArea: fdatasync); the SQLite index in WAL mode with "
+                                 "synchronous=NORMAL (commits not synced); no directory sync (Orthanc 1.10 defaults)",
+    "dcmtk storescp": "nothing (files written, never synced)",
+}
+SYNC_PEERS = ("vault", "orthanc", "storescp")  # in _make_peers' names, those of DURABLE_BEFORE_SUCCESS
+
+
+@contextlib.contextmanager
+def traced_syncs(pid: int, out: Path) -> Iterator[dict[str, tuple[int, float]]]:
+    """Count the sync system calls of a running server: every thread of its processes, and those
+    started meanwhile (strace -f -c -w: seconds are wall time inside the calls, summed over threads).
+    The dict yielded is filled in, {call: (calls, seconds)}, once strace has detached."""
+    pids = server_processes(pid)
+    tracer = subprocess.Popen(["strace", "-f", "-c", "-w", "-U", "name,calls,total-time",
+                               "-e", "trace=" + ",".join(SYNC_CALLS), "-o", str(out),
+                               *[arg for p in pids for arg in ("-p", str(p))]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    counts: dict[str, tuple[int, float]] = {}
+    try:
+        _wait_attached(pids, tracer)
+        yield counts
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach, write the summary
+        tracer.wait(30)
+    for line in out.read_text().splitlines():
+        name, calls, seconds = (line.split() + ["", "", ""])[:3]
+        if name in SYNC_CALLS:
+            counts[name] = (int(calls), float(seconds))
+
+
+def _wait_attached(pids: list[int], tracer: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if all(f"TracerPid:\t{tracer.pid}\n" in status.read_text()
+                   for pid in pids for status in Path(f"/proc/{pid}/task").glob("*/status")):
+                return
+        except OSError:  # a thread ended meanwhile: look again
+            pass
+        if tracer.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"strace did not attach to {pids} (exit code {tracer.poll()}; attaching needs root "
+                               "or kernel.yama.ptrace_scope 0)")
+        time.sleep(0.05)
+
+
+def _sync_pass(work: Path, files: list[Path], peer_names: list[str], destination_port: int) -> dict:
+    """Untimed: each of SYNC_PEERS, fresh, stores `files` over one association under traced_syncs().
+    `work` is removed afterwards."""
+    work.mkdir()
+    results = {}
+    for name in [name for name in SYNC_PEERS if name in peer_names]:
+        for peer in _make_peers(work, [name], destination_port):  # none for Orthanc when it is not installed
+            os.sync()  # nobody else's dirty pages in this peer's syncs
+            try:
+                with traced_syncs(peer.process.pid, work / f"{name}.strace") as calls:
+                    client = dcmtk_client("storescu", "-v", "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1",
+                                          str(peer.port), *map(str, files))
+            finally:
+                peer.stop()
+            count = sum(map(acknowledged, dimse_statuses(client.stderr + client.stdout)))
+            if client.returncode != 0 or count == 0:
+                raise RuntimeError(f"storescu to {peer.name} under strace: exit code {client.returncode}, "
+                                   f"{count} of {len(files)} acknowledged: {client.stderr[-2000:]}")
+            syncs, seconds = sum(c for c, _ in calls.values()), sum(s for _, s in calls.values())
+            results[peer.name] = {
+                "instances": len(files), "acknowledged": count, "calls": {call: c for call, (c, _) in calls.items()},
+                "syncs": syncs, "sync_seconds": seconds, "syncs_per_acknowledged_instance": syncs / count,
+                "sync_ms_per_acknowledged_instance": seconds * 1e3 / count,
+                "durable_before_success": DURABLE_BEFORE_SUCCESS[peer.name]}
+    shutil.rmtree(work)
+    return results
+
+
 def run(work: Path, counts: dict, peer_names: list[str]) -> dict:
     root = work / "corpus"
     studies = {"ct": corpus.ct_study(root / "ct", counts["ct"]),
@@ -304,13 +417,7 @@ def run(work: Path, counts: dict, peer_names: list[str]) -> dict:
     studies["uids"] = {name: pydicom.dcmread(studies[name][0], stop_before_pixels=True).StudyInstanceUID
                        for name in ("ct", "multiframe")}
 
-    destination_dir = work / "moved"
-    destination_dir.mkdir()
-    destination_port = free_port()
-    destination = subprocess.Popen(["/usr/bin/storescp", "-aet", DEST_AE, "-od", str(destination_dir),
-                                    str(destination_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env=NODELAY_ENV)
-    peers = _make_peers(work, peer_names, destination_port)
+    destination = Storescp(work / "moved", DEST_AE)
     results = {"machine": machine(),
                "corpus": {"ct_instances": counts["ct"], "ct_bytes": studies["bytes"]["ct"],
                           "small_instances": counts["small"], "small_bytes": studies["bytes"]["small"],
@@ -318,19 +425,24 @@ def run(work: Path, counts: dict, peer_names: list[str]) -> dict:
                           "multiframe_bytes": studies["bytes"]["multiframe"]},
                "peers": {}}
     try:
-        for peer in peers:
-            row = _measure(peer, work, studies, destination_dir)
-            if peer.name == "pacs-vault" and counts["big_mb"]:
-                row.update(_big_instance(peer, work, counts["big_mb"]))
-            row["peak_rss_mb"] = peer.rss_mb
-            results["peers"][peer.name] = row
-            for path in destination_dir.iterdir():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        # First: it fails early when strace cannot attach, and pays for what the corpus left dirty.
+        results["syncs"] = _sync_pass(work / "untimed", studies["ct"], peer_names, destination.port)
+        peers = _make_peers(work, peer_names, destination.port)
+        try:
+            for peer in peers:
+                row = _measure(peer, work, studies, destination.dir)
+                if peer.name == "pacs-vault" and counts["big_mb"]:
+                    row.update(_big_instance(peer, work, counts["big_mb"]))
+                    row["peak_rss_mb_by_phase"]["big"] = peer.rss_mb
+                row["peak_rss_mb"] = max(row["peak_rss_mb_by_phase"].values())
+                results["peers"][peer.name] = row
+                for path in destination.dir.iterdir():
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        finally:
+            for peer in peers:
+                peer.stop()
     finally:
-        for peer in peers:
-            peer.stop()
-        destination.terminate()
-        destination.wait()
+        destination.stop()
     vault = results["peers"].get("pacs-vault", {})
     results["ratios"] = {f"{key} vs {name}": vault[key] / row[key]
                          for name, row in results["peers"].items() if name != "pacs-vault"
@@ -339,16 +451,28 @@ def run(work: Path, counts: dict, peer_names: list[str]) -> dict:
 
 
 def markdown(results: dict) -> str:
-    keys = RATES + ("ct_stored_over_received", "stored_over_received", "peak_rss_mb")
+    peers = results["peers"].values()
     lines = ["| measure | " + " | ".join(results["peers"]) + " |", "|---" * (len(results["peers"]) + 1) + "|"]
-    for key in keys:
-        lines.append(f"| {key} | " + " | ".join(f"{row[key]:.2f}" if key in row else "-"
-                                                 for row in results["peers"].values()) + " |")
+    for key in RATES + ("ct_stored_over_received", "stored_over_received", "peak_rss_mb"):
+        lines.append(f"| {key} | " + " | ".join(f"{row[key]:.2f}" if key in row else "-" for row in peers) + " |")
+    for phase in RSS_PHASES:
+        lines.append(f"| peak_rss_mb, {phase} | " + " | ".join(
+            f"{row['peak_rss_mb_by_phase'][phase]:.2f}" if phase in row["peak_rss_mb_by_phase"] else "-"
+            for row in peers) + " |")
     vault = results["peers"].get("pacs-vault", {})
     if "big_instance_mb" in vault:
         lines += ["", f"pacs-vault, one {vault['big_instance_mb']:.0f} MB instance: stored at "
                       f"{vault['big_ingest_mb_s']:.1f} MB/s, C-GET {vault['big_get_mb_s']:.1f} MB/s, byte-exact: "
-                      f"{vault['big_byte_exact']}, server peak RSS over the whole run {vault['peak_rss_mb']:.0f} MB"]
+                      f"{vault['big_byte_exact']}, server peak RSS storing and sending it back "
+                      f"{vault['peak_rss_mb_by_phase']['big']:.0f} MB"]
+    lines += ["", "Untimed, under strace (every server thread): the CT study stored over one association.", "",
+              "| peer | acknowledged | sync calls | syncs per instance | ms in syncs per instance | "
+              "durable before it answers Success |", "|---|---:|---|---:|---:|---|"]
+    for name, row in results["syncs"].items():
+        calls = ", ".join(f"{call} {count}" for call, count in row["calls"].items()) or "none"
+        lines.append(f"| {name} | {row['acknowledged']} of {row['instances']} | {calls} | "
+                     f"{row['syncs_per_acknowledged_instance']:.2f} | {row['sync_ms_per_acknowledged_instance']:.2f} | "
+                     f"{row['durable_before_success']} |")
     lines += ["", "| pacs-vault ratio | value |", "|---|---|"]
     lines += [f"| {key} | {value:.2f} |" for key, value in results["ratios"].items()]
     c = results["corpus"]

@@ -26,9 +26,19 @@ def test_the_summary_lists_every_goal_with_a_measured_value(quick_suite):
     assert summary["quick"] is True and summary["failed"] == []
     assert {"cpu", "cores", "memory_gb", "filesystem", "device", "orthanc", "dcmtk"} <= set(summary["machine"])
     for goal in summary["goals"]:
-        assert goal["measured"] is not None and goal["met"] in (True, False), goal["goal"]
+        assert goal["measured"] is not None, goal["goal"]
+        # A goal without a target is reported only; one with a floor is checked against both.
+        assert goal["met"] in ((None,) if goal["target"] is None else (True, False)), goal["goal"]
+        assert goal["floor_met"] in ((None,) if goal["floor"] is None else (True, False)), goal["goal"]
+    names = [goal["goal"] for goal in summary["goals"]]
+    for peer in ("pacs-vault", "Orthanc (compression off)", "dcmtk storescp"):
+        assert any(name.startswith(f"syncs per acknowledged instance, {peer}; durable before Success: ")
+                   for name in names), peer
+    assert any(name.startswith("import CT MB/s vs the two-core sealing limit") for name in names)
+    assert any(name.startswith("soak, ") for name in names)
     text = (directory / "summary.md").read_text()
-    assert "| goal | measured | target | met |" in text and "## dicom" in text and "## limits" in text
+    assert "| goal | measured | target | floor | met |" in text
+    assert "## dicom" in text and "## limits" in text and "## soak" in text
 
 
 def test_dicom_side_by_side_covers_every_workload_and_peer(quick_suite):
@@ -36,6 +46,7 @@ def test_dicom_side_by_side_covers_every_workload_and_peer(quick_suite):
     assert set(dicom["peers"]) == {"pacs-vault", "pacs-vault (audit off)", "dcmtk storescp",
                                    "Orthanc (compression off)", "Orthanc (compression on)"}
     vault = dicom["peers"]["pacs-vault"]
+    assert set(vault["peak_rss_mb_by_phase"]) == {"ct", "ct_parallel", "small", "mr", "multiframe", "retrieve", "big"}
     for key in ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "small_ingest_inst_s",
                 "mr_ingest_inst_s", "multiframe_ingest_mb_s", "ct_get_mb_s", "ct_move_mb_s", "multiframe_get_mb_s",
                 "big_ingest_mb_s", "big_get_mb_s", "peak_rss_mb"):
@@ -47,10 +58,38 @@ def test_dicom_side_by_side_covers_every_workload_and_peer(quick_suite):
     assert "ct_get_mb_s" not in dicom["peers"]["dcmtk storescp"]  # storescp serves no retrieval
 
 
+def test_syncs_per_acknowledged_instance_for_each_peer(quick_suite):
+    syncs = quick_suite[0]["dicom"]["syncs"]
+    assert set(syncs) == {"pacs-vault", "Orthanc (compression off)", "dcmtk storescp"}
+    for peer, row in syncs.items():
+        assert row["acknowledged"] == row["instances"] > 0, peer
+        assert row["syncs_per_acknowledged_instance"] >= 0 and row["sync_ms_per_acknowledged_instance"] >= 0, peer
+        assert row["durable_before_success"], peer
+    assert syncs["pacs-vault"]["syncs"] > 0  # it acknowledges only what is on disk
+
+
 def test_physical_limits(quick_suite):
     limits = quick_suite[0]["limits"]
     for key, value in (*limits["disk"].items(), *limits["one_core"].items()):
         assert value > 0, key
+    sealing = limits["sealing"]
+    for key in ("one_process_null_mb_s", "two_processes_null_mb_s", "two_processes_synced_files_mb_s"):
+        assert sealing[key] > 0, key
+
+
+def test_soak_reports_every_operation_and_resource(quick_suite):
+    soak = quick_suite[0]["soak"]
+    for operation in ("store", "find", "get", "move", "scrub", "policy apply"):
+        row = soak["operations"][operation]
+        assert row["runs"] > 0 and row["failed_runs"] >= 0 and isinstance(row["errors"], dict), operation
+    assert soak["operations"]["store"]["instances"] > 0
+    assert soak["operations"]["server"]["runs"] == soak["operations"]["fsck after the run"]["runs"] == 1
+    assert soak["errors_total"] == sum(sum(row["errors"].values()) for row in soak["operations"].values())
+    assert len(soak["samples"]) >= 2
+    for key in ("rss_mb", "rss_anon_mb", "fds", "threads", "processes"):
+        trend = soak["resources"][key]
+        assert trend["peak"] >= max(trend["start"], trend["end"]) > 0, key
+        assert isinstance(trend["slope_per_hour"], float), key
 
 
 def test_import_find_tiers_scrub_and_replication(quick_suite):
