@@ -24,6 +24,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Ex
 from appliance.dicom import transcode as tc
 from appliance.errors import TranscodeError
 from conftest import dicom_test_files
+from generated_images import image, instance, j2k_frames, part10
 
 
 def _corpus() -> dict[str, tuple[str, Path]]:
@@ -175,47 +176,12 @@ def test_every_decoder_in_the_table_is_installed():
 
 # -- generated instances --------------------------------------------------------------------
 
-def _image(frames: int = 3, rows: int = 48, columns: int = 40, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:rows, 0:columns]
-    return np.stack([((x * 37 + y * 11 + f * 101) % 4096 + rng.integers(0, 64, (rows, columns))).astype(np.uint16)
-                     for f in range(frames)])
-
-
-def _instance(pixels: np.ndarray, ts: str = ExplicitVRLittleEndian) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID = "TRANSCODE^TEST", "TC1"
-    ds.NumberOfFrames = len(pixels)
-    ds.Rows, ds.Columns = pixels.shape[1:3]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.tobytes()
-    return ds
-
-
-def _part10(ds: Dataset) -> bytes:
-    out = BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
-def _j2k_frames(pixels: np.ndarray) -> list[bytes]:
-    ds = _instance(pixels)
-    ds.compress(JPEG2000Lossless, generate_instance_uid=False)
-    return list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=len(pixels)))
-
-
 @pytest.mark.parametrize("framing", ["basic offset table", "extended offset table", "end markers",
                                      "one fragment each"])
 def test_frames_are_found_however_they_are_fragmented(framing):
-    pixels = _image(frames=4)
-    frames = _j2k_frames(pixels)
-    ds = _instance(pixels, JPEG2000Lossless)
+    pixels = image(frames=4)
+    frames = j2k_frames(pixels)
+    ds = instance(pixels, JPEG2000Lossless)
     if framing == "basic offset table":
         ds.PixelData = encapsulate(frames, fragments_per_frame=3, has_bot=True)
     elif framing == "extended offset table":
@@ -225,15 +191,15 @@ def test_frames_are_found_however_they_are_fragmented(framing):
     else:
         ds.PixelData = encapsulate(frames, has_bot=False)
     ds["PixelData"].is_undefined_length = True
-    new = _reread(_transcoded(_part10(ds), JPEG2000Lossless, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+    new = _reread(_transcoded(part10(ds), JPEG2000Lossless, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
     assert np.array_equal(new.pixel_array, pixels)
     assert "ExtendedOffsetTable" not in new  # it describes fragments, which native pixel data has not
 
 
 def test_jpeg_lossless_with_any_predictor_from_dcmtk_decodes_to_the_source_pixels(tmp_path):
-    pixels = _image(frames=3)
+    pixels = image(frames=3)
     source, encoded = tmp_path / "source.dcm", tmp_path / "jpeg.dcm"
-    _instance(pixels).save_as(source, enforce_file_format=True)
+    instance(pixels).save_as(source, enforce_file_format=True)
     subprocess.run(["dcmcjpeg", "+el", "+sv", "6", str(source), str(encoded)], check=True)
     assert pydicom.dcmread(encoded).file_meta.TransferSyntaxUID == JPEGLossless
     new = _reread(_transcoded(encoded.read_bytes(), JPEGLossless, ImplicitVRLittleEndian), ImplicitVRLittleEndian)
@@ -243,18 +209,18 @@ def test_jpeg_lossless_with_any_predictor_from_dcmtk_decodes_to_the_source_pixel
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cuts=st.lists(st.floats(0, 1), max_size=12), source=st.sampled_from(["j2k", "rle", "big endian"]))
 def test_output_does_not_depend_on_where_the_stored_bytes_are_cut(cuts, source):
-    pixels = _image(frames=3, rows=32, columns=40)
+    pixels = image(frames=3, rows=32, columns=40)
     if source == "j2k":
-        ds, stored = _instance(pixels, JPEG2000Lossless), JPEG2000Lossless
-        ds.PixelData = encapsulate(_j2k_frames(pixels), fragments_per_frame=2, has_bot=False)
+        ds, stored = instance(pixels, JPEG2000Lossless), JPEG2000Lossless
+        ds.PixelData = encapsulate(j2k_frames(pixels), fragments_per_frame=2, has_bot=False)
         ds["PixelData"].is_undefined_length = True
-        data = _part10(ds)
+        data = part10(ds)
     elif source == "rle":
-        ds, stored = _instance(pixels), RLELossless
+        ds, stored = instance(pixels), RLELossless
         ds.compress(RLELossless, generate_instance_uid=False)
-        data = _part10(ds)
+        data = part10(ds)
     else:
-        ds, stored = _instance(pixels, ExplicitVRBigEndian), ExplicitVRBigEndian
+        ds, stored = instance(pixels, ExplicitVRBigEndian), ExplicitVRBigEndian
         ds.PixelData = pixels.astype(">u2").tobytes()  # pydicom writes the value's bytes as they are
         out = BytesIO()
         ds.save_as(out, implicit_vr=False, little_endian=False, enforce_file_format=True)
@@ -362,34 +328,34 @@ def test_generated_data_sets_survive_big_endian_implicit_and_explicit_round_trip
 # -- failures, counts -----------------------------------------------------------------------
 
 def test_a_frame_that_does_not_decode_fails_before_the_first_byte_with_a_short_reason():
-    pixels = _image(frames=2)
-    frames = _j2k_frames(pixels)
-    ds = _instance(pixels, JPEG2000Lossless)
+    pixels = image(frames=2)
+    frames = j2k_frames(pixels)
+    ds = instance(pixels, JPEG2000Lossless)
     ds.PixelData = encapsulate([frames[0][:12] + b"\x00" * (len(frames[0]) - 12), frames[1]])
     ds["PixelData"].is_undefined_length = True
-    pieces = tc.transcode([_part10(ds)], JPEG2000Lossless, ExplicitVRLittleEndian)
+    pieces = tc.transcode([part10(ds)], JPEG2000Lossless, ExplicitVRLittleEndian)
     with pytest.raises(TranscodeError, match="frame 1 of 2 does not decode") as caught:
         next(pieces)
     assert len(str(caught.value)) <= 64
 
 
 def test_a_cut_short_instance_is_refused():
-    data = _part10(_instance(_image()))
+    data = part10(instance(image()))
     with pytest.raises(TranscodeError, match="ends early"):
         _transcoded(data[:-100], ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 def test_counts_say_how_many_instances_went_from_what_to_what():
     counts = tc.TranscodeCounts()
-    pixels = _image(frames=1)
-    ds = _instance(pixels)
+    pixels = image(frames=1)
+    ds = instance(pixels)
     ds.compress(RLELossless, generate_instance_uid=False)
     for _ in range(2):
-        b"".join(tc.transcode([_part10(ds)], RLELossless, ImplicitVRLittleEndian, counts=counts))
-    b"".join(tc.transcode([_part10(_instance(pixels))], ExplicitVRLittleEndian, ExplicitVRLittleEndian,
+        b"".join(tc.transcode([part10(ds)], RLELossless, ImplicitVRLittleEndian, counts=counts))
+    b"".join(tc.transcode([part10(instance(pixels))], ExplicitVRLittleEndian, ExplicitVRLittleEndian,
                           counts=counts))  # sent as stored: not a transcode
     with pytest.raises(TranscodeError):
-        b"".join(tc.transcode([_part10(ds)[:-40]], RLELossless, ExplicitVRLittleEndian, counts=counts))
+        b"".join(tc.transcode([part10(ds)[:-40]], RLELossless, ExplicitVRLittleEndian, counts=counts))
     assert counts.summary() == [
         {"from": RLELossless, "to": ImplicitVRLittleEndian, "instances": 2, "failed": 0},
         {"from": RLELossless, "to": ExplicitVRLittleEndian, "instances": 0, "failed": 1}]
@@ -408,13 +374,13 @@ def test_lossy_jpeg_comes_out_rgb_and_marked_lossy_with_the_same_uid():
 
 
 def test_lossless_colour_keeps_its_colour_space():
-    pixels = np.stack([_image(frames=3, seed=s)[0] % 256 for s in range(3)], axis=-1).astype(np.uint8)[None]
-    ds = _instance(pixels[..., 0])
+    pixels = np.stack([image(frames=3, seed=s)[0] % 256 for s in range(3)], axis=-1).astype(np.uint8)[None]
+    ds = instance(pixels[..., 0])
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL", 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     ds.PixelData = pixels.tobytes()
     ds.compress(RLELossless, generate_instance_uid=False)
-    new = _reread(_transcoded(_part10(ds), RLELossless, ImplicitVRLittleEndian), ImplicitVRLittleEndian)
+    new = _reread(_transcoded(part10(ds), RLELossless, ImplicitVRLittleEndian), ImplicitVRLittleEndian)
     assert new.PhotometricInterpretation == "YBR_FULL"  # no rounding through RGB
     assert new.PixelData == pixels.tobytes()
 
