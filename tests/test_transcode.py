@@ -196,6 +196,25 @@ def test_frames_are_found_however_they_are_fragmented(framing):
     assert "ExtendedOffsetTable" not in new  # it describes fragments, which native pixel data has not
 
 
+def test_an_encapsulated_icon_image_is_decoded_with_the_image():
+    pixels, icon = image(frames=2), image(frames=1, rows=32, columns=32, seed=5)
+    ds = instance(pixels, JPEG2000Lossless)
+    ds.PixelData = encapsulate(j2k_frames(pixels))
+    ds["PixelData"].is_undefined_length = True
+    item = Dataset()
+    for keyword in ("SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation"):
+        setattr(item, keyword, ds.data_element(keyword).value)
+    item.Rows, item.Columns = icon.shape[1:]
+    item.PixelData = encapsulate(j2k_frames(icon))
+    item["PixelData"].VR, item["PixelData"].is_undefined_length = "OB", True
+    ds.IconImageSequence = Sequence([item])
+    new = _reread(_transcoded(part10(ds), JPEG2000Lossless, ExplicitVRLittleEndian), ExplicitVRLittleEndian)
+    assert np.array_equal(new.pixel_array, pixels)
+    assert new.IconImageSequence[0].PixelData == icon.tobytes()
+    assert new.IconImageSequence[0].Rows == 32
+
+
 def test_jpeg_lossless_with_any_predictor_from_dcmtk_decodes_to_the_source_pixels(tmp_path):
     pixels = image(frames=3)
     source, encoded = tmp_path / "source.dcm", tmp_path / "jpeg.dcm"

@@ -21,9 +21,10 @@ instance in another encoding, not a derived one.
 
 Memory stays bounded whatever the instance's size: elements stream one by one, native pixel data
 in 1 MiB pieces, encapsulated pixel data one frame at a time (one compressed frame and one decoded
-frame in memory). Everything before the Pixel Data is held until the first frame decodes, so a
-stored syntax that does not decode fails before the first byte is handed out; a later frame that
-fails raises mid-stream (a sender that must not half-send spools the output first).
+frame in memory); an encapsulated icon image in a sequence is decoded whole (icons are small).
+Everything before the Pixel Data is held until the first frame decodes, so a stored syntax that
+does not decode fails before the first byte is handed out; a later frame that fails raises
+mid-stream (a sender that must not half-send spools the output first).
 """
 
 from __future__ import annotations
@@ -327,6 +328,7 @@ class _Level:
     pixel_representation: int | None = None
     bits_allocated: int | None = None
     creators: dict[tuple[int, int], str] = field(default_factory=dict)
+    pixel_values: dict[int, bytes] = field(default_factory=dict)  # its Image Pixel elements, raw
 
 
 def _transcoded(src: _Stream, stored_ts: str, target_ts: str) -> Iterator[bytes]:
@@ -352,43 +354,49 @@ class _Walk:
         self.stored_ts, self.decoding = stored_ts, decoding
 
     def top_level(self) -> Iterator[bytes]:
+        return self._dataset(None, self.syntax, self.implicit_out, [], top=True)
+
+    def _dataset(self, end: int | None, syntax: _Syntax, implicit_out: bool, levels: list[_Level],
+                 top: bool = False) -> Iterator[bytes]:
+        """The elements of the data set (top) or of one item, up to byte `end` (defined length), the
+        item's delimiter, or the end of the stored bytes."""
         level = _Level()
-        # Encapsulated: the elements before the Pixel Data wait for the first decoded frame, which
-        # settles the ones that change with the decoding.
+        levels = [level, *levels]
+        # Encapsulated: the elements before the Pixel Data wait for its first decoded frame, which
+        # settles the ones that change with the decoding; an item (an icon image) waits for its end.
         held: list[tuple[int, bytes]] | None = [] if self.decoding else None
-        pixel_values: dict[int, bytes] = {}
-        while not self.src.at_end():
-            tag, vr, length = _read_header(self.src, self.syntax)
+        while self._more(end, top):
+            tag, vr, length = _read_header(self.src, syntax)
+            if tag == _ITEM_END and end is None and not top:
+                break
             if tag == _PIXEL_DATA and length == _UNDEFINED:
                 if held is None:
                     raise TranscodeError("encapsulated pixel data in a native syntax")
-                yield from self._decoded_pixel_data(held, pixel_values)
-                held = None
+                pixel_data = self._decoded_pixel_data(held, level.pixel_values, top)
+                if top:  # frame by frame, nothing held from here on
+                    yield from pixel_data
+                    held = None
+                else:
+                    held = [(tag, b"".join(pixel_data))]
                 continue
-            if tag == _PIXEL_DATA and held is not None:
+            if tag == _PIXEL_DATA and top and held is not None:
                 raise TranscodeError("native pixel data in an encapsulated syntax")
             if tag in _PIXEL_MODULE and length <= _PIECE:
-                pixel_values[tag] = self.src.peek(length)
-            pieces = self._element(tag, vr, length, self.syntax, self.implicit_out, [level])
+                level.pixel_values[tag] = self.src.peek(length)
+            pieces = self._element(tag, vr, length, syntax, implicit_out, levels)
             if held is None:
                 yield from pieces
             else:
                 held.append((tag, b"".join(pieces)))
+        if end is not None and self.src.position != end:
+            raise TranscodeError("an item is longer than its declared length")
         for _, encoded in held or ():
             yield encoded
 
-    def _dataset(self, end: int | None, syntax: _Syntax, implicit_out: bool, levels: list[_Level]) -> Iterator[bytes]:
-        """The elements of one item, up to byte `end` (defined length) or its delimiter."""
-        levels = [_Level(), *levels]
-        while end is None or self.src.position < end:
-            tag, vr, length = _read_header(self.src, syntax)
-            if tag == _ITEM_END and end is None:
-                return
-            if tag == _PIXEL_DATA and length == _UNDEFINED:
-                raise TranscodeError("encapsulated pixel data inside a sequence")
-            yield from self._element(tag, vr, length, syntax, implicit_out, levels)
-        if self.src.position != end:
-            raise TranscodeError("an item is longer than its declared length")
+    def _more(self, end: int | None, top: bool) -> bool:
+        if top:
+            return not self.src.at_end()
+        return end is None or self.src.position < end  # an undefined length item ends at its delimiter
 
     def _element(self, tag: int, vr: str | None, length: int, syntax: _Syntax, implicit_out: bool,
                  levels: list[_Level]) -> Iterator[bytes]:
@@ -492,7 +500,8 @@ class _Walk:
 
     # -- encapsulated pixel data -------------------------------------------------------------
 
-    def _decoded_pixel_data(self, held: list[tuple[int, bytes]], values: dict[int, bytes]) -> Iterator[bytes]:
+    def _decoded_pixel_data(self, held: list[tuple[int, bytes]], values: dict[int, bytes],
+                            top: bool) -> Iterator[bytes]:
         module = _PixelModule.parse(values, self.syntax)
         frames = self._frames(module.frames, _extended_offsets(values))
         decoding = self.decoding
@@ -500,7 +509,7 @@ class _Walk:
         if first is None:
             raise TranscodeError("the pixel data has no frame")
         decoded, properties = _decode(first, 0, module, self.stored_ts, decoding)
-        yield from self._settled(held, module, properties)
+        yield from self._settled(held, module, properties, top)
         total = module.frame_length * module.frames
         if total >= _UNDEFINED:
             raise TranscodeError("decoded pixel data would exceed 4 GB")
@@ -527,13 +536,15 @@ class _Walk:
             raise TranscodeError(f"frame {index + 1} decodes to the wrong size")
         return decoded
 
-    def _settled(self, held: list[tuple[int, bytes]], module: "_PixelModule", properties: dict) -> Iterator[bytes]:
-        """The held elements, with those the decoding changes changed."""
+    def _settled(self, held: list[tuple[int, bytes]], module: "_PixelModule", properties: dict,
+                 top: bool) -> Iterator[bytes]:
+        """The held elements, with those the decoding changes changed (the lossy flags belong to
+        the image, not to an icon)."""
         settled = {tag: encoded for tag, encoded in held if tag not in (_EXTENDED_OFFSETS, _EXTENDED_LENGTHS)}
         changes: dict[int, tuple[str, bytes]] = {0x00280004: ("CS", properties["photometric_interpretation"].encode())}
         if module.samples_per_pixel > 1:
             changes[0x00280006] = ("US", struct.pack("<H", properties["planar_configuration"]))
-        if self.decoding.lossy:
+        if self.decoding.lossy and top:
             changes[0x00282110] = ("CS", b"01")
             if 0x00282114 not in settled:
                 changes[0x00282114] = ("CS", self.decoding.method.encode())
