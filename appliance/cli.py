@@ -16,8 +16,8 @@ import time
 import warnings
 from pathlib import Path
 
-from appliance import (access, audit, auditor, fsck, health, home, importer, lifecycle, metrics, policy, registry,
-                       replicate, reports, scrub, units)
+from appliance import (access, audit, auditor, exporter, fsck, health, home, importer, lifecycle, metrics, policy,
+                       registry, replicate, reports, scrub, units)
 from appliance import config as cfg
 from appliance.access import ADMIN, AUDITOR, AccessDenied
 from appliance.audit import AuditTrail
@@ -137,17 +137,26 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
+    transcoded = []
     with _open(args) as archive:
-        written, failures = archive.export_study(args.study_uid, Path(args.dest))
+        if args.transfer_syntax:
+            result = exporter.export_study_as(archive, args.study_uid, Path(args.dest), args.transfer_syntax)
+            written, failures, transcoded = result.written, result.failures, result.counts.summary()
+        else:
+            written, failures = archive.export_study(args.study_uid, Path(args.dest))
         archive.audit.record(audit.event(
             "Export", op="export", action="R", outcome=4 if failures else 0, study=args.study_uid,
             patient=archive.patient_id_of(args.study_uid), instances=len(written),
-            dest=str(Path(args.dest).resolve()), failed=len(failures)))
+            dest=str(Path(args.dest).resolve()), failed=len(failures), transfer_syntax=args.transfer_syntax,
+            transcoded=transcoded))
     print(f"exported {len(written)} instances of {args.study_uid} to {args.dest}")
+    for pair in (pair for pair in transcoded if pair["instances"]):
+        print(f"  transcoded {pair['instances']} from {pair['from']} to {pair['to']}")
     for sop_uid, reason in failures:
         print(f"  FAILED {sop_uid}: {reason}", file=sys.stderr)
     if failures:
-        raise ApplianceError(f"{len(failures)} instances failed verification and were not written")
+        why = "could not be read or transcoded" if args.transfer_syntax else "failed verification"
+        raise ApplianceError(f"{len(failures)} instances {why} and were not written")
     return 0
 
 
@@ -612,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a study's instances byte-exact to a directory")
     exp.add_argument("study_uid")
     exp.add_argument("dest")
+    exp.add_argument("--transfer-syntax", metavar="UID",
+                     help="write every instance in this transfer syntax, its pixel data decoded where it is "
+                          "stored compressed (adds no loss; default: as stored, byte-exact)")
     exp.set_defaults(func=cmd_export)
 
     status = sub.add_parser("status", help="what the appliance holds")

@@ -93,6 +93,18 @@ class CartridgeOffline(TierUnavailable):
         self.label = label
 
 
+class TranscodeError(ApplianceError):
+    """A stored instance cannot be converted to the transfer syntax asked for (its stored bytes are
+    fine and stay as they are). The message fits a DICOM Error Comment (64 characters): the
+    retrieve fails that sub-operation with it, never the association."""
+
+    exit_code = 65  # EX_DATAERR
+    dicom_status = 0xA702  # "Refused: out of resources, unable to perform sub-operations"
+
+    def __init__(self, reason: str):
+        super().__init__(reason[:64])
+
+
 class PolicyViolation(ApplianceError):
     """An operation would break retention or a legal hold; nothing was changed."""
 

@@ -10,6 +10,11 @@
 - Single value otherwise. Leading and trailing spaces are insignificant. Matching is
   case-sensitive except for PN, which pacs-vault matches ignoring case (the standard
   leaves this to the implementation) and ignoring trailing empty name components.
+- PN component groups (alphabetic=ideographic=phonetic, PS3.5 6.2.1.2) match one by one, each
+  against the stored group in its place, single value or wild card; a group the query leaves
+  empty matches anything. So "Yamada^Tarou" (a Latin-1 requestor's) and "=山田^太郎" both find
+  "Yamada^Tarou=山田^太郎=やまだ^たろう". Values are compared decoded, whatever character set the
+  query and the stored instance came in.
 - A multi-valued stored attribute (ModalitiesInStudy) matches when any value does.
 """
 
@@ -104,15 +109,28 @@ def _match_one(vr: str, query: str, stored: str) -> bool:
         low = _bounds(vr, parts[0])[0] if parts[0] else ""
         high = _bounds(vr, parts[1])[1] if parts[1] else "\uffff"
         return low <= stored_low and stored_low <= high
+    if vr == "PN":
+        return _person_name_matches(query, stored)
     if "*" in query or "?" in query:
         if vr in _NO_WILDCARD_VRS:
             return query == stored
-        if vr == "PN":
-            return _wildcard(query.upper(), stored.upper(), fold=False)
         return _wildcard(query, stored, fold=False)
-    if vr == "PN":
-        return person_name_key(query) == person_name_key(stored)
     return query == stored
+
+
+def _person_name_matches(query: str, stored: str) -> bool:
+    stored_groups = stored.split("=")
+    for place, group in enumerate(query.split("=")):
+        group = group.strip(" ")
+        if group in ("", "*"):
+            continue
+        value = stored_groups[place] if place < len(stored_groups) else ""
+        if "*" in group or "?" in group:
+            if not _wildcard(group.upper(), value.strip(" ").upper(), fold=False):
+                return False
+        elif person_name_key(group) != person_name_key(value):
+            return False
+    return True
 
 
 def match_attribute(vr: str, query: str, stored) -> bool:

@@ -11,9 +11,11 @@ answered by scanning.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
@@ -39,12 +41,16 @@ class Query:
     level: str
     keys: dict[str, tuple[str, str]]  # keyword -> (VR, value) of every key with a value
     requested: list[str]  # every keyword the identifier names, in its order
+    charset: tuple[str, ...] = ()  # the identifier's Specific Character Set: what the answers come in
 
 
 def parse(identifier: Dataset, model: str) -> Query:
+    """The query an identifier asks (its values decoded by its own Specific Character Set)."""
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in LEVELS[model]:
         raise QueryError(0xA900, f"QueryRetrieveLevel '{level}' is not valid for the {model} root model")
+    charset = identifier.get("SpecificCharacterSet") or ()
+    charset = (charset,) if isinstance(charset, str) else tuple(charset)
     keys, requested = {}, []
     for element in identifier:
         keyword = element.keyword
@@ -60,7 +66,7 @@ def parse(identifier: Dataset, model: str) -> Query:
             except ValueError as exc:
                 raise QueryError(0xC000, f"{keyword}: {exc}") from None
             keys[keyword] = (element.VR, value)
-    return Query(level, keys, requested)
+    return Query(level, keys, requested, charset)
 
 
 def _uids(query: Query, keyword: str) -> list[str] | None:
@@ -125,9 +131,8 @@ def _study_candidates(t: Txn, query: Query) -> Iterator[str]:
     if uids is not None:
         yield from uids
         return
-    for keyword, field in (("PatientID", "PatientID"), ("AccessionNumber", "AccessionNumber"),
-                           ("PatientName", "PatientName")):
-        found = _secondary(t, query, keyword, field)
+    for found in (_secondary(t, query, "PatientID", "PatientID"),
+                  _secondary(t, query, "AccessionNumber", "AccessionNumber"), _by_name(t, query)):
         if found is not None:
             yield from found
             return
@@ -154,7 +159,24 @@ def _secondary(t: Txn, query: Query, keyword: str, field: str) -> Iterator[str] 
         return iter(t.dup_values(db, secondary_key(field, value)))
     prefix = _prefix(query, keyword)
     if prefix:  # "DOE*": a range of the secondary index, not a scan of every study
-        prefix = prefix.upper() if keyword == "PatientName" else prefix
+        return (uid for _, uid in t.dup_range(db, prefix, prefix + "\U0010ffff"))
+    return None
+
+
+def _by_name(t: Txn, query: Query) -> Iterator[str] | None:
+    """Candidates from the Patient Name index when the query names the alphabetic group: the index
+    is keyed by the whole name ("YAMADA^TAROU=山田^太郎=..."), which starts with that group."""
+    vr_value = query.keys.get("PatientName")
+    if vr_value is None or "\\" in vr_value[1]:
+        return None
+    alphabetic = vr_value[1].strip(" \x00").split("=")[0].strip(" ")
+    db = SECONDARY["PatientName"]
+    if alphabetic and not any(c in alphabetic for c in "*?"):
+        key = secondary_key("PatientName", alphabetic)
+        return itertools.chain(t.dup_values(db, key),
+                               (uid for _, uid in t.dup_range(db, key + "=", key + "=\U0010ffff")))
+    prefix = alphabetic[:-1].upper()
+    if alphabetic.endswith("*") and prefix and not any(c in prefix for c in "*?"):
         return (uid for _, uid in t.dup_range(db, prefix, prefix + "\U0010ffff"))
     return None
 
@@ -209,25 +231,61 @@ def find(t: Txn, query: Query) -> Iterator[dict]:
 
 
 def response(query: Query, view: dict, retrieve_ae_title: str) -> Dataset:
-    """The identifier to send back: the requested keys only, plus the character set and level."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = query.level
+    """The identifier to send back: the requested keys only, plus the character set and level.
+
+    It comes in the requestor's character set when that can carry every value (a name keeping
+    the component groups it can carry: "Yamada^Tarou" for a Latin-1 requestor), else in UTF-8."""
+    values = {}
     for keyword in query.requested:
         tag = tag_for_keyword(keyword)
         if tag is None:
             continue
         vr = dictionary_VR(tag)
-        if vr == "SQ":
-            ds.add_new(tag, vr, [])
-            continue
         value = view.get(keyword, "")
-        if isinstance(value, list):
-            value = "\\".join(value)
-        ds.add_new(tag, vr, _typed(vr, value))
+        values[tag] = (vr, "\\".join(value) if isinstance(value, list) else value)
+    charset, values = _in_charset(query.charset, values)
+    ds = Dataset()
+    ds.SpecificCharacterSet = charset
+    ds.QueryRetrieveLevel = query.level
+    for tag, (vr, value) in values.items():
+        ds.add_new(tag, vr, [] if vr == "SQ" else _typed(vr, value))
     if "RetrieveAETitle" not in ds:
         ds.RetrieveAETitle = retrieve_ae_title
     return ds
+
+
+_UTF8 = "ISO_IR 192"
+_TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC"}
+_DEFAULT_REPERTOIRE = {"", "ISO_IR 6", "ISO 2022 IR 6"}
+
+
+def _in_charset(requested: tuple[str, ...], values: dict) -> tuple[str | list[str], dict]:
+    """(Specific Character Set, values) of an answer: the requestor's when it carries them all."""
+    codecs = ["ascii" if term in _DEFAULT_REPERTOIRE else python_encoding.get(term) for term in requested]
+    if not codecs or None in codecs:  # none asked for, or one Python cannot encode
+        return _UTF8, values
+    fitted = {}
+    for tag, (vr, value) in values.items():
+        if vr in _TEXT_VRS and value and not _fits(value, codecs):
+            if vr != "PN":
+                return _UTF8, values
+            groups = [group if _fits(group, codecs) else "" for group in value.split("=")]
+            if not any(groups):
+                return _UTF8, values
+            value = "=".join(groups).rstrip("=")
+        fitted[tag] = (vr, value)
+    return (list(requested) if len(requested) > 1 else requested[0]), fitted
+
+
+def _fits(text: str, codecs: list[str]) -> bool:
+    """Whether every character of `text` has a code in one of the character sets."""
+    def encodes(char: str, codec: str) -> bool:
+        try:
+            char.encode(codec)
+        except UnicodeEncodeError:
+            return False
+        return True
+    return all(any(encodes(char, codec) for codec in codecs) for char in text)
 
 
 def _typed(vr: str, value: str):

@@ -1,0 +1,66 @@
+"""`appliance export --transfer-syntax UID`: a study's instances as Part 10 files in one syntax.
+
+The stored bytes come through the archive's read API (recalled first when the study is on cold
+tiers only, verified as they stream) and are transcoded in memory (dicom/transcode.py); each file
+appears whole or not at all (temp file, fsync, rename). An instance stored in the syntax asked for
+is written byte-exact, as `Archive.export_study` writes every instance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from pydicom.uid import UID
+
+from appliance.dicom.transcode import TranscodeCounts, part10_header, transcode
+from appliance.errors import ApplianceError, OutOfSpace
+from appliance.fsutil import atomic_file
+from appliance.store.archive import Archive
+
+
+@dataclass
+class ExportResult:
+    written: list[Path] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (SOP Instance UID, reason)
+    counts: TranscodeCounts = field(default_factory=TranscodeCounts)
+
+
+def export_study_as(archive: Archive, study_uid: str, dest: Path, transfer_syntax: str) -> ExportResult:
+    """Write every current instance of a study as DEST/<SOPInstanceUID>.dcm in `transfer_syntax`.
+
+    An instance that cannot be read, or transcoded to that syntax, is listed in the failures and
+    not written; a full disk stops the export (OutOfSpace)."""
+    if not UID(transfer_syntax).is_transfer_syntax:
+        raise ApplianceError(f"{transfer_syntax} is not a transfer syntax")
+    dest.mkdir(parents=True, exist_ok=True)
+    instances = archive.instances_of_study(study_uid)
+    archive.touch_study(study_uid)
+    if archive.needs_recall(study_uid):
+        archive.recall_study(study_uid)
+    result = ExportResult()
+    for sop_uid, record in instances:
+        target = dest / f"{sop_uid}.dcm"
+        try:
+            with atomic_file(dest / f".{sop_uid}.dcm.partial", target) as out:
+                _write(out, archive.open_blob(record["current"]), record, sop_uid, transfer_syntax, result.counts)
+        except OutOfSpace:
+            raise
+        except ApplianceError as exc:
+            result.failures.append((sop_uid, str(exc)))
+        else:
+            result.written.append(target)
+    return result
+
+
+def _write(out: BinaryIO, stored: Iterator[bytes], record: dict, sop_uid: str, transfer_syntax: str,
+           counts: TranscodeCounts) -> None:
+    stored_ts = record["transfer_syntax"]
+    if stored_ts == transfer_syntax:
+        pieces = stored
+    else:
+        pieces = transcode(stored, stored_ts, transfer_syntax, counts=counts)
+        out.write(part10_header(record["SOPClassUID"], sop_uid, transfer_syntax))
+    for piece in pieces:
+        out.write(piece)
