@@ -137,13 +137,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    transcoded = []
     with _open(args) as archive:
-        if args.transfer_syntax:
-            result = exporter.export_study_as(archive, args.study_uid, Path(args.dest), args.transfer_syntax)
-            written, failures, transcoded = result.written, result.failures, result.counts.summary()
-        else:
-            written, failures = archive.export_study(args.study_uid, Path(args.dest))
+        result = exporter.export_study(archive, args.study_uid, Path(args.dest), args.transfer_syntax)
+        written, failures, transcoded = result.written, result.failures, result.counts.summary()
         archive.audit.record(audit.event(
             "Export", op="export", action="R", outcome=4 if failures else 0, study=args.study_uid,
             patient=archive.patient_id_of(args.study_uid), instances=len(written),

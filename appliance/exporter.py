@@ -1,9 +1,9 @@
-"""`appliance export --transfer-syntax UID`: a study's instances as Part 10 files in one syntax.
+"""`appliance export STUDY_UID DEST [--transfer-syntax UID]`: a study's instances as Part 10 files.
 
 The stored bytes come through the archive's read API (recalled first when the study is on cold
-tiers only, verified as they stream) and are transcoded in memory (dicom/transcode.py); each file
-appears whole or not at all (temp file, fsync, rename). An instance stored in the syntax asked for
-is written byte-exact, as `Archive.export_study` writes every instance.
+tiers only, verified as they stream); without a transfer syntax, or in the syntax an instance was
+stored in, it is written byte-exact; otherwise transcoded in memory (dicom/transcode.py). Each
+file appears whole or not at all (temp file, fsync, rename), only once every byte verified.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import BinaryIO, Iterator
 
 from pydicom.uid import UID
 
-from appliance.dicom.transcode import TranscodeCounts, part10_header, transcode
+from appliance.dicom.transcode import TranscodeCounts, transcode
 from appliance.errors import ApplianceError, OutOfSpace
 from appliance.fsutil import atomic_file
+from appliance.store import p10
 from appliance.store.archive import Archive
 
 
@@ -27,12 +28,13 @@ class ExportResult:
     counts: TranscodeCounts = field(default_factory=TranscodeCounts)
 
 
-def export_study_as(archive: Archive, study_uid: str, dest: Path, transfer_syntax: str) -> ExportResult:
-    """Write every current instance of a study as DEST/<SOPInstanceUID>.dcm in `transfer_syntax`.
+def export_study(archive: Archive, study_uid: str, dest: Path, transfer_syntax: str | None = None) -> ExportResult:
+    """Write every current instance of a study as DEST/<SOPInstanceUID>.dcm, as stored or in
+    `transfer_syntax`.
 
     An instance that cannot be read, or transcoded to that syntax, is listed in the failures and
     not written; a full disk stops the export (OutOfSpace)."""
-    if not UID(transfer_syntax).is_transfer_syntax:
+    if transfer_syntax is not None and not UID(transfer_syntax).is_transfer_syntax:
         raise ApplianceError(f"{transfer_syntax} is not a transfer syntax")
     dest.mkdir(parents=True, exist_ok=True)
     instances = archive.instances_of_study(study_uid)
@@ -54,13 +56,13 @@ def export_study_as(archive: Archive, study_uid: str, dest: Path, transfer_synta
     return result
 
 
-def _write(out: BinaryIO, stored: Iterator[bytes], record: dict, sop_uid: str, transfer_syntax: str,
+def _write(out: BinaryIO, stored: Iterator[bytes], record: dict, sop_uid: str, transfer_syntax: str | None,
            counts: TranscodeCounts) -> None:
     stored_ts = record["transfer_syntax"]
-    if stored_ts == transfer_syntax:
+    if transfer_syntax in (None, stored_ts):
         pieces = stored
     else:
         pieces = transcode(stored, stored_ts, transfer_syntax, counts=counts)
-        out.write(part10_header(record["SOPClassUID"], sop_uid, transfer_syntax))
+        out.write(p10.file_meta(record["SOPClassUID"], sop_uid, transfer_syntax))
     for piece in pieces:
         out.write(piece)

@@ -56,6 +56,7 @@ class ServerMetrics:
         "duplicate_instances_total": "Instances received again with the same bytes.",
         "received_bytes_total": "Bytes of instances stored over DICOM.",
         "sent_instances_total": "Instances sent by C-GET and C-MOVE.",
+        "transcoded_instances_total": "Instances sent by C-GET and C-MOVE in another syntax than stored, by pair.",
     }
 
     def __init__(self):

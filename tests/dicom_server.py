@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+from pynetdicom import AE
 from pynetdicom.dsutils import split_dataset
+
+from appliance.errors import InvalidInstance
+from appliance.store import p10
 
 from conftest import REPO, run_cli
 
@@ -94,3 +98,32 @@ def dataset_bytes(path: Path) -> bytes:
     """The data set of a Part 10 file without its file meta: what travels in a C-STORE."""
     _, offset = split_dataset(path)
     return path.read_bytes()[offset:]
+
+
+def storable(files):
+    """(path, InstanceInfo) of every file the archive accepts that is a whole Part 10 file."""
+    out = []
+    for path in files:
+        try:
+            info = p10.inspect(path)
+        except InvalidInstance:
+            continue
+        if info.has_file_meta and path.read_bytes()[128:132] == b"DICM":
+            out.append((path, info))
+    return out
+
+
+def send_as_is(srv, files) -> None:
+    """pynetdicom SCU sending the files' own bytes in their own syntax (what storescu cannot propose)."""
+    from pynetdicom import _config
+    ae = AE(ae_title=CLIENT_AE)
+    for sop_class, syntax in sorted({(i.instance["SOPClassUID"], i.transfer_syntax) for _, i in files}):
+        ae.add_requested_context(sop_class, [syntax])
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="ARCHIVE")
+        for path, _ in files:
+            assert assoc.send_c_store(path).Status == 0x0000, path
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous

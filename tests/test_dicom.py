@@ -23,10 +23,8 @@ from pynetdicom.sop_class import (CTImageStorage, PatientRootQueryRetrieveInform
 import corpus
 from appliance import audit
 from appliance import config as cfg
-from appliance.store import p10
-from appliance.errors import InvalidInstance
 from conftest import dicom_test_files, run_cli, small_volume
-from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register
+from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register, send_as_is, storable
 
 
 @pytest.fixture
@@ -136,18 +134,6 @@ def test_idle_associations_cost_no_cpu_and_leave_nothing_open(home, server):
 
 # -- storage ---------------------------------------------------------------------------------
 
-def _storable(files):
-    out = []
-    for path in files:
-        try:
-            info = p10.inspect(path)
-        except InvalidInstance:
-            continue
-        if info.has_file_meta and path.read_bytes()[128:132] == b"DICM":
-            out.append((path, info))
-    return out
-
-
 # storescu can propose one compressed syntax family at a time: the option for each.
 STORESCU_OPTION = {
     "1.2.840.10008.1.2": "-xi", "1.2.840.10008.1.2.1": "-xe", "1.2.840.10008.1.2.2": "-xb",
@@ -155,22 +141,6 @@ STORESCU_OPTION = {
     "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
     "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.5": "-xr",
 }
-
-
-def _send_as_is(srv, files) -> None:
-    """pynetdicom SCU sending the files' own bytes in their own syntax (what storescu cannot propose)."""
-    from pynetdicom import _config
-    ae = AE(ae_title=CLIENT_AE)
-    for sop_class, syntax in sorted({(i.instance["SOPClassUID"], i.transfer_syntax) for _, i in files}):
-        ae.add_requested_context(sop_class, [syntax])
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        assoc = ae.associate("127.0.0.1", srv.port, ae_title="ARCHIVE")
-        for path, _ in files:
-            assert assoc.send_c_store(path).Status == 0x0000, path
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -217,18 +187,18 @@ def _indexed_instances(home) -> set[str]:
 
 
 def test_storescu_stores_every_test_file_in_its_own_syntax(home, server):
-    files = _storable(dicom_test_files())
+    files = storable(dicom_test_files())
     groups = _by_syntax(files)
     assert len(groups) >= 10  # uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, RLE, big endian ...
     for syntax, group in groups.items():
         option = STORESCU_OPTION.get(syntax)
         if option is None:  # a syntax storescu cannot propose (HTJ2K, JPEG process 14 ...)
-            _send_as_is(server, group)
+            send_as_is(server, group)
             continue
         for path, info in group:
             result = _storescu(server, [path], "-R", option)
             if "missing SOP class" in result.stderr:  # dcmtk cannot read this file's UN-encoded UIDs
-                _send_as_is(server, [(path, info)])
+                send_as_is(server, [(path, info)])
                 continue
             assert result.returncode == 0 and "Store Failed" not in result.stderr, (path, result.stderr[-2000:])
     assert _indexed_instances(home) == {info.sop_uid for _, info in files}
@@ -237,10 +207,10 @@ def test_storescu_stores_every_test_file_in_its_own_syntax(home, server):
 def test_every_test_file_moved_back_byte_exact(home, server, tmp_path):
     """What a peer sent is what it gets back, in the syntax it was sent in (storescp +B writes
     the data set bit for bit). pynetdicom sends each file's own bytes; storescu may re-encode."""
-    files = _storable(dicom_test_files())
+    files = storable(dicom_test_files())
     groups = _by_syntax(files)
     for group in groups.values():
-        _send_as_is(server, group)
+        send_as_is(server, group)
     dest_dir = tmp_path / "dest"
     dest_dir.mkdir()
     dest_port = free_port()

@@ -7,9 +7,17 @@ many per system call (a 16 KB-PDU getscu takes 6,400 PDUs per 100 MB). An instan
 to PREFETCH_MAX_BYTES is verified whole before its first byte is sent, and the next one
 is decrypted by a worker thread while the current one is on the wire; a larger one is
 streamed, its last chunk held back until its SHA-256 checks (should it fail, the
-association is aborted: the peer never has the whole of a wrong instance). An
-instance is sent in the transfer syntax it was stored in (no transcoding); C-MOVE
-proposes exactly those, C-GET needs the requestor to have offered them.
+association is aborted: the peer never has the whole of a wrong instance).
+
+Transfer syntax: the stored one when the peer accepted it (byte-exact), else the first
+of the peer's accepted ones the instance can be transcoded to (transcode.py: decoded or
+re-encoded to explicit or implicit VR little endian, never re-encoded lossy; the stored
+bytes never change). A transcoded instance is made whole in memory (an anonymous memfd
+for a large one, never a disk) before its first byte goes, so a frame that does not
+decode fails that sub-operation, with the reason in the final response, and nothing
+else. C-MOVE proposes, per SOP class, each stored syntax in a context of its own and
+one context of the uncompressed syntaxes to fall back on; C-GET takes the requestor's
+contexts, negotiated in its order of preference.
 
 A study that lives only on cold tiers is recalled first (one recall per study,
 shared by concurrent requests); while it comes back the requestor gets a Pending
@@ -24,6 +32,7 @@ UID List; a C-CANCEL stops before the next sub-operation (0xFE00).
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -33,7 +42,7 @@ from pydicom.dataset import Dataset
 
 from appliance import audit
 from appliance.audit import AuditError
-from appliance.dicom import dimse, handlers, pdu
+from appliance.dicom import dimse, handlers, pdu, transcode
 from appliance.dicom import query as q
 from appliance.dicom.handlers import Peer
 from appliance.dicom.link import Link, Message
@@ -41,6 +50,7 @@ from appliance.dicom.negotiation import Accepted, Proposed
 from appliance.dicom.requestor import AssociationRefused, RequestedAssociation
 from appliance.dicom.wire import ConnectionClosed
 from appliance.errors import ApplianceError, IntegrityError
+from appliance.metrics import ServerMetrics
 from appliance.store import p10
 from appliance.store.archive import Archive
 
@@ -49,6 +59,7 @@ _PENDING, _CANCEL, _WARNING, _SUBOP_FAILURE = 0xFF00, 0xFE00, 0xB000, 0xA702
 _MAX_CONTEXTS = 128
 _PENDING_INTERVAL_S = 2.0
 PREFETCH_MAX_BYTES = 32 << 20
+_MEMFD_READ = 1 << 20
 
 
 @dataclass
@@ -109,6 +120,32 @@ def plaintext(archive: Archive, record: dict, size: int) -> Plaintext:
     if size <= PREFETCH_MAX_BYTES:
         return Plaintext(iter(list(_dataset_chunks(archive, record))), True)
     return Plaintext(_dataset_chunks(archive, record), False)
+
+
+def transcoded(archive: Archive, record: dict, syntax: str, counts: transcode.TranscodeCounts) -> Plaintext:
+    """The instance's data set in `syntax`, whole before anything is sent: in an anonymous
+    in-memory file (memfd: never a disk, and not the process's resident memory)."""
+    fd = os.memfd_create("pacs-vault-transcode", os.MFD_CLOEXEC)
+    try:
+        size = 0
+        for piece in transcode.transcode(archive.open_blob(record["current"]), record["transfer_syntax"], syntax,
+                                         counts=counts):
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
+            size += len(piece)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Plaintext(_memfd_chunks(fd, size), True)
+
+
+def _memfd_chunks(fd: int, size: int) -> Iterator[bytes]:
+    try:
+        for offset in range(0, size, _MEMFD_READ):
+            yield os.pread(fd, _MEMFD_READ, offset)
+    finally:
+        os.close(fd)
 
 
 class _Plaintexts:
@@ -190,6 +227,23 @@ def _data_pdus(context_id: int, chunks: Iterator[bytes], fragment_max: int) -> I
 
 # -- the service ----------------------------------------------------------------------------
 
+def move_contexts(pairs: set[tuple[str, str]]) -> list[Proposed] | None:
+    """What a C-MOVE proposes to its destination: each (SOP class, stored syntax) in a context
+    of its own, then per SOP class one context of the syntaxes its instances can be transcoded
+    to (the peer accepts one of each); None when even the first kind would not fit."""
+    ordered = sorted(pairs)
+    if len(ordered) > _MAX_CONTEXTS:
+        return None
+    proposals = [(sop, (ts,)) for sop, ts in ordered]
+    for sop in sorted({sop for sop, _ in ordered}):
+        fallback = tuple(ts for ts in transcode.UNCOMPRESSED
+                         if any(transcode.can_transcode(stored, ts) and stored != ts for s, stored in ordered
+                                if s == sop))
+        if fallback and len(proposals) < _MAX_CONTEXTS:
+            proposals.append((sop, fallback))
+    return [Proposed(2 * n + 1, sop, syntaxes) for n, (sop, syntaxes) in enumerate(proposals)]
+
+
 class _LinkAborted(Exception):
     """A streamed instance failed its check on the way: its association was aborted."""
 
@@ -198,9 +252,10 @@ class RetrieveService:
     """Serves C-GET and C-MOVE for one archive; called by the association for those requests."""
 
     def __init__(self, archive: Archive, *, ae_title: str, model_of: Callable[[str], str | None],
-                 authorise: Callable[[Peer, str], bool],
-                 move_destination: Callable[[str], tuple[str, int] | None], max_pdu: int, timeout_s: float):
+                 authorise: Callable[[Peer, str], bool], move_destination: Callable[[str], tuple[str, int] | None],
+                 max_pdu: int, timeout_s: float, metrics: ServerMetrics):
         self._archive = archive
+        self._metrics = metrics
         self._ae_title = ae_title
         self._model_of = model_of
         self._authorise = authorise
@@ -271,14 +326,13 @@ class RetrieveService:
                     LOG.error("retrieve refusal not recorded: %s", exc)
                 return respond(0xA801, comment="move destination unknown or not allowed")
             dest = f"{move_to}@{destination[0]}:{destination[1]}"
-            pairs = sorted({(rec["SOPClassUID"], rec["transfer_syntax"]) for _, rec in instances})
-            if len(pairs) > _MAX_CONTEXTS:
+            proposals = move_contexts({(rec["SOPClassUID"], rec["transfer_syntax"]) for _, rec in instances})
+            if proposals is None:
                 return respond(0xA701, comment="too many SOP class / transfer syntax pairs for one association")
             try:
                 target = RequestedAssociation.open(
                     destination[0], destination[1], calling_ae=self._ae_title, called_ae=move_to,
-                    contexts=[Proposed(2 * n + 1, sop, (ts,)) for n, (sop, ts) in enumerate(pairs)],
-                    max_pdu=self._max_pdu, timeout=self._timeout)
+                    contexts=proposals, max_pdu=self._max_pdu, timeout=self._timeout)
             except AssociationRefused as exc:
                 LOG.warning("C-MOVE destination refused: %s", exc)
                 return respond(0xA801, comment="move destination refused the association")
@@ -301,8 +355,14 @@ class RetrieveService:
             cancel["asked"] = cancel["asked"] or their_id == message_id
 
         broken = False  # the destination's association was aborted: the rest fail
+        failure = ""  # the first reason a sub-operation failed on our side
+        counts = {uid: transcode.TranscodeCounts() for uid in studies}
+
+        def prefetch_skips(record: dict) -> bool:  # unavailable, or to be transcoded (not as stored)
+            return record["study"] in unavailable or self.syntax_for(target, record) != record["transfer_syntax"]
+
         try:
-            with _Plaintexts(self._archive, instances, lambda record: record["study"] in unavailable) as plaintexts:
+            with _Plaintexts(self._archive, instances, prefetch_skips) as plaintexts:
                 for number, (sop_uid, record) in enumerate(instances):
                     if cancel["asked"] or assoc.cancelled(message_id):
                         subops.failed_uids.extend(uid for uid, _ in instances[number:])
@@ -310,8 +370,9 @@ class RetrieveService:
                     status = None
                     if record["study"] not in unavailable and not broken:
                         try:
-                            status = self._send_one(target, plaintexts, number, record, sop_uid, originator,
-                                                    on_cancel if is_get else None)
+                            status, why = self._send_one(target, plaintexts, number, record, sop_uid, originator,
+                                                         on_cancel if is_get else None, counts[record["study"]])
+                            failure = failure or why
                         except _LinkAborted as exc:
                             LOG.error("retrieve aborted: %s", exc)
                             if is_get:  # the requestor's own association: nothing more can be said on it
@@ -329,32 +390,44 @@ class RetrieveService:
                     self._archive.audit.record(audit.event(
                         "DICOM Instances Transferred", op=op, action="R", outcome=4 if failed else 0, dest=dest,
                         study=study_uid, patient=self._archive.patient_id_of(study_uid), instances=sent,
-                        failed=failed, reason=unavailable.get(study_uid, ""), **who))
+                        failed=failed, reason=unavailable.get(study_uid, ""), transcoded=counts[study_uid].summary(),
+                        **who))
                 except AuditError as exc:  # sent already: the Begin record stands; say so loudly
                     LOG.error("retrieve of a study sent but its end not recorded: %s", exc)
-        assoc.stats.count("C-GET" if is_get else "C-MOVE", retrieved=subops.completed)
-        comment = next(iter(unavailable.values()), "")
+        assoc.stats.count("C-GET" if is_get else "C-MOVE", retrieved=subops.completed,
+                          transcoded=sum(pair["instances"] for c in counts.values() for pair in c.summary()))
+        comment = next(iter(unavailable.values()), "") or failure
         if subops.failed == len(instances):
             return respond(_SUBOP_FAILURE, subops, comment)
         return respond(_WARNING if subops.failed or subops.warning else 0x0000, subops, comment)
 
     def _send_one(self, target: Link, plaintexts: _Plaintexts, number: int, record: dict, sop_uid: str,
-                  originator: tuple[str, int] | None, on_cancel) -> int | None:
-        """The peer's status for one sub-operation, or None when it failed on our side."""
-        sop_class, stored_syntax = record["SOPClassUID"], record["transfer_syntax"]
-        contexts = [cx for cx in target.sending_contexts(sop_class) if cx.transfer_syntax == stored_syntax]
-        if not contexts:
-            LOG.warning("retrieve sub-operation failed: the peer did not accept %s in the stored syntax", sop_class)
-            return None
+                  originator: tuple[str, int] | None, on_cancel, counts: transcode.TranscodeCounts,
+                  ) -> tuple[int | None, str]:
+        """(the peer's status, or None when the sub-operation failed on our side; why it failed)."""
+        sop_class, stored = record["SOPClassUID"], record["transfer_syntax"]
+        contexts = target.sending_contexts(sop_class)
+        syntax = transcode.pick_target(stored, [cx.transfer_syntax for cx in contexts])
+        if syntax is None:
+            reason = "no accepted transfer syntax for the stored one"
+            LOG.warning("retrieve sub-operation failed: %s (%s, %s)", reason, sop_class, stored)
+            return None, reason
+        context = next(cx for cx in contexts if cx.transfer_syntax == syntax)
         try:
-            data = plaintexts.take(number)
+            data = plaintexts.take(number) if syntax == stored else transcoded(self._archive, record, syntax, counts)
         except (ApplianceError, ValueError) as exc:
             LOG.warning("retrieve sub-operation failed: %s", exc)
-            return None
+            return None, str(exc)
+        if syntax != stored:
+            self._metrics.add("transcoded_instances_total", **{"from": stored, "to": syntax})
         try:
-            return send_c_store(target, contexts[0], sop_class, sop_uid, data, originator, on_cancel)
+            return send_c_store(target, context, sop_class, sop_uid, data, originator, on_cancel), ""
         except IntegrityError as exc:  # a streamed instance failed its final check: the link is aborted
             raise _LinkAborted(str(exc)) from None
+
+    def syntax_for(self, target: Link, record: dict) -> str | None:
+        return transcode.pick_target(record["transfer_syntax"],
+                                     [cx.transfer_syntax for cx in target.sending_contexts(record["SOPClassUID"])])
 
     def _recall(self, assoc, message: Message, respond, studies: list[str],
                 subops: SubOperations) -> dict[str, str] | None:

@@ -156,7 +156,8 @@ class DicomServer:
         self.retrieve = RetrieveService(archive, ae_title=self.ae_title, model_of=QUERY_RETRIEVE.get,
                                         authorise=self.authorise, move_destination=self.move_destination,
                                         max_pdu=self.settings.max_pdu_kb << 10,
-                                        timeout_s=self.settings.association_request_timeout_s * 6)
+                                        timeout_s=self.settings.association_request_timeout_s * 6,
+                                        metrics=self.metrics)
         self.front = Front(archive, self.ae_title, self.authorise, QUERY_RETRIEVE.get, self.metrics, self.retrieve,
                            self._deliver_report, self.settings.idle_timeout_s)
 
@@ -323,7 +324,7 @@ class DicomServer:
                         return bytes(entry.received[:end]), bytes(entry.received[end:])
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
+        except (ConnectionError, ssl.SSLError, OSError):
             raise _Dropped("connection broke before a complete A-ASSOCIATE-RQ", silent=not entry.received) from None
 
     def _forget(self, selector, pending: dict, per_address: dict, entry: _Pending) -> None:

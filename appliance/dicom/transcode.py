@@ -34,14 +34,11 @@ import threading
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Iterable, Iterator
 
 import numpy as np
 from pydicom.datadict import dictionary_VR, private_dictionary_VR
-from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import get_decoder
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit,
@@ -102,19 +99,6 @@ def pick_target(stored_ts: str, accepted: Iterable[str]) -> str | None:
     if stored_ts in accepted:
         return stored_ts
     return next((ts for ts in accepted if can_transcode(stored_ts, ts)), None)
-
-
-def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, "DICM" and File Meta Information of a Part 10 file holding a data set in
-    `transfer_syntax` (what export writes before `transcode`'s output)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    out = BytesIO()
-    out.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(out, meta, enforce_standard=True)
-    return out.getvalue()
 
 
 class TranscodeCounts:

@@ -21,14 +21,13 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 from appliance import audit, backends
 from appliance.audit import AuditTrail
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
-from appliance.errors import ApplianceError, BlobMissing, IntegrityError, InvalidInstance, NotFound, OutOfSpace
+from appliance.errors import BlobMissing, IntegrityError, InvalidInstance, NotFound, OutOfSpace
 from appliance.fsutil import HomeLock, raise_if_out_of_space
 from appliance.store import index as ix
 from appliance.store import journal as jr
@@ -584,36 +583,6 @@ class Archive:
             counters.update(patients=t.count("patients"), studies=t.count("studies"),
                             series=t.count("series"))
         return counters
-
-    def export_study(self, study_uid: str, dest: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-        """Write every current instance of a study byte-exact as DEST/<SOPInstanceUID>.dcm.
-
-        A file appears only after all of its bytes verified. Returns (written, failures)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        written, failures = [], []
-        instances = self.instances_of_study(study_uid)
-        self.touch_study(study_uid)
-        if self.needs_recall(study_uid):
-            self.recall_study(study_uid)
-        for sop_uid, record in instances:
-            target = dest / f"{sop_uid}.dcm"
-            tmp = dest / f".{sop_uid}.dcm.partial"
-            try:
-                with open(tmp, "wb") as out:
-                    for chunk in self.open_blob(record["current"]):
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, target)
-                written.append(target)
-            except ApplianceError as exc:
-                tmp.unlink(missing_ok=True)
-                failures.append((sop_uid, str(exc)))
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise_if_out_of_space(exc)
-                raise
-        return written, failures
 
     # -- deleting ------------------------------------------------------------------------
 

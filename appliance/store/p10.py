@@ -23,11 +23,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
-import pydicom
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
-from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
