@@ -68,6 +68,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_conformance(args) -> int:
+    from appliance.dicom import conformance  # the DICOM front's tables, only where they are needed
+
+    print(conformance.statement(), end="")
+    return 0
+
+
 def cmd_ae(args) -> int:
     config = cfg.load(_home(args))
     remotes = registry.load(config.remote_aes_path)
@@ -598,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--debug", action="store_true",
                        help="log every PDU and DIMSE message (UIDs, but never query identifiers or patient data)")
     serve.set_defaults(func=cmd_serve)
+
+    conformance = sub.add_parser("conformance", help="print the DICOM conformance statement (Markdown)")
+    conformance.set_defaults(func=cmd_conformance)
 
     ae = sub.add_parser("ae", help="remote application entities and their roles")
     ae.add_argument("action", choices=("add", "remove", "list"))

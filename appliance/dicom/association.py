@@ -41,7 +41,7 @@ class Front:
     archive: Archive
     ae_title: str
     authorise: Callable[[Peer, str], bool]
-    model_of: Callable[[str], str | None]  # Q/R SOP class -> model, None for others
+    model_of: Callable[[str, int], str | None]  # (Q/R SOP class, service) -> model, None if not for it
     metrics: ServerMetrics
     retrieve: Any  # retrieve.RetrieveService
     deliver_report: Callable[[Peer, int, Dataset], None]  # commitment report to the registered address
@@ -151,7 +151,7 @@ class Association(Link):
         return status
 
     def _find(self, message: Message) -> int:
-        model = self.front.model_of(message.context.abstract_syntax)
+        model = self.front.model_of(message.context.abstract_syntax, message.field)
         if model is None or message.payload is None:
             status = handlers.STATUS_SOP_CLASS_NOT_SUPPORTED if model is None else 0xA700
             self.respond(message, status, "not a query model" if model is None else "identifier too long")

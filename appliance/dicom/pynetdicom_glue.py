@@ -32,7 +32,7 @@ class AssociateRequest:
     max_pdu: int = 0  # the requestor's maximum length received; 0: no limit
     implementation_uid: str = ""
     implementation_version: str = ""
-    user_identity: str = ""  # the primary field of a user identity item (a user name), if any
+    user_identity: str = ""  # the user name of a user identity item (types 1 and 2), if any
     protocol_version: int = 1
 
 
@@ -64,7 +64,9 @@ def decode_associate_rq(raw: bytes) -> AssociateRequest:
                 request.implementation_version = str(item.implementation_version_name or "")
             elif isinstance(item, prim.SCP_SCU_RoleSelectionNegotiation):
                 request.roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
-            elif isinstance(item, prim.UserIdentityNegotiation):
+            elif isinstance(item, prim.UserIdentityNegotiation) and item.user_identity_type in (1, 2):
+                # A user name (type 1, or 2 with a passcode, which is never kept); a Kerberos ticket,
+                # SAML assertion or JWT (types 3-5) is a secret: not kept either.
                 request.user_identity = (item.primary_field or b"").decode("utf-8", "replace")[:64]
     except ProtocolError:
         raise

@@ -251,7 +251,7 @@ class _LinkAborted(Exception):
 class RetrieveService:
     """Serves C-GET and C-MOVE for one archive; called by the association for those requests."""
 
-    def __init__(self, archive: Archive, *, ae_title: str, model_of: Callable[[str], str | None],
+    def __init__(self, archive: Archive, *, ae_title: str, model_of: Callable[[str, int], str | None],
                  authorise: Callable[[Peer, str], bool], move_destination: Callable[[str], tuple[str, int] | None],
                  max_pdu: int, timeout_s: float, metrics: ServerMetrics):
         self._archive = archive
@@ -286,7 +286,7 @@ class RetrieveService:
             except AuditError as exc:
                 LOG.error("retrieve refusal not recorded: %s", exc)
             return respond(0x0124, comment="calling AE may not retrieve")
-        model = self._model_of(message.context.abstract_syntax)
+        model = self._model_of(message.context.abstract_syntax, message.field)
         if model is None:
             return respond(handlers.STATUS_SOP_CLASS_NOT_SUPPORTED, comment="not a retrieve model")
         try:

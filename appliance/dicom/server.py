@@ -55,11 +55,21 @@ from appliance.store.p10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 LOG = logging.getLogger("appliance.dicom")
 VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+# Query/Retrieve information models: SOP class -> (model, the one service it is for)
 QUERY_RETRIEVE = {
-    "1.2.840.10008.5.1.4.1.2.1.1": PATIENT_ROOT, "1.2.840.10008.5.1.4.1.2.1.2": PATIENT_ROOT,
-    "1.2.840.10008.5.1.4.1.2.1.3": PATIENT_ROOT, "1.2.840.10008.5.1.4.1.2.2.1": STUDY_ROOT,
-    "1.2.840.10008.5.1.4.1.2.2.2": STUDY_ROOT, "1.2.840.10008.5.1.4.1.2.2.3": STUDY_ROOT,
+    "1.2.840.10008.5.1.4.1.2.1.1": (PATIENT_ROOT, dimse.C_FIND_RQ), "1.2.840.10008.5.1.4.1.2.1.2": (PATIENT_ROOT,
+                                                                                                 dimse.C_MOVE_RQ),
+    "1.2.840.10008.5.1.4.1.2.1.3": (PATIENT_ROOT, dimse.C_GET_RQ), "1.2.840.10008.5.1.4.1.2.2.1": (STUDY_ROOT,
+                                                                                                dimse.C_FIND_RQ),
+    "1.2.840.10008.5.1.4.1.2.2.2": (STUDY_ROOT, dimse.C_MOVE_RQ), "1.2.840.10008.5.1.4.1.2.2.3": (STUDY_ROOT,
+                                                                                               dimse.C_GET_RQ),
 }
+
+
+def model_of(sop_class: str, service: int) -> str | None:
+    """The information model of a Query/Retrieve SOP class when it is for `service`, else None."""
+    model, served = QUERY_RETRIEVE.get(sop_class, (None, None))
+    return model if served == service else None
 _NOT_DICOM_ENCODINGS = ("1.2.840.10008.1.2.6.", "1.2.840.10008.1.2.7.", "1.2.840.10008.1.20")
 _PENDING_TOTAL = 4096  # connections in the lobby at once, from everyone
 _LOBBY_TICK_S = 0.5
@@ -153,12 +163,12 @@ class DicomServer:
         self._recorder: threading.Thread | None = None
         self._associations: dict[int, tuple[threading.Thread, Connection]] = {}
         self._associations_lock = threading.Lock()
-        self.retrieve = RetrieveService(archive, ae_title=self.ae_title, model_of=QUERY_RETRIEVE.get,
+        self.retrieve = RetrieveService(archive, ae_title=self.ae_title, model_of=model_of,
                                         authorise=self.authorise, move_destination=self.move_destination,
                                         max_pdu=self.settings.max_pdu_kb << 10,
                                         timeout_s=self.settings.association_request_timeout_s * 6,
                                         metrics=self.metrics)
-        self.front = Front(archive, self.ae_title, self.authorise, QUERY_RETRIEVE.get, self.metrics, self.retrieve,
+        self.front = Front(archive, self.ae_title, self.authorise, model_of, self.metrics, self.retrieve,
                            self._deliver_report, self.settings.idle_timeout_s)
 
     # -- access control ------------------------------------------------------------------
