@@ -27,7 +27,7 @@ from appliance import audit, backends
 from appliance.audit import AuditTrail
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.config import Config
-from appliance.errors import BlobMissing, IntegrityError, InvalidInstance, NotFound, OutOfSpace
+from appliance.errors import BlobMissing, HomeLocked, IntegrityError, InvalidInstance, NotFound, OutOfSpace
 from appliance.fsutil import HomeLock, raise_if_out_of_space
 from appliance.store import index as ix
 from appliance.store import journal as jr
@@ -210,9 +210,12 @@ class Archive:
         self._unsynced_names: set[str] = set()  # hot files written by apply since the last checkpoint
         self._name_lock = threading.Lock()
         self._name_prefix = ("", -_NAME_PREFIX_S)
-        if lock is not None and self.hot.root.is_dir():
-            self.hot.sweep_incoming()
-            self.replay_journals()
+        if self.hot.root.is_dir():
+            if lock is not None:
+                self.hot.sweep_incoming()
+                self.replay_journals()
+            elif jr.orphans(config.journal_dir):
+                self._replay_for_reader()
 
     @classmethod
     def open(cls, config: Config, *, writer: bool = False, exclusive: bool = False) -> "Archive":
@@ -366,6 +369,15 @@ class Archive:
     def replay_journals(self) -> int:
         """Apply what the journals of processes that are gone hold (after a crash)."""
         return jr.replay(self.config.journal_dir, self.keyring.kek_id, self.keyring.journal_key, self)
+
+    def _replay_for_reader(self) -> None:
+        """A reader that finds what a crash left in a journal replays it first (as a writer, for
+        that moment): every acknowledged store is in what it reads."""
+        try:
+            with HomeLock(self.config.home, exclusive=False):
+                self.replay_journals()
+        except HomeLocked:
+            pass  # a maintenance command holds the home: it replayed them when it opened
 
     def apply(self, records: list[jr.Record], replaying: bool) -> None:
         """Redo journal records on the hot tier, the index and the trail (see journal.py)."""

@@ -69,7 +69,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from appliance.errors import ApplianceError, OutOfSpace
-from appliance.fsutil import free_bytes, fsync_dir
+from appliance.fsutil import free_bytes, fsync_dir, make_dirs
 
 FILE_MAGIC = b"PVJRNL\r\n"
 VERSION = 1
@@ -273,7 +273,8 @@ class Journal:
     def __init__(self, directory: Path, kek_id: bytes, journal_key: Callable[[bytes], bytes], applier: Applier,
                  *, checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S):
         self.directory = Path(directory)
-        self.directory.mkdir(mode=0o700, exist_ok=True)
+        make_dirs(self.directory)  # its name durable too: a power cut must not take the journal with it
+        os.chmod(self.directory, 0o700)
         self.journal_id = os.urandom(16)
         self.started = int(time.time())
         self._kek_id = kek_id
