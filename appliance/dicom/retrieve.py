@@ -59,6 +59,7 @@ _PENDING, _CANCEL, _WARNING, _SUBOP_FAILURE = 0xFF00, 0xFE00, 0xB000, 0xA702
 _MAX_CONTEXTS = 128
 _PENDING_INTERVAL_S = 2.0
 PREFETCH_MAX_BYTES = 32 << 20
+PREFETCH_AHEAD = 2
 _MEMFD_READ = 1 << 20
 
 
@@ -149,13 +150,13 @@ def _memfd_chunks(fd: int, size: int) -> Iterator[bytes]:
 
 
 class _Plaintexts:
-    """The plaintext of each instance to send, the next one decrypted in a worker thread
-    while the current one is on the wire. Memory stays bounded: only an instance of at most
-    PREFETCH_MAX_BYTES is prepared ahead."""
+    """The plaintext of each instance to send, the next ones decrypted by worker threads (one
+    per core) while the current one is on the wire. Memory stays bounded: only instances of at
+    most PREFETCH_MAX_BYTES, PREFETCH_AHEAD of them, are prepared ahead."""
 
     def __init__(self, archive: Archive, instances: list[tuple[str, dict]], skip: Callable[[dict], bool]):
         self._archive, self._instances, self._skip = archive, instances, skip
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve-prefetch")
+        self._worker = ThreadPoolExecutor(max_workers=PREFETCH_AHEAD, thread_name_prefix="retrieve-prefetch")
         self._ahead: dict[int, Future] = {}
 
     def __enter__(self) -> "_Plaintexts":
@@ -172,7 +173,7 @@ class _Plaintexts:
         return blob["size"] if blob else PREFETCH_MAX_BYTES + 1
 
     def _prefetch(self, number: int) -> None:
-        if number >= len(self._instances):
+        if number >= len(self._instances) or number in self._ahead:
             return
         _, record = self._instances[number]
         try:
@@ -190,7 +191,8 @@ class _Plaintexts:
             _, record = self._instances[number]
             return plaintext(self._archive, record, self._size(record))
         finally:
-            self._prefetch(number + 1)
+            for following in range(number + 1, number + 1 + PREFETCH_AHEAD):
+                self._prefetch(following)
 
 
 # -- one sub-operation ----------------------------------------------------------------------

@@ -211,6 +211,7 @@ class DicomServer:
         hot = self.config.resolve(self.config.hot_tier.path)
         if not hot.is_dir():
             raise TierUnavailable(f"the hot tier {hot} is not there (disk not mounted?): not serving until it is")
+        self.archive.open_journal()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # every connection in the lobby is a descriptor
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -325,6 +325,11 @@ class Archive:
         if free < 2 * sealed_size + FREE_MARGIN:
             raise OutOfSpace(f"out of space on the data volume ({free >> 20} MB free)")
 
+    def open_journal(self) -> None:
+        """Make the journal now rather than on the first store (the server: its files are
+        written whole before the first acknowledgement has to wait for them)."""
+        self._journal_for_writing()
+
     def _journal_for_writing(self) -> jr.Journal:
         with self._journal_lock:
             if self._journal is None:

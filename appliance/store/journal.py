@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import queue
@@ -86,7 +87,7 @@ CHECKPOINT_INTERVAL_S = 5.0
 _SPARE_FILES = 2  # free files kept for reuse
 # Records acknowledged within this long are applied together (one index commit), unless a
 # reader of this process waits for them.
-APPLY_DELAY_S = 0.01
+APPLY_DELAY_S = 0.05
 
 assert FILE_HEADER.size == 64 and RECORD_HEADER.size == 16
 LOG = logging.getLogger("appliance.journal")
@@ -286,7 +287,7 @@ class Journal:
         self._max_batch = self._segment - FILE_HEADER.size
         self._file_lock = threading.Lock()  # the committer appends, the checkpoint restarts files
         self._files: list[_File] = []  # the first is being written
-        self._file_number = 0
+        self._file_numbers = itertools.count(1)
         self._number = 0  # last record number handed out
         self._checkpointed = 0  # every record up to this one is durable elsewhere
         self._wants_checkpoint = False
@@ -335,9 +336,8 @@ class Journal:
         return entry.outcome
 
     def _new_file(self) -> _File:
-        self._file_number += 1
-        return _File(self.directory / f"{self.journal_id.hex()}-{self._file_number:06d}{SUFFIX}", self._header,
-                     self._segment)
+        number = next(self._file_numbers)  # atomic: the committer and the applier both make files
+        return _File(self.directory / f"{self.journal_id.hex()}-{number:06d}{SUFFIX}", self._header, self._segment)
 
     def _file_for(self, size: int) -> _File:
         """The file the next batch goes into (under the file lock): the current one while it
@@ -438,6 +438,7 @@ class Journal:
                                               or time.monotonic() - pending_since >= self._interval):
                 self._checkpoint()
                 pending_since = None
+                self._ensure_spare()
 
     def _apply(self, records: list[Record]) -> None:
         while True:
@@ -480,6 +481,19 @@ class Journal:
             current = self._files[0]
             if current.last and current.last <= applied:
                 current.restart()
+
+    def _ensure_spare(self) -> None:
+        """A free file ready for when the current one fills: made here, off the commit path."""
+        with self._file_lock:
+            if any(f.last <= self._checkpointed for f in self._files[1:]):
+                return
+        try:
+            spare = self._new_file()
+        except (OSError, OutOfSpace) as exc:  # the commit that needs it makes one, or says why not
+            LOG.warning("no spare journal file made ahead: %s", exc)
+            return
+        with self._file_lock:
+            self._files.append(spare)
 
     def wait_applied(self, number: int | None = None, timeout: float = 30.0) -> bool:
         """Wait until record `number` (default: every acknowledged record) is in the index;

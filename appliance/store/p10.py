@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator
 
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -54,6 +54,7 @@ _KEPT = {(tag >> 16, tag & 0xFFFF): keyword for keyword, tag in (
     (kw, tag_for_keyword(kw)) for kw in (*PATIENT_KEYS, *STUDY_KEYS, *SERIES_KEYS, *INSTANCE_KEYS,
                                          "SpecificCharacterSet", "BitsAllocated", "MediaStorageSOPClassUID",
                                          "MediaStorageSOPInstanceUID"))}
+_KEPT_VR = {tag: dictionary_VR((tag[0] << 16) | tag[1]) for tag in _KEPT}  # for implicit VR data sets
 _CHARSET = (0x0008, 0x0005)
 _STUDY_UID = (0x0020, 0x000D)
 _BITS_ALLOCATED = (0x0028, 0x0100)
@@ -151,7 +152,7 @@ class _Walk:
                 self._buffer = bytearray(self._buffer[self._offset:]) + view
                 self._offset = 0
         self._run()
-        if isinstance(self._buffer, memoryview):
+        if isinstance(self._buffer, memoryview) and not self.done:  # the caller's bytes: keep a copy of the rest
             self._buffer, self._offset = bytearray(self._buffer[self._offset:]), 0
 
     def finish(self):
@@ -161,8 +162,9 @@ class _Walk:
             raise InvalidInstance("truncated: the data ends inside a data element")
         return self.result
 
-    def rest(self) -> bytes:
-        return bytes(self._buffer[self._offset:])
+    def rest(self):
+        """What was fed past the end of the walk (a view: use it before the next feed)."""
+        return self._buffer[self._offset:]
 
     def _advance(self, reply, first: bool = False) -> None:
         while True:
@@ -587,7 +589,26 @@ def _attribute_values(captured: dict) -> dict:
 
 
 def _converted(element: RawDataElement, encodings):
-    return convert_raw_data_element(element, encoding=encodings).value
+    plain = _plain_value(element)
+    return plain if plain is not None else convert_raw_data_element(element, encoding=encodings).value
+
+
+# VRs whose single ASCII value reads, once stripped, as pydicom reads it; decoding one of them
+# here skips pydicom's converter machinery (most of inspect's time on a CT instance).
+_PLAIN_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"}
+_NOT_PLAIN = re.compile(rb"[\\\x1b\x80-\xff]")
+
+
+def _plain_value(element: RawDataElement):
+    """The value of a kept element when it is plain: one ASCII value of a text VR, or a US.
+    None otherwise (pydicom's converter decides: character sets, multi-values, odd VRs)."""
+    vr = element.VR or _KEPT_VR.get((element.tag >> 16, element.tag & 0xFFFF))
+    value = element.value
+    if vr == "US" and len(value) == 2:
+        return struct.unpack("<H" if element.is_little_endian else ">H", value)[0]
+    if vr in _PLAIN_TEXT_VRS and not _NOT_PLAIN.search(value):
+        return value.decode("ascii")
+    return None
 
 
 def _instance_info(content_address: bytes, length: int, transfer_syntax: str, has_meta: bool,

