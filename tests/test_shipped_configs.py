@@ -6,12 +6,27 @@ each says what is wrong."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import yaml
 
+from appliance import cli
 from conftest import REPO, load_cartridge, make_study, prometheus_samples, run_cli
+from dicom_server import free_port
+
+
+def appliance(home: Path, *args: str) -> tuple[int, str, str]:
+    """The CLI in-process (the real code path, without an interpreter start per command):
+    (exit code, stdout, stderr). An exception escaping main() is the crash this file hunts."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main(["--home", str(home), *args])
+    assert "Traceback" not in err.getvalue()  # a worker thread's crash is printed, not raised
+    return code, out.getvalue(), err.getvalue()
 
 
 TIER_FILES = {"hot": "hot-raid.yaml", "cold": "cold-disk.yaml", "tape": "ltfs-tape.yaml", "s3": "s3.yaml"}
@@ -35,6 +50,12 @@ def tape_tier(cartridges: Path, loaded: tuple[str, ...], **settings) -> dict:
     for cartridge in tier["cartridges"]:
         label = cartridge["label"]
         cartridge["path"] = str(cartridges / (label if label in loaded else f"{label}-not-mounted"))
+    return tier
+
+
+def s3_tier(endpoint: str, bucket: str, **settings) -> dict:
+    tier = example("s3") | settings
+    tier["s3"] |= {"endpoint_url": endpoint, "bucket": bucket, "timeout_s": 5}
     return tier
 
 
@@ -62,3 +83,31 @@ def test_the_ltfs_example_with_a_rate_limit_gives_status_metrics_and_report(home
     assert samples[("pacs_vault_tier_up", frozenset({("tier", "tape")}))] == 1
     run_cli("report", "--html", str(tmp_path / "report.html"), home=home)
     assert "PV0002L9 (not loaded)" in (tmp_path / "report.html").read_text()
+
+
+# -- the everyday commands ----------------------------------------------------------------------
+
+def test_a_fresh_home_answers_every_everyday_command(home):
+    """The home `init` makes, before anything is stored: what a newcomer tries first."""
+    for args, said in ((["status"], "state      ONLINE"), (["policy", "check"], "policies ok: 3 classes"),
+                       (["policy", "plan"], "0 actions"), (["keys", "status"], "0 wrapped under it"),
+                       (["audit", "verify"], "audit trail intact"), (["replicate"], "verified"),
+                       (["audit", "verify", "--offsite"], "audit trail intact"),
+                       (["scrub"], "scrub repaired 0 copies, 0 unrecoverable"),
+                       (["scrub", "--deep"], "deep scrub repaired 0 copies"), (["fsck"], "0 errors"),
+                       (["policy", "jobs"], "0 jobs"), (["hold", "list"], ""), (["policy", "deletions"], "")):
+        code, out, err = appliance(home, *args)
+        assert code == 0 and said in out, (args, out, err)
+
+
+def test_the_hospital_example_as_its_header_says_with_the_shipped_tier_examples(home):
+    write_tier(home, example("tape"))
+    write_tier(home, s3_tier(f"http://127.0.0.1:{free_port()}", example("s3")["s3"]["bucket"]))  # never AWS
+    (home / "policies" / "default.yaml").unlink()
+    shutil.copy(REPO / "policies" / "hospital-example.yaml.example", home / "policies" / "hospital.yaml")
+    code, out, err = appliance(home, "policy", "check")
+    assert code == 0 and "policies ok: 5 classes (research-trial-2024, mammography" in out, err
+    # Beside default.yaml instead, it is refused with the reason, as the header warns.
+    shutil.copy(REPO / "policies" / "default.yaml", home / "policies" / "default.yaml")
+    code, _, err = appliance(home, "policy", "check")
+    assert code == 78 and "class 'mammography' is defined twice" in err
