@@ -182,14 +182,14 @@ def cmd_status(args) -> int:
         if "free_bytes" in tier:
             line += (f" {tier['path']}: {tier['used_percent']}% used (high watermark {tier['high_watermark_percent']}%),"
                      f" {human_bytes(tier['free_bytes'])} free")
-        if "error" in tier:
-            line += f" {tier['path']}: UNREADABLE ({tier['error']})"
         if "cartridges" in tier:
             line += " " + ", ".join(f"{c['label']} ({'loaded' if c['loaded'] else 'not loaded'}, "
                                     f"{human_bytes(c['used_bytes'])} of {human_bytes(c['capacity_bytes'])})"
                                     for c in tier["cartridges"])
         if "bucket" in tier:
             line += f" s3://{tier['bucket']}/{tier['prefix']}"
+        if "error" in tier:
+            line += f" CANNOT BE REACHED: {tier['error']}"
         if tier.get("packs"):
             line += f"; {tier['packs']} packs, {human_bytes(tier['pack_bytes'])}"
         overdue = tier.get("scrub_overdue", {})
@@ -364,8 +364,12 @@ def cmd_policy(args) -> int:
     with _open(args) as archive:
         if args.action == "plan":
             actions, unclassified = lifecycle.Lifecycle(archive, _rules(archive)).plan()
+            # What the plan needs: the hot tier (its usage) and the tiers it migrates to.
+            needed = [archive.hot.name, *sorted({tier for a in actions for tier in a.targets})]
+            unreachable = {name: tier["error"] for name in needed
+                           if "error" in (tier := health.tier_status(archive, archive.config.tiers[name]))}
             out = {"actions": [vars(a) | {"targets": list(a.targets)} for a in actions],
-                   "unclassified": unclassified}
+                   "unclassified": unclassified, "unreachable_tiers": unreachable}
         elif args.action == "jobs":
             out = lifecycle.jobs(archive)
         else:
@@ -380,6 +384,8 @@ def cmd_policy(args) -> int:
                     "review": "expired: review", "held": "expired, held"}[a.kind]
             print(f"{a.study}  {what}\n    rule {a.rule}: {a.reason}")
         print(f"{len(actions)} actions, {len(unclassified)} studies match no class (kept)")
+        for name, error in unreachable.items():
+            print(f"tier {name} cannot be reached now: {error}")
     elif args.action == "jobs":
         for uid, job in out.items():
             retry = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["next_try"])) if job["next_try"] else "now"

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from appliance.errors import ConfigError, NotInitialised
+from appliance.errors import ConfigError, NotInitialised, TierUnavailable
 
 CONFIG_FILE = "appliance.yaml"
 TIER_KINDS = ("filesystem", "ltfs", "s3")
@@ -206,11 +206,19 @@ class TierConfig:
     scrub_deep_days: int = field(default=30, metadata=_check(lambda v: v >= 0, "must be 0 or more"))
 
 
+class Tiers(dict):
+    """The tiers by name. A name no file defines (packs still indexed on a tier whose file
+    was removed) is a tier that cannot be reached, not a KeyError deep in a job."""
+
+    def __missing__(self, name: str) -> TierConfig:
+        raise TierUnavailable(f"tier {name} is not configured: no file in the tiers directory defines it")
+
+
 @dataclass(frozen=True)
 class Config:
     home: Path
     appliance: ApplianceConfig
-    tiers: dict[str, TierConfig]
+    tiers: Tiers
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
@@ -393,7 +401,7 @@ def load(home: Path, path: Path | None = None) -> Config:
         raise NotInitialised(f"{home} is not an appliance home (no {CONFIG_FILE}); run `appliance init`")
     source = _Source(path)
     appliance = _build(ApplianceConfig, source.data, source)
-    tiers: dict[str, TierConfig] = {}
+    tiers = Tiers()
     tiers_dir = Path(appliance.tiers_dir) if Path(appliance.tiers_dir).is_absolute() else home / appliance.tiers_dir
     for tier_file in sorted(tiers_dir.glob("*.yaml")):
         tier_source = _Source(tier_file)

@@ -77,7 +77,8 @@ class NotFound(ApplianceError):
 
 
 class TierUnavailable(ApplianceError):
-    """A tier cannot be reached now (S3 down, cartridge not loaded, restore pending): retry later.
+    """A tier cannot be reached now (S3 down, cartridge not loaded, restore pending, its file
+    gone from the tiers directory): retry later.
 
     Nothing was removed from the source of whatever operation met it."""
 

@@ -9,32 +9,47 @@ from __future__ import annotations
 
 import shutil
 
-from appliance import lifecycle, replicate, scrub
+from appliance import backends, lifecycle, replicate, scrub
+from appliance.backends.ltfs import LtfsBackend
+from appliance.errors import ApplianceError
 from appliance.store import alarms as alarm_store
 from appliance.store.archive import Archive
 
 
 def tier_status(archive: Archive, tier) -> dict:
-    """Usage of one tier, from the index (bytes of copies) and, where it can be asked, the medium."""
+    """Usage of one tier, from the index (bytes of copies) and, where it can be asked, the medium;
+    `error` says why the tier cannot be reached now."""
     entry = {"kind": tier.kind, "role": "hot" if tier.name == archive.hot.name else "cold",
              "high_watermark_percent": tier.high_watermark_percent,
              "low_watermark_percent": tier.low_watermark_percent}
     if tier.kind == "filesystem":
-        path = archive.config.resolve(tier.path)
-        entry["path"] = str(path)
-        try:
-            usage = shutil.disk_usage(path)
+        entry["path"] = str(archive.config.resolve(tier.path))
+    elif tier.kind == "s3":
+        entry["bucket"], entry["prefix"] = tier.s3.bucket, tier.s3.prefix
+    try:
+        backend = archive.hot if entry["role"] == "hot" else archive.tier(tier.name)
+        if tier.kind == "ltfs":
+            entry["cartridges"] = [{"label": c.label, "path": str(c.path), "loaded": c.loaded(),
+                                    "used_bytes": c.used(), "capacity_bytes": c.capacity}
+                                   for c in backends.unwrap(backend, LtfsBackend).cartridges]
+        backend.check()
+        if tier.kind == "filesystem":
+            usage = shutil.disk_usage(entry["path"])
             entry.update(free_bytes=usage.free, capacity_bytes=tier.capacity_mb * 10**6 or usage.total,
                          used_percent=round(100 * usage.used / usage.total, 1))
-        except OSError as exc:
-            entry["error"] = exc.strerror
-    elif tier.kind == "ltfs":
-        backend = archive.tier(tier.name).inner
-        entry["cartridges"] = [{"label": c.label, "path": str(c.path), "loaded": c.loaded(),
-                                "used_bytes": c.used(), "capacity_bytes": c.capacity} for c in backend.cartridges]
-    else:
-        entry["bucket"], entry["prefix"] = tier.s3.bucket, tier.s3.prefix
+    except ApplianceError as exc:  # not there, not loaded, refused, or its settings cannot be used
+        entry["error"] = str(exc)
+    except OSError as exc:
+        entry["error"] = f"{exc.filename}: {exc.strerror}"
     return entry
+
+
+def _unreachable_alarm(name: str, tier: dict, now: float) -> dict:
+    action = {"filesystem": f"mount the tier's disk at {tier.get('path')}",
+              "ltfs": "load one of the tier's cartridges",
+              "s3": "check the endpoint, the network, the bucket and the credentials"}[tier["kind"]]
+    return {"key": f"tier-unreachable:{name}", "message": f"tier {name} cannot be reached: {tier['error']}",
+            "action": f"{action}; migrations to it and recalls from it wait until then", "since": now}
 
 
 def status(archive: Archive, now: float) -> dict:
@@ -59,8 +74,16 @@ def status(archive: Archive, now: float) -> dict:
     alarms += scrub.computed_alarms(archive, now, damaged, cover)
     hot = tiers[archive.hot.name]
     if "error" in hot:
-        alarms.append({"key": "hot-tier", "message": f"the hot tier {hot['path']} cannot be read: {hot['error']}",
+        alarms.append({"key": "hot-tier", "message": f"the hot tier cannot be read: {hot['error']}",
                        "action": "mount or repair the hot tier's file system; stores fail until then", "since": now})
+    raised = {a["key"] for a in alarms}  # a job that met the tier raised tier:NAME already: one alarm is enough
+    alarms += [_unreachable_alarm(name, tier, now) for name, tier in tiers.items()
+               if tier["role"] == "cold" and "error" in tier and f"tier:{name}" not in raised]
+    tiers_dir = archive.config.resolve(archive.config.appliance.tiers_dir)
+    alarms += [{"key": f"tier-unconfigured:{name}",
+                "message": f"{row['packs']} packs are indexed on tier {name}, which no file in {tiers_dir} defines",
+                "action": f"put the tier's YAML file back in {tiers_dir}: its packs cannot be read without it",
+                "since": now} for name, row in packs.items() if name not in tiers]
     if not archive.config.appliance.audit.enabled:
         alarms.append({"key": "audit-off", "message": "the audit trail is turned off (audit.enabled: false)",
                        "action": "set audit.enabled: true in appliance.yaml", "since": now})

@@ -205,12 +205,16 @@ def study_state(archive: Archive, uid: str) -> StudyState | None:
         return _state(t, uid, study, max(last, _study_date(study)), archive.hot.name)
 
 
-def hot_usage(archive: Archive, states: list[StudyState]) -> HotUsage:
+def hot_usage(archive: Archive, states: list[StudyState]) -> HotUsage | None:
+    """None when the hot tier's file system cannot be read (not mounted): no pressure is known."""
     tier = archive.config.hot_tier
     if tier.capacity_mb:
         used, capacity = sum(s.hot_bytes for s in states), tier.capacity_mb * 10**6
     else:
-        disk = shutil.disk_usage(archive.hot.root)
+        try:
+            disk = shutil.disk_usage(archive.hot.root)
+        except OSError:
+            return None
         used, capacity = disk.used, disk.total
     return HotUsage(used, capacity, tier.high_watermark_percent, tier.low_watermark_percent)
 

@@ -123,6 +123,11 @@ def health_gauges(status: dict, now: float) -> str:
         family("studies", "gauge", "Studies held.", [({}, status["studies"])]),
         family("received_bytes", "gauge", "Bytes of all stored versions as received.", [({}, status["received_bytes"])]),
         family("stored_bytes", "gauge", "Bytes of all stored versions as sealed.", [({}, status["stored_bytes"])]),
+        family("tier_up", "gauge", "1: the tier could be reached for this scrape (0: see its alarm).",
+               [({"tier": n}, int("error" not in t)) for n, t in tiers.items()]),
+        family("cartridge_loaded", "gauge", "1: the tape cartridge is loaded (mounted with its label).",
+               [({"tier": n, "cartridge": c["label"]}, int(c["loaded"])) for n, t in tiers.items()
+                for c in t.get("cartridges", [])]),
         family("tier_used_ratio", "gauge", "Share of a filesystem tier's volume in use.",
                [({"tier": n}, t["used_percent"] / 100) for n, t in tiers.items() if "used_percent" in t]),
         family("tier_free_bytes", "gauge", "Free bytes on a filesystem tier's volume.",

@@ -179,6 +179,14 @@ def _table(headers: list[str], rows: list[list], empty: str) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _tier_where(tier: dict) -> str:
+    if "cartridges" in tier:
+        return ", ".join(f"{c['label']} ({'loaded' if c['loaded'] else 'not loaded'})" for c in tier["cartridges"])
+    if "bucket" in tier:
+        return f"s3://{tier['bucket']}/{tier['prefix']}"
+    return tier["path"]
+
+
 def auditor_html(data: dict) -> str:
     """The one report for an auditor: integrity, backups, retention, access (auditor.gather)."""
     status, integrity, backups = data["status"], data["integrity"], data["backups"]
@@ -214,6 +222,10 @@ def auditor_html(data: dict) -> str:
         [_e(tier), c["copies"], f"{_bar(c['fast_share'])} <span class=muted>within {c['fast_days'] or '-'} days</span>",
          f"{_bar(c['deep_share'])} <span class=muted>within {c['deep_days'] or '-'} days</span>"]
         for tier, c in sorted(integrity["coverage"].items())], "No copies yet.")
+    tiers = _table(["tier", "kind", "where", "copies", "reachable"], [
+        [_e(name), _e(f"{t['kind']} ({t['role']})"), _e(_tier_where(t)), t.get("copies", 0),
+         "<b>NO</b>: " + _e(t["error"]) if "error" in t else "yes"]
+        for name, t in status["tiers"].items()], "No tier.")
     findings = _table(["scrub run", "study", "instance", "tier", "problem", "action"], [
         [_e(_when(run["started"])), _e(f["study"]), _e(f["instance"]), _e(f["tier"]), _e(f["problem"]), _e(f["action"])]
         for run in integrity["runs"] for f in run.get("findings", [])][-200:], "No bad copy found in these runs.")
@@ -259,7 +271,8 @@ def auditor_html(data: dict) -> str:
             f"{status['instances']:,} instances in {status['studies']:,} studies; period {_e(period['since'][:10])} "
             f"to {_e(period['until'][:10])} (UTC).</p>{summary}"
             + (f"<h2>Alarms</h2><ul>{alarms}</ul>" if alarms else "")
-            + f"<h2>Integrity</h2>{coverage}<h3>Scrub runs</h3>{_trend_svg(integrity['runs'])}{findings}"
+            + f"<h2>Integrity</h2>{coverage}<h3>Tiers</h3>{tiers}"
+            f"<h3>Scrub runs</h3>{_trend_svg(integrity['runs'])}{findings}"
             f"<h2>Backups</h2>{backup_chart}{backup_rows}"
             f"<h2>Retention</h2><h3>Ends of retention within {retention['horizon_days']} days</h3>{calendar}"
             f"<h3>Legal holds</h3>{holds}<h3>Deletions</h3>{deletions}"

@@ -181,6 +181,14 @@ def make_study(directory: Path, count: int = 3, *, study_date: str = "20260101",
     return study_uid, files
 
 
+def prometheus_samples(text: str) -> dict[tuple, float]:
+    """{(name, frozenset(labels)): value}, parsed as Prometheus parses it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def set_config(home: Path, old: str, new: str) -> None:
     """Change one setting of HOME/appliance.yaml as an admin would with an editor."""
     path = home / "appliance.yaml"

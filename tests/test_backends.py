@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from appliance.backends import unwrap
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.backends.ltfs import Cartridge, LtfsBackend
 from appliance.backends.wrappers import RateLimitedBackend, RetryingBackend, TokenBucket
@@ -42,6 +44,7 @@ def backend(request, tmp_path):
 
 
 def test_put_get_size_list_delete(backend):
+    backend.check()  # reachable: says nothing
     data = os.urandom(300_000)
     backend.put("aa11aa11", io.BytesIO(data))
     backend.put("bb22bb22", io.BytesIO(b"x"))
@@ -126,6 +129,10 @@ def test_an_unloaded_cartridge_is_named(tmp_path):
         tape.open("00bb")
     with pytest.raises(CartridgeOffline, match="load PV0002L9"):
         tape.put("00cc", io.BytesIO(os.urandom(200_000)))
+    tape.check()  # one cartridge loaded: the tier can be reached
+    os.rename(tmp_path / "PV0001L9", tmp_path / "unmounted-too")
+    with pytest.raises(CartridgeOffline, match="no cartridge of tier tape is loaded; load one of: PV0001L9, PV0002L9"):
+        tape.check()
 
 
 def test_reads_go_in_on_tape_order(tmp_path):
@@ -190,9 +197,14 @@ def test_an_s3_server_that_is_down_means_retry_later():
     port = free_ports(1)[0]  # nothing listens there
     s3 = _s3(f"http://127.0.0.1:{port}", "nowhere", timeout_s=2)
     for call in (lambda: s3.put("01", io.BytesIO(b"x")), lambda: s3.open("01"), lambda: s3.size("01"),
-                 lambda: list(s3.list()), lambda: s3.delete("01")):
+                 lambda: list(s3.list()), lambda: s3.delete("01"), s3.check):
         with pytest.raises(TierUnavailable, match="unreachable"):
             call()
+
+
+def test_a_missing_bucket_is_a_tier_that_cannot_be_reached(s3_server):
+    with pytest.raises(TierUnavailable, match="bucket never-created does not exist"):
+        _s3(s3_server.endpoint, "never-created").check()
 
 
 def test_s3_credentials_never_appear_in_errors(s3_server, tmp_path):
@@ -205,6 +217,21 @@ def test_s3_credentials_never_appear_in_errors(s3_server, tmp_path):
     with pytest.raises((TierUnavailable, BlobMissing)) as raised:
         s3.size("0b")
     assert "CANARY" not in str(raised.value)
+
+
+def test_a_credentials_file_that_is_missing_or_malformed_makes_the_tier_unreachable(tmp_path):
+    from appliance.backends.s3 import S3Backend
+
+    creds = tmp_path / "creds"
+    for text, problem in ((None, "credentials file not found"), ("aws_access_key_id = AKIDCANARY\n", "not an INI file"),
+                          ("[other]\n", "no [default] section"),
+                          ("[default]\naws_access_key_id = AKIDCANARY\n", "has no aws_secret_access_key")):
+        creds.unlink(missing_ok=True)
+        if text is not None:
+            creds.write_text(text)
+        with pytest.raises(TierUnavailable, match=re.escape(problem)) as raised:
+            S3Backend("s3", S3Config(bucket="b", endpoint_url="http://127.0.0.1:9", credentials_file=str(creds)))
+        assert "CANARY" not in str(raised.value)
 
 
 # -- wrappers ---------------------------------------------------------------------------------
@@ -241,6 +268,32 @@ def test_an_unloaded_cartridge_is_not_retried():
     with pytest.raises(CartridgeOffline):
         RetryingBackend(inner, 3, sleep=sleeps.append).put("01", io.BytesIO(b"x"))
     assert inner.calls == 1 and sleeps == []
+
+
+def test_a_rate_limited_put_that_is_retried_sends_the_whole_object_again():
+    """The throttle reads the caller's file; a failed attempt must leave it open for the next."""
+    inner = _Flaky(1)
+    src = io.BytesIO(b"all of it")
+    RetryingBackend(RateLimitedBackend(inner, 1e6), 3, sleep=lambda s: None).put("01", src)
+    assert inner.stored["01"] == b"all of it" and not src.closed
+
+
+def test_unwrap_finds_the_backend_under_any_stack_of_wrappers(tmp_path):
+    tape = _tape(tmp_path)
+    for stack in (tape, RetryingBackend(tape, 3), RateLimitedBackend(tape, 1e6),
+                  RetryingBackend(RateLimitedBackend(RetryingBackend(tape, 1), 1e6), 3)):
+        assert unwrap(stack, LtfsBackend) is tape
+    with pytest.raises(TypeError, match="no FilesystemBackend under RetryingBackend"):
+        unwrap(RetryingBackend(tape, 3), FilesystemBackend)
+
+
+def test_wrappers_check_once_without_retrying(tmp_path):
+    sleeps = []
+    stack = RetryingBackend(RateLimitedBackend(FilesystemBackend("cold", tmp_path / "gone", create=False), 1e6), 3,
+                            sleep=sleeps.append)
+    with pytest.raises(TierUnavailable, match="not mounted"):
+        stack.check()
+    assert sleeps == []
 
 
 def test_token_bucket_holds_the_rate():
@@ -286,7 +339,7 @@ def test_a_partly_laid_out_filesystem_tier_is_completed(tmp_path):
 def test_an_unmounted_cold_disk_means_retry_later(tmp_path):
     tier = FilesystemBackend("cold", tmp_path / "not-mounted", create=False)
     for call in (lambda: tier.put("00aa00aa", io.BytesIO(b"x")), lambda: list(tier.list()),
-                 lambda: tier.open("00aa00aa")):
+                 lambda: tier.open("00aa00aa"), tier.check):
         with pytest.raises(TierUnavailable, match="not mounted"):
             call()
     assert not (tmp_path / "not-mounted").exists()  # nothing written on the root file system

@@ -11,16 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import make_study, run_cli, set_config, sudo_env
+from conftest import make_study, prometheus_samples, run_cli, set_config, sudo_env
 from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
-
-
-def _samples(text: str) -> dict[tuple, float]:
-    """{(name, frozenset(labels)): value}, parsed as Prometheus parses it."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_status_says_online_degraded_or_faulted_and_why(home, tmp_path):
@@ -65,7 +57,7 @@ def test_metrics_endpoint_counts_what_the_server_does(home, tmp_path):
         dcmtk("echoscu", "-aet", "STRANGER", "-aec", "ARCHIVE", "127.0.0.1", str(srv.port), check=False)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            samples = _samples(response.read().decode())
+            samples = prometheus_samples(response.read().decode())
     finally:
         srv.stop()
     value = lambda name, **labels: samples[(f"pacs_vault_{name}", frozenset(labels.items()))]  # noqa: E731
@@ -90,7 +82,7 @@ def test_metrics_textfile_for_node_exporter(home, tmp_path):
     target = tmp_path / "textfile" / "pacs_vault.prom"
     target.parent.mkdir()
     run_cli("metrics", "--textfile", str(target), home=home)
-    samples = _samples(target.read_text())
+    samples = prometheus_samples(target.read_text())
     assert samples[("pacs_vault_instances", frozenset())] == 2
     assert samples[("pacs_vault_scrub_last_copies_checked", frozenset())] == 2
     assert samples[("pacs_vault_replication_lag_seconds", frozenset())] > 0  # never replicated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from appliance.backends.base import unwrap  # noqa: F401 - callers say backends.unwrap
 from appliance.backends.filesystem import FilesystemBackend
 from appliance.backends.ltfs import Cartridge, LtfsBackend
 from appliance.backends.wrappers import RateLimitedBackend, RetryingBackend

@@ -15,6 +15,9 @@ cold tiers) under names it is given: lower-case hex, never a UID or a plaintext 
   (on-tape position for tape; unchanged elsewhere).
 - `locate(name)` says where the object is in words a person can act on (the
   cartridge label on tape), or "" when the tier is one place.
+- `check()` is the cheapest call that proves the tier can be reached now (a stat, one
+  request); it raises what the other calls would. Wrappers never retry it: it answers
+  "now", for `appliance status`.
 
 Failures look the same on every backend:
 - not found: `BlobMissing` from open/size;
@@ -22,11 +25,14 @@ Failures look the same on every backend:
   or its subclass `CartridgeOffline` naming the cartridge to load;
 - full: `OutOfSpace`; anything else is a bug or a broken medium and propagates.
 Retries with backoff and rate limiting are wrappers (wrappers.py), not code in backends.
+A wrapper holds the backend it wraps as `inner`; `unwrap(backend, LtfsBackend)` finds the
+concrete backend under any stack of wrappers (restic's AsBackend), and nothing else reaches
+through a wrapper.
 """
 
 from __future__ import annotations
 
-from typing import BinaryIO, Iterable, Iterator, Protocol
+from typing import BinaryIO, Iterable, Iterator, Protocol, TypeVar
 
 
 class Backend(Protocol):
@@ -45,3 +51,18 @@ class Backend(Protocol):
     def read_order(self, names: Iterable[str]) -> list[str]: ...
 
     def locate(self, name: str) -> str: ...
+
+    def check(self) -> None: ...
+
+
+B = TypeVar("B")
+
+
+def unwrap(backend, kind: type[B]) -> B:
+    """The `kind` backend under any stack of wrappers; TypeError when there is none."""
+    layer = backend
+    while not isinstance(layer, kind):
+        layer = getattr(layer, "inner", None)
+        if layer is None:
+            raise TypeError(f"no {kind.__name__} under {type(backend).__name__}")
+    return layer

@@ -120,6 +120,9 @@ class FilesystemBackend:
     def locate(self, name: str) -> str:
         return ""
 
+    def check(self) -> None:
+        self._prepare()
+
     def open(self, name: str) -> BinaryIO:
         try:
             return open(self.path(name), "rb")

@@ -159,6 +159,12 @@ class LtfsBackend:
 
         return sorted(names, key=position)
 
+    def check(self) -> None:
+        if not self._loaded():
+            labels = [c.label for c in self.cartridges]
+            raise CartridgeOffline(f"no cartridge of tier {self.name} is loaded; load one of: {', '.join(labels)}",
+                                   labels[0])
+
     def locate(self, name: str) -> str:
         for cartridge in self._loaded():
             if (cartridge.packs / name).exists():

@@ -23,7 +23,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 
 from appliance.config import S3Config
-from appliance.errors import BlobMissing, ConfigError, TierUnavailable
+from appliance.errors import BlobMissing, TierUnavailable
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _NETWORK = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionError,
@@ -33,20 +33,26 @@ _FAILURES = (botocore.exceptions.ClientError, botocore.exceptions.NoCredentialsE
 
 
 def _credentials(settings: S3Config, resolve) -> dict:
+    """Keys from the tier's INI file. A file that is missing or incomplete makes the tier one that
+    cannot be reached (as boto3 finding no credentials does), not a failure of every other tier."""
     if not settings.credentials_file:
         return {}
     path = resolve(settings.credentials_file)
     parser = configparser.ConfigParser()
-    if not parser.read(path):
-        raise ConfigError(f"{path}: S3 credentials file not found")
+    try:
+        found = parser.read(path)
+    except configparser.Error:  # its message quotes the file's lines: the keys
+        raise TierUnavailable(f"{path}: not an INI file of [profile] sections") from None
+    if not found:
+        raise TierUnavailable(f"{path}: S3 credentials file not found")
     if not parser.has_section(settings.profile):
-        raise ConfigError(f"{path}: no [{settings.profile}] section")
+        raise TierUnavailable(f"{path}: no [{settings.profile}] section")
     section = parser[settings.profile]
     try:
         return {"aws_access_key_id": section["aws_access_key_id"],
                 "aws_secret_access_key": section["aws_secret_access_key"]}
     except KeyError as exc:
-        raise ConfigError(f"{path}: [{settings.profile}] has no {exc.args[0]}") from None
+        raise TierUnavailable(f"{path}: [{settings.profile}] has no {exc.args[0]}") from None
 
 
 class S3Backend:
@@ -142,6 +148,15 @@ class S3Backend:
 
     def locate(self, name: str) -> str:
         return ""
+
+    def check(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.settings.bucket)
+        except _FAILURES as exc:
+            error = self._fail(exc, "a check of the bucket")
+            if isinstance(error, BlobMissing):  # head_bucket's 404: the bucket itself is not there
+                error = TierUnavailable(f"s3 tier {self.name}: bucket {self.settings.bucket} does not exist")
+            raise error from None
 
 
 class _KeepOpen:

@@ -1,6 +1,7 @@
 """Behaviour layered on any backend: retries with backoff, and a bandwidth cap.
 
-Both take their clock and sleep as arguments so tests drive them without waiting.
+Both take their clock and sleep as arguments so tests drive them without waiting. Each
+holds the backend it wraps as `inner` (what base.unwrap walks).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class RetryingBackend:
     def locate(self, name: str) -> str:
         return self.inner.locate(name)
 
+    def check(self) -> None:
+        self.inner.check()
+
 
 class TokenBucket:
     """At most `rate` bytes per second on average, bursts up to one second's worth.
@@ -84,10 +88,11 @@ class TokenBucket:
 
 
 class Throttled(io.RawIOBase):
-    """A reader whose bytes are paid for from a TokenBucket."""
+    """A reader whose bytes are paid for from a TokenBucket. `owns_raw`: closing it closes `raw`
+    (a file it opened); a file it was handed stays open, for the caller's retry."""
 
-    def __init__(self, raw: BinaryIO, bucket: TokenBucket):
-        self._raw, self._bucket = raw, bucket
+    def __init__(self, raw: BinaryIO, bucket: TokenBucket, *, owns_raw: bool = True):
+        self._raw, self._bucket, self._owns_raw = raw, bucket, owns_raw
 
     def readable(self) -> bool:
         return True
@@ -108,7 +113,8 @@ class Throttled(io.RawIOBase):
         return count
 
     def close(self) -> None:
-        self._raw.close()
+        if self._owns_raw:
+            self._raw.close()
         super().close()
 
 
@@ -120,7 +126,7 @@ class RateLimitedBackend:
         self.bucket = bucket or TokenBucket(bytes_per_second)
 
     def put(self, name: str, src: BinaryIO) -> None:
-        self.inner.put(name, io.BufferedReader(Throttled(src, self.bucket), 1 << 20))
+        self.inner.put(name, io.BufferedReader(Throttled(src, self.bucket, owns_raw=False), 1 << 20))
 
     def open(self, name: str) -> BinaryIO:
         return io.BufferedReader(Throttled(self.inner.open(name), self.bucket), 1 << 20)
@@ -139,3 +145,6 @@ class RateLimitedBackend:
 
     def locate(self, name: str) -> str:
         return self.inner.locate(name)
+
+    def check(self) -> None:
+        self.inner.check()
