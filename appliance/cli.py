@@ -22,7 +22,7 @@ from appliance import config as cfg
 from appliance.access import ADMIN, AUDITOR, AccessDenied
 from appliance.audit import AuditTrail
 from appliance.config import is_ae_title
-from appliance.errors import ApplianceError, HomeLocked
+from appliance.errors import ApplianceError, HomeLocked, Incomplete
 from appliance.fsutil import HomeLock, write_file_atomic
 from appliance.progress import Progress, human_bytes
 from appliance.store.archive import Archive
@@ -140,7 +140,9 @@ def cmd_import(args) -> int:
             print(f"  rejected {path}: {reason}")
     if summary.aborted:
         raise ApplianceError(f"import stopped: {summary.aborted}")
-    return 1 if summary.rejected else 0
+    if summary.rejected:
+        raise Incomplete(f"{len(summary.rejected)} of {len(files)} files rejected")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -285,7 +287,9 @@ def cmd_scrub(args) -> int:
                   f"{finding.problem} -> {finding.action}")
         for line in report.unreachable:
             print(f"  not checked: {line}")
-    return 1 if report.unrecoverable else 0
+    if report.unrecoverable:
+        raise Incomplete(f"unrecoverable copies: {report.unrecoverable} (no good copy to repair them from)")
+    return 0
 
 
 def cmd_replicate(args) -> int:
@@ -360,7 +364,9 @@ def cmd_policy(args) -> int:
                      if report.copies_cleaned else ""))
             for failure in report.failed:
                 print(f"  FAILED {failure['kind']} {failure['study']}: {failure['error']}")
-        return 1 if report.failed else 0
+        if report.failed:
+            raise Incomplete(f"{len(report.failed)} jobs failed (retried on the next apply)")
+        return 0
     with _open(args) as archive:
         if args.action == "plan":
             actions, unclassified = lifecycle.Lifecycle(archive, _rules(archive)).plan()
@@ -555,7 +561,9 @@ def cmd_audit(args) -> int:
             print(f"audit trail DOES NOT VERIFY: {len(result.problems)} problems in {result.records} records")
             for problem in result.problems:
                 print(f"  {problem}")
-        return 0 if result.intact else 1
+        if not result.intact:
+            raise Incomplete(f"the audit trail does not verify ({len(result.problems)} problems)")
+        return 0
     since = _since(args.since)
     if args.action == "export":
         out = open(_output_file(config, args.output), "w", encoding="utf-8") if args.output else sys.stdout

@@ -271,6 +271,9 @@ class Config:
         return self.resolve(self.appliance.lifecycle.policies_dir)
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class _Source:
     """A parsed YAML file with the line of every key path."""
 
@@ -283,8 +286,10 @@ class _Source:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
         try:
-            self.data = yaml.safe_load(text)
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            # One parse (libyaml's when built in): the node tree gives each key's line, the
+            # data are constructed from it.
+            node = yaml.compose(text, Loader=_LOADER)
+            self.data = yaml.constructor.SafeConstructor().construct_document(node) if node else None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -12,6 +12,10 @@ class ApplianceError(Exception):
     dicom_status = 0xC000  # "Error: cannot understand"
 
 
+class Incomplete(ApplianceError):
+    """The command ran to its end, but not everything succeeded (what failed is in its output)."""
+
+
 class ConfigError(ApplianceError):
     """A configuration file is missing, unparsable or invalid (names file and line)."""
 

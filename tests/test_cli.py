@@ -31,8 +31,9 @@ def test_import_export_status_round_trip(tmp_path, home, ct_files):
     summary = json.loads(result.stdout)
     assert summary["stored"] == 4 and summary["duplicates"] == 0
     assert summary["rejected"] == [{"path": str(junk), "reason": "not a DICOM file"}]
-    events = [json.loads(line) for line in result.stderr.splitlines()]
-    assert sorted(e["event"] for e in events) == ["import.rejected"] + ["import.stored"] * 4
+    *logged, reason = result.stderr.splitlines()
+    assert sorted(json.loads(line)["event"] for line in logged) == ["import.rejected"] + ["import.stored"] * 4
+    assert reason == "appliance: 1 of 5 files rejected"
 
     again = json.loads(run_cli("import", *map(str, ct_files[:4]), "--json", home=home).stdout)
     assert again["duplicates"] == 4 and again["stored"] == 0

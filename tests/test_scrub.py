@@ -158,6 +158,7 @@ def test_a_copy_with_no_good_twin_is_reported_and_never_served(home, tmp_path):
     _flip(_hot_files(home)[0], 400)
     result = run_cli("scrub", "--report", str(tmp_path / "scrub.html"), home=home, check=False)
     assert result.returncode == 1 and "1 unrecoverable" in result.stdout and "marked damaged" in result.stdout
+    assert result.stderr.splitlines()[-1] == "appliance: unrecoverable copies: 1 (no good copy to repair them from)"
     page = (tmp_path / "scrub.html").read_text()
     assert "1 unrecoverable" in page and "<svg" in page and "http://" not in page and "https://" not in page
     status = json.loads(run_cli("status", "--json", home=home).stdout)
