@@ -16,6 +16,7 @@ journal. Never an index entry without its blob.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -35,13 +36,16 @@ from appliance.store import p10, sealed, tiering
 from appliance.store.index import Index
 from appliance.store.keys import Keyring
 
+LOG = logging.getLogger(__name__)
+
 # Sealed bytes of one instance held in memory and written into its journal record; a
 # larger instance streams into its hot file as it arrives (synced before the commit).
 INLINE_LIMIT = 1 << 20
 # Plaintext held while the walk has not yet seen the study (its key seals the bytes).
 BEFORE_KEY_LIMIT = 64 << 20
 # A store is refused (0xA700) unless this much more than twice its sealed size is free:
-# it is written twice (journal, hot file) and the index and trail must still fit.
+# it is written twice (journal, hot file) and the index and trail must still fit, beyond
+# what the hot files of stores already acknowledged (still in the journal) will take.
 FREE_MARGIN = 2 << 20
 _NAME_PREFIX_S = 5.0
 
@@ -206,6 +210,7 @@ class Archive:
         # Stores journaled but not yet in the index: content address / SOP Instance UID -> count.
         self._in_flight: dict[bytes, int] = {}
         self._in_flight_sops: dict[str, int] = {}
+        self._in_flight_inline = 0  # sealed bytes journaled, not yet written to their hot files
         self._in_flight_lock = threading.Lock()
         self._unsynced_names: set[str] = set()  # hot files written by apply since the last checkpoint
         self._name_lock = threading.Lock()
@@ -322,7 +327,9 @@ class Archive:
 
     def check_space(self, sealed_size: int) -> None:
         free = self.hot.free_bytes()
-        if free < 2 * sealed_size + FREE_MARGIN:
+        with self._in_flight_lock:
+            owed = self._in_flight_inline  # hot files that records already acknowledged still need
+        if free < 2 * sealed_size + FREE_MARGIN + owed:
             raise OutOfSpace(f"out of space on the data volume ({free >> 20} MB free)")
 
     def open_journal(self) -> None:
@@ -347,6 +354,7 @@ class Archive:
         with self._in_flight_lock:
             self._in_flight[info.content_address] = self._in_flight.get(info.content_address, 0) + 1
             self._in_flight_sops[info.sop_uid] = self._in_flight_sops.get(info.sop_uid, 0) + 1
+            self._in_flight_inline += len(inline) if inline is not None else 0
         try:
             journal.commit(body)
         except BaseException:
@@ -361,6 +369,7 @@ class Archive:
     def _done_in_flight(self, bodies: list[dict]) -> None:
         with self._in_flight_lock:
             for body in bodies:
+                self._in_flight_inline -= len(body["inline"]) if body["inline"] is not None else 0
                 for table, key in ((self._in_flight, body["info"]["content_address"]),
                                    (self._in_flight_sops, body["info"]["instance"]["SOPInstanceUID"])):
                     left = table.get(key, 0) - 1
@@ -383,6 +392,9 @@ class Archive:
                 self.replay_journals()
         except HomeLocked:
             pass  # a maintenance command holds the home: it replayed them when it opened
+        except (OSError, OutOfSpace) as exc:  # a full disk: `status` must still work
+            LOG.warning("stores acknowledged before a crash are not applied yet (%s): what is read "
+                        "lacks them until a writer can replay the journal", exc)
 
     def apply(self, records: list[jr.Record], replaying: bool) -> None:
         """Redo journal records on the hot tier, the index and the trail (see journal.py)."""

@@ -80,11 +80,12 @@ RECORD_HEADER = struct.Struct(">4sIQ")
 TAG_SIZE = 16
 SUFFIX = ".wal"
 SEGMENT_BYTES = 32 << 20
-_MIN_SEGMENT_BYTES = 4 << 20  # an inline blob (1 MiB at most) and its record always fit
+_MIN_SEGMENT_BYTES = 2 << 20  # an inline blob (1 MiB at most) and its record always fit
 # A checkpoint follows this long after the first record not yet made durable elsewhere
 # (sooner when a file fills): long enough that the kernel has written most of it back.
 CHECKPOINT_INTERVAL_S = 5.0
 _SPARE_FILES = 2  # free files kept for reuse
+_SPARE_ROOM_AFTER = 8  # a spare file is made ahead only while this many times its size stays free
 # Records acknowledged within this long are applied together (one index commit), unless a
 # reader of this process waits for them.
 APPLY_DELAY_S = 0.05
@@ -302,6 +303,7 @@ class Journal:
         self._reader_waiting = threading.Event()
         self._broken: Exception | None = None
         self._apply_error: Exception | None = None
+        self._unapplied = False  # closing gave up applying: the journal files stay
         self._files.append(self._new_file())
         self._apply_thread = threading.Thread(target=self._apply_loop, name="journal-apply", daemon=True)
         self._apply_thread.start()
@@ -326,7 +328,11 @@ class Journal:
                 batch, self._waiting = self._waiting, []
                 self._commit_cond.release()
                 try:
-                    self._commit_batch(batch)
+                    self._commit_batch(list(batch))
+                except BaseException as exc:  # every caller of the batch hears it, none waits forever
+                    for waiting in batch:
+                        if waiting.outcome is None:
+                            waiting.outcome = exc
                 finally:
                     self._commit_cond.acquire()
                     self._writing = False
@@ -335,7 +341,12 @@ class Journal:
             raise entry.outcome
         return entry.outcome
 
-    def _new_file(self) -> _File:
+    def _new_file(self, room_after: int = 1) -> _File:
+        """A new file, if `room_after` times its size stays free beside it: the journal must not
+        take the space that applying its records to the hot tier needs."""
+        free = free_bytes(self.directory)
+        if free < (1 + room_after) * self._segment:
+            raise OutOfSpace(f"out of space on the data volume ({free >> 20} MB free)")
         number = next(self._file_numbers)  # atomic: the committer and the applier both make files
         return _File(self.directory / f"{self.journal_id.hex()}-{number:06d}{SUFFIX}", self._header, self._segment)
 
@@ -393,6 +404,10 @@ class Journal:
         try:
             with self._file_lock:
                 self._file_for(size).append(buffers, number)
+        except OutOfSpace as exc:  # no room for another journal file
+            for entry, _ in written:
+                entry.outcome = exc
+            return
         except OSError as exc:
             error: Exception = OutOfSpace("out of space on the data volume: journal not written")
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -432,7 +447,8 @@ class Journal:
                     break
                 records += more
             if records:
-                self._apply(records)
+                if not self._apply(records):
+                    return  # closing with records that cannot be applied: close() keeps the journal
                 pending_since = pending_since or time.monotonic()
             if pending_since is not None and (not records or self._wants_checkpoint
                                               or time.monotonic() - pending_since >= self._interval):
@@ -440,7 +456,9 @@ class Journal:
                 pending_since = None
                 self._ensure_spare()
 
-    def _apply(self, records: list[Record]) -> None:
+    def _apply(self, records: list[Record]) -> bool:
+        """Apply records, retrying while they fail (a full disk, say), until they are applied
+        (True) or the journal is closing (False: they stay in the journal files)."""
         while True:
             try:
                 self._applier.apply(records, replaying=False)
@@ -451,6 +469,9 @@ class Journal:
                 with self._cond:
                     self._apply_error = exc
                     self._cond.notify_all()
+                if self._closed:
+                    self._unapplied = True
+                    return False
                 time.sleep(1.0)
         with self._cond:
             self._apply_error = None
@@ -458,6 +479,7 @@ class Journal:
             if self._applied >= self._acked:
                 self._reader_waiting.clear()
             self._cond.notify_all()
+        return True
 
     def _checkpoint(self) -> None:
         """Make what was applied durable; the files whose records all are then become free
@@ -488,7 +510,7 @@ class Journal:
             if any(f.last <= self._checkpointed for f in self._files[1:]):
                 return
         try:
-            spare = self._new_file()
+            spare = self._new_file(room_after=_SPARE_ROOM_AFTER)
         except (OSError, OutOfSpace) as exc:  # the commit that needs it makes one, or says why not
             LOG.warning("no spare journal file made ahead: %s", exc)
             return
@@ -532,8 +554,14 @@ class Journal:
                 break
             if more:
                 leftover += more
-        if leftover:
-            self._apply(leftover)
+        if self._unapplied or (leftover and not self._apply(leftover)):
+            # Durable in the journal files: left for the next writer to replay.
+            LOG.error("journal %s kept with records not applied yet: the next start replays it",
+                      self.journal_id.hex())
+            for old in self._files:
+                old.close()
+            self._files = []
+            return
         self._applier.checkpoint()
         for old in self._files:
             old.close()

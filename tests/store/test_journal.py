@@ -123,3 +123,73 @@ def test_the_journal_holds_no_patient_data_in_the_clear(home, tmp_path):
     data = b"".join(p.read_bytes() for p in (home / "journal").glob("*.wal"))
     assert data and b"JOURNAL^CANARY" not in data and b"JRNLCANARY" not in data
     assert os.stat(next((home / "journal").glob("*.wal"))).st_mode & 0o077 == 0
+
+
+class _ListApplier:
+    def __init__(self):
+        self.applied: list[int] = []
+
+    def apply(self, records, replaying):
+        self.applied += [r.number for r in records]
+
+    def checkpoint(self):
+        pass
+
+    def forget(self, journal_id):
+        pass
+
+
+def test_no_room_for_another_journal_file_refuses_every_waiting_store(tmp_path, monkeypatch):
+    """The current file full and no room for a new one: each store waiting in the batch is
+    refused (out of space), none waits forever, the journal still closes."""
+    import threading
+
+    from appliance.errors import OutOfSpace
+    free = {"bytes": 40 << 20}
+    monkeypatch.setattr(jr, "free_bytes", lambda directory: free["bytes"])
+    applier = _ListApplier()
+    journal = jr.Journal(tmp_path / "journal", b"k" * 16, lambda journal_id: b"j" * 32, applier)
+    free["bytes"] = 1 << 20  # from now on a new file would leave nothing for the hot tier
+    outcomes: list = []
+
+    def store():
+        try:
+            outcomes.append(journal.commit({"op": "audit", "pad": os.urandom(900 << 10)}))
+        except OutOfSpace as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=store, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a store waits forever"
+    refused = [o for o in outcomes if isinstance(o, OutOfSpace)]
+    assert len(outcomes) == 8 and refused and all("out of space" in str(o) for o in refused)
+    journal.close()
+    assert sorted(applier.applied) == sorted(o.number for o in outcomes if not isinstance(o, OutOfSpace))
+
+
+def test_records_that_cannot_be_applied_stay_in_the_journal_for_the_next_start(home, ct_files, tmp_path):
+    """The hot tier refuses every write (a full disk): the stores were acknowledged, so closing
+    keeps the journal rather than waiting forever, and the next writer replays them."""
+    import errno
+
+    import pydicom
+    archive = Archive.open(cfg.load(home), writer=True)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    archive.hot.write_unsynced = full
+    for path in ct_files[:3]:
+        archive.store_file(path)
+    archive.close()
+    assert list((home / "journal").glob("*.wal"))
+    with Archive.open(cfg.load(home), writer=True):
+        pass  # opening replays
+    assert not list((home / "journal").glob("*.wal"))
+    out = tmp_path / "out"
+    run_cli("export", pydicom.dcmread(ct_files[0]).StudyInstanceUID, str(out), home=home)
+    assert sorted(p.read_bytes() for p in out.glob("*.dcm")) == sorted(p.read_bytes() for p in ct_files[:3])
+    assert run_cli("fsck", home=home).returncode == 0
