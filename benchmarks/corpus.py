@@ -1,6 +1,7 @@
 """Generated DICOM studies for tests and benchmarks (never committed: made on the fly).
 
-    ct_study(dir, n)         CT, 512x512 16-bit, a body phantom with realistic noise (~2x with zstd)
+    ct_study(dir, n)         CT, 512x512 16-bit, a body phantom with realistic noise (~2x with zstd);
+                             in another transfer syntax (e.g. JPEG 2000 lossless) with transfer_syntax=
     mr_series(dir, n)        MR, 256x256 16-bit
     small_instances(dir, n)  ~10 KB secondary-capture instances
     multiframe(path, mb)     one large multi-frame instance of about `mb` MB, written in chunks
@@ -67,8 +68,10 @@ def _phantom(rng: np.random.Generator, size: int, slice_no: int) -> np.ndarray:
 
 
 def _series(directory: Path, count: int, *, sop_class: str, modality: str, size: tuple[int, int],
-            pixels, patient_name: str, patient_id: str, seed: int) -> list[Path]:
-    """One series of `count` single-frame instances; pixels(rng, number) gives each frame."""
+            pixels, patient_name: str, patient_id: str, seed: int,
+            transfer_syntax: str = ExplicitVRLittleEndian) -> list[Path]:
+    """One series of `count` single-frame instances; pixels(rng, number) gives each frame, encoded
+    in `transfer_syntax` (pydicom's encoders)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -80,6 +83,8 @@ def _series(directory: Path, count: int, *, sop_class: str, modality: str, size:
         if modality == "CT":
             ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = pixels(rng, number).tobytes()
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax, generate_instance_uid=False)
         path = directory / f"{modality}{number:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -87,10 +92,10 @@ def _series(directory: Path, count: int, *, sop_class: str, modality: str, size:
 
 
 def ct_study(directory: Path, count: int, *, patient_name: str = "DOE^JANE", patient_id: str = "PV0001",
-             seed: int = 1) -> list[Path]:
+             seed: int = 1, transfer_syntax: str = ExplicitVRLittleEndian) -> list[Path]:
     return _series(directory, count, sop_class=CT_IMAGE, modality="CT", size=(512, 512),
                    pixels=lambda rng, n: _phantom(rng, 512, n), patient_name=patient_name,
-                   patient_id=patient_id, seed=seed)
+                   patient_id=patient_id, seed=seed, transfer_syntax=transfer_syntax)
 
 
 def mr_series(directory: Path, count: int, *, patient_name: str = "ROE^RICHARD", patient_id: str = "PV0002",
