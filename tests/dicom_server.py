@@ -94,6 +94,19 @@ def register(home: Path, ae_title: str, port: int, roles: str) -> None:
     run_cli("ae", "add", ae_title, "127.0.0.1", str(port), "--roles", roles, home=home)
 
 
+def retrieving_home(root: Path, move_destination_port: int | None = None) -> Path:
+    """A new home, root/home, where CLIENT_AE may store, query and retrieve; DEST_AE listening on
+    `move_destination_port` is registered as a C-MOVE destination when given."""
+    from appliance import home as home_mod
+
+    home = root / "home"
+    home_mod.init(home)
+    register(home, CLIENT_AE, free_port(), "store,query,retrieve")
+    if move_destination_port is not None:
+        register(home, DEST_AE, move_destination_port, "move-destination")
+    return home
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The data set of a Part 10 file without its file meta: what travels in a C-STORE."""
     _, offset = split_dataset(path)

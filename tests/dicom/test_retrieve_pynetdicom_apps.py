@@ -14,19 +14,14 @@ import pytest
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 
 from appliance.dicom import transcode
-from dicom_server import CLIENT_AE, DEST_AE, Server, corpus_study, free_port, register, send_as_is, storable
+from dicom_server import CLIENT_AE, DEST_AE, Server, corpus_study, free_port, retrieving_home, send_as_is, storable
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A server holding the study; (server, its files by SOP Instance UID, study UID, C-MOVE destination port)."""
-    from appliance import home as home_mod
-    work = tmp_path_factory.mktemp("pynetdicom-apps")
-    home = work / "home"
-    home_mod.init(home)
-    register(home, CLIENT_AE, free_port(), "store,query,retrieve")
-    dest_port = free_port()
-    register(home, DEST_AE, dest_port, "move-destination")
+    work, dest_port = tmp_path_factory.mktemp("pynetdicom-apps"), free_port()
+    home = retrieving_home(work, dest_port)
     files = corpus_study(work / "study")
     srv = Server(home).start()
     send_as_is(srv, storable(files))

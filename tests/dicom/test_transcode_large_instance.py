@@ -22,18 +22,16 @@ from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
 
 import corpus
-from dicom_server import CLIENT_AE, Server, free_port, register, send_as_is, storable
+from dicom_server import CLIENT_AE, Server, retrieving_home, send_as_is, storable
 
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     """A server holding the instance, and the instance's file."""
-    from appliance import home as home_mod
     work = tmp_path_factory.mktemp("large-j2k")
-    home_mod.init(work / "home")
-    register(work / "home", CLIENT_AE, free_port(), "store,query,retrieve")
+    home = retrieving_home(work)
     original = corpus.multiframe_j2k(work / "j2k.dcm", 256)
-    server = Server(work / "home").start()
+    server = Server(home).start()
     send_as_is(server, storable([original]))
     yield server, original
     server.stop()
