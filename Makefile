@@ -5,11 +5,12 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 HOME_DIR ?= var
-# dcmtk: the DICOM clients the tests drive; orthanc: the interop peer and benchmark baseline;
+# dcmtk: the DICOM clients the tests drive; orthanc: the interop peer and benchmark baseline (orthanc-gdcm:
+# its JPEG 2000 decoder, for the transcoding C-GET benchmark);
 # systemd: systemd-analyze checks the shipped units; openssh-server: the ssh off-site target;
 # chromium: renders the auditor report headless in a test; fuse3: libfuse 3 and fusermount3 for the
 # power-cut file system of the tests; strace: the benchmarks count each DICOM peer's syncs per stored instance.
-DEBIAN_PACKAGES := dcmtk rsync orthanc systemd openssh-server chromium fuse3 strace
+DEBIAN_PACKAGES := dcmtk rsync orthanc orthanc-gdcm systemd openssh-server chromium fuse3 strace
 
 .PHONY: run test bench deps apt venv
 

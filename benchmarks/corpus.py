@@ -1,9 +1,11 @@
 """Generated DICOM studies for tests and benchmarks (never committed: made on the fly).
 
-    ct_study(dir, n)         CT, 512x512 16-bit, a body phantom with realistic noise (~2x with zstd)
+    ct_study(dir, n)         CT, 512x512 16-bit, a body phantom with realistic noise (~2x with zstd);
+                             in another transfer syntax (e.g. JPEG 2000 lossless) with transfer_syntax=
     mr_series(dir, n)        MR, 256x256 16-bit
     small_instances(dir, n)  ~10 KB secondary-capture instances
     multiframe(path, mb)     one large multi-frame instance of about `mb` MB, written in chunks
+    multiframe_j2k(path, mb) the same in JPEG 2000 lossless, about `mb` MB as stored
 
 Every file is a valid Part 10 file with its own UIDs; `patient_name` lets a
 test plant a canary.
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.pixels import get_encoder
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -65,8 +68,10 @@ def _phantom(rng: np.random.Generator, size: int, slice_no: int) -> np.ndarray:
 
 
 def _series(directory: Path, count: int, *, sop_class: str, modality: str, size: tuple[int, int],
-            pixels, patient_name: str, patient_id: str, seed: int) -> list[Path]:
-    """One series of `count` single-frame instances; pixels(rng, number) gives each frame."""
+            pixels, patient_name: str, patient_id: str, seed: int,
+            transfer_syntax: str = ExplicitVRLittleEndian) -> list[Path]:
+    """One series of `count` single-frame instances; pixels(rng, number) gives each frame, encoded
+    in `transfer_syntax` (pydicom's encoders)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -78,6 +83,8 @@ def _series(directory: Path, count: int, *, sop_class: str, modality: str, size:
         if modality == "CT":
             ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = pixels(rng, number).tobytes()
+        if transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(transfer_syntax, generate_instance_uid=False)
         path = directory / f"{modality}{number:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -85,10 +92,10 @@ def _series(directory: Path, count: int, *, sop_class: str, modality: str, size:
 
 
 def ct_study(directory: Path, count: int, *, patient_name: str = "DOE^JANE", patient_id: str = "PV0001",
-             seed: int = 1) -> list[Path]:
+             seed: int = 1, transfer_syntax: str = ExplicitVRLittleEndian) -> list[Path]:
     return _series(directory, count, sop_class=CT_IMAGE, modality="CT", size=(512, 512),
                    pixels=lambda rng, n: _phantom(rng, 512, n), patient_name=patient_name,
-                   patient_id=patient_id, seed=seed)
+                   patient_id=patient_id, seed=seed, transfer_syntax=transfer_syntax)
 
 
 def mr_series(directory: Path, count: int, *, patient_name: str = "ROE^RICHARD", patient_id: str = "PV0002",
@@ -127,6 +134,42 @@ def multiframe(path: Path, megabytes: int, *, patient_name: str = "BIG^FRAMES", 
         distinct = [marker + _phantom(rng, 512, number).tobytes()[len(marker):] for number in range(min(frames, 16))]
         for number in range(frames):
             fp.write(distinct[number % len(distinct)])
+        fp.flush()
+        os.fsync(fp.fileno())
+    return path
+
+
+def multiframe_j2k(path: Path, megabytes: int, *, patient_name: str = "BIG^JPEG2000", patient_id: str = "PV0005",
+                   seed: int = 5) -> Path:
+    """One multi-frame JPEG 2000 lossless instance of about `megabytes` MB as stored, written in
+    bounded memory, with its Basic Offset Table. Frames are 512x512 of 16-bit noise, 16 distinct
+    ones in turn: noise barely compresses, so the size takes the fewest frames to decode."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    encoder = get_encoder(JPEG2000Lossless)
+    distinct = []
+    for _ in range(16):
+        codestream = encoder.encode(rng.integers(0, 1 << 16, (512, 512), dtype=np.uint16), rows=512, columns=512,
+                                    samples_per_pixel=1, bits_allocated=16, bits_stored=16, pixel_representation=0,
+                                    photometric_interpretation="MONOCHROME2", number_of_frames=1)
+        distinct.append(codestream + b"\x00" * (len(codestream) % 2))  # fragments have an even length
+    frames = max(1, megabytes * 1_000_000 * len(distinct) // sum(map(len, distinct)))
+    fragments = [distinct[number % len(distinct)] for number in range(frames)]
+    offsets = np.cumsum([0] + [8 + len(fragment) for fragment in fragments[:-1]])
+    ds = _dataset(MULTIFRAME_SC, generate_uid(), generate_uid(), 1, patient_name=patient_name,
+                  patient_id=patient_id, modality="OT", rows=512, columns=512)
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.BitsStored, ds.HighBit = 16, 15
+    ds.NumberOfFrames = frames
+    ds.save_as(path, enforce_file_format=True)  # header only; pixel data appended below
+    with open(path, "ab") as fp:
+        fp.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+        fp.write(struct.pack("<HHI", 0xFFFE, 0xE000, 4 * frames) + offsets.astype("<u4").tobytes())
+        for fragment in fragments:
+            fp.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(fragment)))
+            fp.write(fragment)
+        fp.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
         fp.flush()
         os.fsync(fp.fileno())
     return path

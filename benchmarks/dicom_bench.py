@@ -5,7 +5,11 @@ the same work directory (same file system), and every peer is driven by the same
 client: dcmtk's storescu (one association, and 4 at once on a second CT study) /
 getscu / movescu (to a dcmtk storescp) with TCP_NODELAY=1. Workloads: a CT study,
 ~10 KB instances, an MR series, one large multi-frame instance; pacs-vault also
-stores and sends back one 2 GB instance. Figures are reported as ratios against the
+stores and sends back one 2 GB instance. Transcoding: a CT study stored in JPEG 2000
+lossless, taken back by a getscu proposing the uncompressed syntaxes only, explicit VR
+little endian first (dcmtk's getscu cannot propose that one alone; every instance must
+arrive in it), in MB/s of what arrives decoded; Orthanc decodes JPEG 2000 with its GDCM
+plugin (Debian orthanc-gdcm, loaded into every Orthanc peer), as its DCMTK core cannot. Figures are reported as ratios against the
 peers measured in the same run. The server's peak RSS is taken per phase (the high-water
 mark is reset before each), over the server's processes.
 
@@ -15,7 +19,7 @@ strace counts the sync system calls of every thread of the server; reported per 
 instance, with the time spent in them and what each peer makes durable before it answers.
 
     python benchmarks/dicom_bench.py [--quick] [--ct N] [--small N] [--mr N] [--multiframe-mb M]
-                                     [--big-mb M] [--peers LIST] [--workdir DIR] [--results DIR]
+                                     [--big-mb M] [--ct-j2k N] [--peers LIST] [--workdir DIR] [--results DIR]
 
 pacs-vault runs with its defaults: zstd, AES-256-GCM, durable acknowledgement (fsync
 of the blob and a synced index commit before Success) and the audit trail (a durable
@@ -40,6 +44,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -54,6 +60,7 @@ PARALLEL = 4  # associations of the parallel variant
 # told to; without it every DIMSE exchange waits ~40 ms for a delayed ACK.
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+ORTHANC_GDCM = Path("/usr/share/orthanc/plugins/libOrthancGdcm.so")  # its JPEG 2000 decoder (transcoding)
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -182,7 +189,8 @@ class Orthanc(Peer):
             "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
             "DicomModalities": {"bench": [CLIENT_AE, "127.0.0.1", free_port()],
                                 "dest": [DEST_AE, "127.0.0.1", destination_port]},
-            "Plugins": [], "HttpServerEnabled": True, "HttpDescribeErrors": False,
+            "Plugins": [str(ORTHANC_GDCM)] if ORTHANC_GDCM.exists() else [], "HttpServerEnabled": True,
+            "HttpDescribeErrors": False,
         }
         path = self.dir / "orthanc.json"
         path.write_text(json.dumps(config))
@@ -199,8 +207,8 @@ class Orthanc(Peer):
             return json.loads(response.read())
 
 
-def storescu(peer: Peer, files: list[Path]) -> float:
-    return dcmtk("storescu", "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
+def storescu(peer: Peer, files: list[Path], *options: str) -> float:
+    return dcmtk("storescu", *options, "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
                  *map(str, files))
 
 
@@ -223,16 +231,16 @@ def movescu(peer: Peer, study_uid: str) -> float:
                  str(peer.port), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}")
 
 
-def getscu(peer: Peer, study_uid: str, out: Path) -> float:
+def getscu(peer: Peer, study_uid: str, out: Path, *options: str) -> float:
     out.mkdir(parents=True, exist_ok=True)
-    return dcmtk("getscu", "-S", "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
+    return dcmtk("getscu", "-S", *options, "-aet", CLIENT_AE, "-aec", peer.ae_title, "127.0.0.1", str(peer.port),
                  "-od", str(out), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}")
 
 
 PEERS = ("vault-no-audit", "vault", "storescp", "orthanc", "orthanc-z")
 RATES = ("ct_ingest_mb_s", "ct_ingest_inst_s", "ct_parallel_ingest_mb_s", "ct_parallel_ingest_inst_s",
          "small_ingest_inst_s", "mr_ingest_mb_s", "mr_ingest_inst_s", "multiframe_ingest_mb_s",
-         "ct_get_mb_s", "ct_move_mb_s", "multiframe_get_mb_s")
+         "ct_get_mb_s", "ct_move_mb_s", "multiframe_get_mb_s", "ct_j2k_get_mb_s")
 
 
 def _make_peers(work: Path, names: list[str], destination_port: int) -> list[Peer]:
@@ -277,6 +285,7 @@ def _measure(peer: Peer, work: Path, studies: dict, moved: Path) -> dict:
             row["ct_stored_over_received"] = peer.stored_bytes() / studies["bytes"]["ct"]
     row["stored_over_received"] = peer.stored_bytes() / sum(studies["bytes"][name] for name in INGESTS)
     if peer.supports_get:
+        storescu(peer, studies["ct_j2k"], "-xv")  # untimed: stored as JPEG 2000 lossless, for _transcoding_get
         ct, out = studies["ct"], work / "get" / peer.name.replace(" ", "_")
         peer.reset_peak_rss()
         row["ct_get_mb_s"] = studies["bytes"]["ct"] / getscu(peer, studies["uids"]["ct"], out / "ct") / 1e6
@@ -286,9 +295,25 @@ def _measure(peer: Peer, work: Path, studies: dict, moved: Path) -> dict:
         row["multiframe_get_mb_s"] = (studies["bytes"]["multiframe"]
                                       / getscu(peer, studies["uids"]["multiframe"], out / "mf") / 1e6)
         _check_received(out / "mf", 1, f"C-GET of the multi-frame instance from {peer.name}")
+        row["ct_j2k_get_mb_s"] = _transcoding_get(peer, studies, out / "ct-j2k")
         rss["retrieve"] = peer.rss_mb
         shutil.rmtree(out)
     return row
+
+
+def _transcoding_get(peer: Peer, studies: dict, out: Path) -> float:
+    """C-GET of the JPEG 2000 lossless study by a getscu proposing uncompressed syntaxes only
+    (explicit VR little endian first); MB/s of what arrived. Every instance must arrive, and in
+    explicit VR little endian: decoded by the peer."""
+    import pydicom
+
+    seconds = getscu(peer, studies["uids"]["ct_j2k"], out, "+xe")
+    _check_received(out, len(studies["ct_j2k"]), f"transcoding C-GET from {peer.name}")
+    received = [path for path in out.rglob("*") if path.is_file()]
+    syntaxes = {pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID for path in received}
+    if syntaxes != {ExplicitVRLittleEndian}:
+        raise RuntimeError(f"transcoding C-GET from {peer.name}: arrived in {sorted(syntaxes)}")
+    return sum(path.stat().st_size for path in received) / seconds / 1e6
 
 
 def _big_instance(peer: "Vault", work: Path, megabytes: int) -> dict:
@@ -411,18 +436,21 @@ def run(work: Path, counts: dict, peer_names: list[str]) -> dict:
                "ct_parallel": corpus.ct_study(root / "ct-parallel", counts["ct"], patient_id="PV0009", seed=11),
                "small": corpus.small_instances(root / "small", counts["small"]),
                "mr": corpus.mr_series(root / "mr", counts["mr"]),
-               "multiframe": [corpus.multiframe(root / "mf" / "mf.dcm", counts["multiframe_mb"])]}
+               "multiframe": [corpus.multiframe(root / "mf" / "mf.dcm", counts["multiframe_mb"])],
+               "ct_j2k": corpus.ct_study(root / "ct-j2k", counts["ct_j2k"], patient_id="PV0011", seed=13,
+                                         transfer_syntax=JPEG2000Lossless)}
     import pydicom
     studies["bytes"] = {name: sum(p.stat().st_size for p in files) for name, files in studies.items()}
     studies["uids"] = {name: pydicom.dcmread(studies[name][0], stop_before_pixels=True).StudyInstanceUID
-                       for name in ("ct", "multiframe")}
+                       for name in ("ct", "multiframe", "ct_j2k")}
 
     destination = Storescp(work / "moved", DEST_AE)
     results = {"machine": machine(),
                "corpus": {"ct_instances": counts["ct"], "ct_bytes": studies["bytes"]["ct"],
                           "small_instances": counts["small"], "small_bytes": studies["bytes"]["small"],
                           "mr_instances": counts["mr"], "mr_bytes": studies["bytes"]["mr"],
-                          "multiframe_bytes": studies["bytes"]["multiframe"]},
+                          "multiframe_bytes": studies["bytes"]["multiframe"], "ct_j2k_instances": counts["ct_j2k"],
+                          "ct_j2k_bytes": studies["bytes"]["ct_j2k"]},
                "peers": {}}
     try:
         # First: it fails early when strace cannot attach, and pays for what the corpus left dirty.
@@ -479,7 +507,9 @@ def markdown(results: dict) -> str:
     lines += ["", f"CT: 2 x {c['ct_instances']} instances, {c['ct_bytes'] / 1e6:.1f} MB each (the second over "
                   f"{PARALLEL} associations); MR: {c['mr_instances']} instances, {c['mr_bytes'] / 1e6:.1f} MB; "
                   f"small: {c['small_instances']} instances of ~10 KB; one multi-frame instance of "
-                  f"{c['multiframe_bytes'] / 1e6:.0f} MB."]
+                  f"{c['multiframe_bytes'] / 1e6:.0f} MB; CT in JPEG 2000 lossless: {c['ct_j2k_instances']} "
+                  f"instances, {c['ct_j2k_bytes'] / 1e6:.1f} MB stored (ct_j2k_get_mb_s: MB/s of what arrives "
+                  "decoded, explicit VR little endian, by a getscu proposing only uncompressed syntaxes)."]
     return "\n".join(lines)
 
 
@@ -491,12 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multiframe-mb", type=int, default=256, help="the multi-frame instance every peer stores")
     parser.add_argument("--big-mb", type=int, default=2048,
                         help="one instance pacs-vault stores and sends back (its peak RSS); 0: none")
+    parser.add_argument("--ct-j2k", type=int, default=100,
+                        help="CT instances stored in JPEG 2000 lossless, taken back transcoded")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    counts = ({"ct": 10, "small": 20, "mr": 5, "multiframe_mb": 8, "big_mb": 16} if args.quick else
+    counts = ({"ct": 10, "small": 20, "mr": 5, "multiframe_mb": 8, "big_mb": 16, "ct_j2k": 3} if args.quick else
               {"ct": args.ct, "small": args.small, "mr": args.mr, "multiframe_mb": args.multiframe_mb,
-               "big_mb": args.big_mb})
+               "big_mb": args.big_mb, "ct_j2k": args.ct_j2k})
     peers = [name.strip() for name in args.peers.split(",") if name.strip()]
     unknown = set(peers) - set(PEERS)
     if unknown:

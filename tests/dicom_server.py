@@ -16,7 +16,7 @@ from pynetdicom.dsutils import split_dataset
 from appliance.errors import InvalidInstance
 from appliance.store import p10
 
-from conftest import REPO, run_cli
+from conftest import REPO, dicom_test_files, run_cli
 
 DCMTK = Path("/usr/bin")  # dcmtk's tools: the venv's pynetdicom apps use the same names
 CLIENT_AE = "TESTSCU"
@@ -94,6 +94,19 @@ def register(home: Path, ae_title: str, port: int, roles: str) -> None:
     run_cli("ae", "add", ae_title, "127.0.0.1", str(port), "--roles", roles, home=home)
 
 
+def retrieving_home(root: Path, move_destination_port: int | None = None) -> Path:
+    """A new home, root/home, where CLIENT_AE may store, query and retrieve; DEST_AE listening on
+    `move_destination_port` is registered as a C-MOVE destination when given."""
+    from appliance import home as home_mod
+
+    home = root / "home"
+    home_mod.init(home)
+    register(home, CLIENT_AE, free_port(), "store,query,retrieve")
+    if move_destination_port is not None:
+        register(home, DEST_AE, move_destination_port, "move-destination")
+    return home
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The data set of a Part 10 file without its file meta: what travels in a C-STORE."""
     _, offset = split_dataset(path)
@@ -127,3 +140,33 @@ def send_as_is(srv, files) -> None:
         assoc.release()
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+# Corpus files in compressed syntaxes the archive can transcode (JPEG 2000 lossless and not, JPEG-LS,
+# RLE, JPEG lossless and baseline; single and multi-frame, grey and colour, 8 to 32 bits), and one
+# uncompressed; all of SOP classes pynetdicom's apps propose.
+COMPRESSED_STUDY = ("MR_small_jp2klossless.dcm", "emri_small_jpeg_2k_lossless.dcm", "US1_J2KR.dcm", "MR2_J2KI.dcm",
+                    "emri_small_jpeg_ls_lossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm",
+                    "SC_rgb_rle_16bit_2frame.dcm", "rtdose_rle.dcm", "JPEG-LL.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                    "CT_small.dcm")
+
+
+def corpus_study(directory: Path, names=COMPRESSED_STUDY) -> list[Path]:
+    """The corpus files `names` rewritten as one study of one patient (new Study, Series and SOP
+    Instance UIDs: the corpus reuses some), each in its own transfer syntax, pixel data untouched."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    by_name = {}
+    for path in dicom_test_files():
+        by_name.setdefault(path.name, path)
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid, paths = generate_uid(), []
+    for number, name in enumerate(names, 1):
+        ds = pydicom.dcmread(by_name[name])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PatientID, ds.PatientName = "CORPUS1", "CORPUS^STUDY"
+        paths.append(directory / f"{number:02d}-{name}")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths

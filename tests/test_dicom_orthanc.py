@@ -1,4 +1,5 @@
-"""Interop with Orthanc: it sends a study to pacs-vault, forgets it, queries and retrieves it back."""
+"""Interop with Orthanc: it sends a study to pacs-vault, forgets it, queries and retrieves it back;
+and, taking little endian only, it gets a study of compressed instances moved to it transcoded."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from conftest import run_cli
-from dicom_server import Server, dataset_bytes, free_port, register, wait_for_port
+from dicom_server import (CLIENT_AE, Server, corpus_study, dataset_bytes, free_port, register, send_as_is, storable,
+                          wait_for_port)
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
 class OrthancPeer:
-    def __init__(self, work: Path, vault_port: int):
+    def __init__(self, work: Path, vault_port: int, **settings):
+        """`settings`: Orthanc configuration options beside (or over) the ones every test needs."""
         self.http, self.dicom = free_port(), free_port()
         config = {
             "Name": "interop", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
@@ -27,7 +32,7 @@ class OrthancPeer:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
             "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
             "DicomAlwaysAllowMove": True, "DicomAlwaysAllowGet": True, "Plugins": [],
-            "DicomModalities": {"vault": ["ARCHIVE", "127.0.0.1", vault_port]},
+            "DicomModalities": {"vault": ["ARCHIVE", "127.0.0.1", vault_port]}, **settings,
         }
         (work / "orthanc.json").write_text(json.dumps(config))
         self.process = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
@@ -46,7 +51,10 @@ class OrthancPeer:
         self.process.wait(30)
 
 
-@pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc (Debian package orthanc) is not installed")
+needs_orthanc = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc (Debian package orthanc) is not installed")
+
+
+@needs_orthanc
 def test_orthanc_stores_queries_and_retrieves_byte_exact(home, tmp_path, ct_files):
     vault = Server(home)
     orthanc = OrthancPeer(tmp_path, vault.port)
@@ -80,6 +88,38 @@ def test_orthanc_stores_queries_and_retrieves_byte_exact(home, tmp_path, ct_file
         assert retrieved == originals
         status = json.loads(run_cli("status", "--json", home=home).stdout)
         assert status["instances"] == 5
+    finally:
+        vault.stop()
+        orthanc.stop()
+
+
+@needs_orthanc
+def test_a_study_moved_to_an_orthanc_taking_little_endian_only_arrives_whole_and_transcoded(home, tmp_path):
+    little_endian = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    files = corpus_study(tmp_path / "study")
+    vault = Server(home)
+    orthanc = OrthancPeer(tmp_path, vault.port, AcceptedTransferSyntaxes=little_endian)
+    try:
+        register(home, CLIENT_AE, free_port(), "store")
+        register(home, "ORTHANC", orthanc.dicom, "retrieve,move-destination")
+        vault.start()
+        send_as_is(vault, storable(files))
+        study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        orthanc.call("POST", "/modalities/vault/move", {"Level": "Study", "TargetAet": "ORTHANC",
+                                                         "Resources": [{"StudyInstanceUID": study_uid}]})
+        instances = orthanc.call("GET", "/instances")
+        assert len(instances) == len(files)
+        received = {}
+        for instance_id in instances:
+            assert orthanc.call("GET", f"/instances/{instance_id}/metadata/TransferSyntax").decode() in little_endian
+            received[orthanc.call("GET", f"/instances/{instance_id}/simplified-tags")["SOPInstanceUID"]] = instance_id
+        # The multi-frame JPEG 2000 lossless one, as Orthanc hands it out.
+        [original] = [p for p in files if p.name.endswith("emri_small_jpeg_2k_lossless.dcm")]
+        ds = pydicom.dcmread(original)
+        assert ds.file_meta.TransferSyntaxUID == JPEG2000Lossless
+        downloaded = tmp_path / "from-orthanc.dcm"
+        downloaded.write_bytes(orthanc.call("GET", f"/instances/{received[ds.SOPInstanceUID]}/file"))
+        assert np.array_equal(pydicom.dcmread(downloaded).pixel_array, ds.pixel_array)
     finally:
         vault.stop()
         orthanc.stop()

@@ -11,6 +11,7 @@ from pydicom.uid import UID
 from appliance.config import DicomConfig
 from appliance.dicom import handlers, transcode
 from appliance.dicom.negotiation import UNCOMPRESSED
+from appliance.dicom.retrieve import PENDING_INTERVAL_S
 from appliance.dicom.server import QUERY_RETRIEVE, STORAGE_COMMITMENT, VERIFICATION, storage_sop_classes, \
     transfer_syntaxes
 from appliance.store import p10
@@ -34,8 +35,8 @@ _STATUSES = (
                 (0xA900, "Failed: Query/Retrieve Level not valid for the model"),
                 (0xC000, "Failed: unable to process (a key that is not valid)"),
                 (handlers.STATUS_NOT_AUTHORISED, "Refused: the calling AE has no query role")]),
-    ("C-GET, C-MOVE", [(0xFF00, "Pending: after every sub-operation, and while a study is recalled from a "
-                                "cold tier"),
+    ("C-GET, C-MOVE", [(0xFF00, f"Pending: after every sub-operation, and every {PENDING_INTERVAL_S:g} s while a "
+                                "study is recalled from a cold tier or an instance is transcoded"),
                        (0x0000, "Success: every sub-operation succeeded"),
                        (0xB000, "Warning: some sub-operations failed (Failed SOP Instance UID List)"),
                        (0xA702, "Failed: every sub-operation failed"),

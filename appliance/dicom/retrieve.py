@@ -15,7 +15,8 @@ re-encoded to explicit or implicit VR little endian, never re-encoded lossy; the
 bytes never change). A transcoded instance is made whole in memory (an anonymous memfd
 for a large one, never a disk) before its first byte goes, so a frame that does not
 decode fails that sub-operation, with the reason in the final response, and nothing
-else. C-MOVE proposes, per SOP class, each stored syntax in a context of its own and
+else; meanwhile the requestor gets a Pending response every few seconds (decoding a
+large instance outlasts a DIMSE timeout: pynetdicom's is 30 s). C-MOVE proposes, per SOP class, each stored syntax in a context of its own and
 one context of the uncompressed syntaxes to fall back on; C-GET takes the requestor's
 contexts, negotiated in its order of preference.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ from appliance.dicom.link import Link, Message
 from appliance.dicom.negotiation import Accepted, Proposed
 from appliance.dicom.requestor import AssociationRefused, RequestedAssociation
 from appliance.dicom.wire import ConnectionClosed
-from appliance.errors import ApplianceError, IntegrityError
+from appliance.errors import ApplianceError, IntegrityError, TranscodeError
 from appliance.metrics import ServerMetrics
 from appliance.store import p10
 from appliance.store.archive import Archive
@@ -57,7 +59,7 @@ from appliance.store.archive import Archive
 LOG = logging.getLogger("appliance.dicom")
 _PENDING, _CANCEL, _WARNING, _SUBOP_FAILURE = 0xFF00, 0xFE00, 0xB000, 0xA702
 _MAX_CONTEXTS = 128
-_PENDING_INTERVAL_S = 2.0
+PENDING_INTERVAL_S = 2.0
 PREFETCH_MAX_BYTES = 32 << 20
 PREFETCH_AHEAD = 2
 _MEMFD_READ = 1 << 20
@@ -107,6 +109,13 @@ class Plaintext:
     chunks: Iterator[bytes]
     whole: bool
 
+    def discard(self) -> None:
+        """Free what holds the rest of the data (a memfd, a decrypting stream); after a send,
+        whether it went to the end or not."""
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
 
 def _dataset_chunks(archive: Archive, record: dict) -> Iterator[bytes]:
     chunks = archive.open_blob(record["current"])
@@ -123,14 +132,18 @@ def plaintext(archive: Archive, record: dict, size: int) -> Plaintext:
     return Plaintext(_dataset_chunks(archive, record), False)
 
 
-def transcoded(archive: Archive, record: dict, syntax: str, counts: transcode.TranscodeCounts) -> Plaintext:
+def transcoded(archive: Archive, record: dict, syntax: str, counts: transcode.TranscodeCounts, *,
+               abandoned: threading.Event) -> Plaintext:
     """The instance's data set in `syntax`, whole before anything is sent: in an anonymous
-    in-memory file (memfd: never a disk, and not the process's resident memory)."""
+    in-memory file (memfd: never a disk, and not the process's resident memory). Stops, raising
+    TranscodeError, once `abandoned` is set."""
     fd = os.memfd_create("pacs-vault-transcode", os.MFD_CLOEXEC)
     try:
         size = 0
         for piece in transcode.transcode(archive.open_blob(record["current"]), record["transfer_syntax"], syntax,
                                          counts=counts):
+            if abandoned.is_set():
+                raise TranscodeError("abandoned: the requestor has gone")
             view = memoryview(piece)
             while view:
                 view = view[os.write(fd, view):]
@@ -138,15 +151,53 @@ def transcoded(archive: Archive, record: dict, syntax: str, counts: transcode.Tr
     except BaseException:
         os.close(fd)
         raise
-    return Plaintext(_memfd_chunks(fd, size), True)
+    return Plaintext(_MemfdChunks(fd, size), True)
 
 
-def _memfd_chunks(fd: int, size: int) -> Iterator[bytes]:
-    try:
-        for offset in range(0, size, _MEMFD_READ):
-            yield os.pread(fd, _MEMFD_READ, offset)
-    finally:
-        os.close(fd)
+class _MemfdChunks:
+    """The chunks of a memfd, read once; the descriptor is closed at the end or by close(),
+    even when no chunk was read (a generator's `finally` would not run then)."""
+
+    def __init__(self, fd: int, size: int):
+        self._fd: int | None = fd
+        self._size, self._offset = size, 0
+
+    def __iter__(self) -> "_MemfdChunks":
+        return self
+
+    def __next__(self) -> bytes:
+        if self._fd is None or self._offset >= self._size:
+            self.close()
+            raise StopIteration
+        chunk = os.pread(self._fd, _MEMFD_READ, self._offset)
+        self._offset += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _transcoded_meanwhile(archive: Archive, record: dict, syntax: str, counts: transcode.TranscodeCounts,
+                          waiting: Callable[[], None]) -> Plaintext:
+    """transcoded(), in a thread of its own, calling `waiting` every PENDING_INTERVAL_S until it is
+    done. Should `waiting` raise (the requestor has gone), the transcode stops at its next piece,
+    and a decoded copy it finished meanwhile is discarded."""
+    abandoned = threading.Event()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieve-transcode")
+    future = worker.submit(transcoded, archive, record, syntax, counts, abandoned=abandoned)
+    worker.shutdown(wait=False)
+    while True:
+        try:
+            return future.result(timeout=PENDING_INTERVAL_S)
+        except FutureTimeout:
+            try:
+                waiting()
+            except BaseException:
+                abandoned.set()
+                future.add_done_callback(lambda done: done.exception() is None and done.result().discard())
+                raise
 
 
 class _Plaintexts:
@@ -373,7 +424,8 @@ class RetrieveService:
                     if record["study"] not in unavailable and not broken:
                         try:
                             status, why = self._send_one(target, plaintexts, number, record, sop_uid, originator,
-                                                         on_cancel if is_get else None, counts[record["study"]])
+                                                         on_cancel if is_get else None, counts[record["study"]],
+                                                         lambda: respond(_PENDING, subops, final=False))
                             failure = failure or why
                         except _LinkAborted as exc:
                             LOG.error("retrieve aborted: %s", exc)
@@ -405,8 +457,9 @@ class RetrieveService:
 
     def _send_one(self, target: Link, plaintexts: _Plaintexts, number: int, record: dict, sop_uid: str,
                   originator: tuple[str, int] | None, on_cancel, counts: transcode.TranscodeCounts,
-                  ) -> tuple[int | None, str]:
-        """(the peer's status, or None when the sub-operation failed on our side; why it failed)."""
+                  waiting: Callable[[], None]) -> tuple[int | None, str]:
+        """(the peer's status, or None when the sub-operation failed on our side; why it failed).
+        `waiting` is called every few seconds while the instance is transcoded."""
         sop_class, stored = record["SOPClassUID"], record["transfer_syntax"]
         contexts = target.sending_contexts(sop_class)
         syntax = transcode.pick_target(stored, [cx.transfer_syntax for cx in contexts])
@@ -416,7 +469,8 @@ class RetrieveService:
             return None, reason
         context = next(cx for cx in contexts if cx.transfer_syntax == syntax)
         try:
-            data = plaintexts.take(number) if syntax == stored else transcoded(self._archive, record, syntax, counts)
+            data = (plaintexts.take(number) if syntax == stored
+                    else _transcoded_meanwhile(self._archive, record, syntax, counts, waiting))
         except (ApplianceError, ValueError) as exc:
             LOG.warning("retrieve sub-operation failed: %s", exc)
             return None, str(exc)
@@ -426,6 +480,8 @@ class RetrieveService:
             return send_c_store(target, context, sop_class, sop_uid, data, originator, on_cancel), ""
         except IntegrityError as exc:  # a streamed instance failed its final check: the link is aborted
             raise _LinkAborted(str(exc)) from None
+        finally:
+            data.discard()
 
     def syntax_for(self, target: Link, record: dict) -> str | None:
         return transcode.pick_target(record["transfer_syntax"],
@@ -443,7 +499,7 @@ class RetrieveService:
         for study_uid, future in waiting.items():
             while True:
                 try:
-                    future.result(timeout=_PENDING_INTERVAL_S)
+                    future.result(timeout=PENDING_INTERVAL_S)
                     break
                 except FutureTimeout:
                     if assoc.cancelled(message_id):

@@ -19,7 +19,8 @@ from appliance import config as cfg
 from appliance.dicom import transcode
 from appliance.store.archive import Archive
 from conftest import dicom_test_files
-from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register, send_as_is, storable
+from dicom_server import (CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, retrieving_home, send_as_is,
+                          storable)
 
 # getscu's option that proposes each syntax first for its storage contexts. None proposes
 # implicit VR little endian (those instances go transcoded, below); deflated is left out because
@@ -39,12 +40,8 @@ _DECODING_CHANGES = {"PixelData", "PhotometricInterpretation", "PlanarConfigurat
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
     """A server holding the corpus, and what it holds: SOP Instance UID -> (syntax, stored data set)."""
-    from appliance import home as home_mod
-    home = tmp_path_factory.mktemp("syntaxes") / "home"
-    home_mod.init(home)
-    register(home, CLIENT_AE, free_port(), "store,query,retrieve")
     dest_port = free_port()
-    register(home, DEST_AE, dest_port, "move-destination")
+    home = retrieving_home(tmp_path_factory.mktemp("syntaxes"), dest_port)
     files = storable(dicom_test_files())
     srv = Server(home).start()
     by_syntax: dict[str, list] = {}
