@@ -47,7 +47,7 @@ from appliance.dicom.query import PATIENT_ROOT, STUDY_ROOT
 from appliance.dicom.requestor import AssociationRefused, RequestedAssociation
 from appliance.dicom.retrieve import RetrieveService
 from appliance.dicom.wire import Connection, nodelay
-from appliance.errors import ConfigError, TierUnavailable
+from appliance.errors import ConfigError, OutOfSpace, TierUnavailable
 from appliance.metrics import MetricsEndpoint, ServerMetrics
 from appliance.store.archive import Archive
 from appliance.store.p10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -211,7 +211,10 @@ class DicomServer:
         hot = self.config.resolve(self.config.hot_tier.path)
         if not hot.is_dir():
             raise TierUnavailable(f"the hot tier {hot} is not there (disk not mounted?): not serving until it is")
-        self.archive.open_journal()
+        try:
+            self.archive.open_journal()
+        except OutOfSpace as exc:  # serve anyway: stores are answered 0xA700 until there is room
+            LOG.warning(json.dumps({"event": "serve.disk_full", "error": str(exc)}))
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # every connection in the lobby is a descriptor
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

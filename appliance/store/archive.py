@@ -207,6 +207,7 @@ class Archive:
         self._recall_lock = threading.Lock()
         self._journal: jr.Journal | None = None
         self._journal_lock = threading.Lock()
+        self.index.barrier = self._read_barrier
         # Stores journaled but not yet in the index: content address / SOP Instance UID -> count.
         self._in_flight: dict[bytes, int] = {}
         self._in_flight_sops: dict[str, int] = {}
@@ -233,9 +234,9 @@ class Archive:
             raise
 
     def close(self) -> None:
+        self.index.barrier = None
         if self._journal is not None:
             journal, self._journal = self._journal, None
-            self.index.barrier = None
             journal.close()
         self.index.close()
         self.keyring.close()
@@ -342,8 +343,15 @@ class Archive:
             if self._journal is None:
                 self._journal = jr.Journal(self.config.journal_dir, self.keyring.kek_id, self.keyring.journal_key,
                                            self)
-                self.index.barrier = self._journal.wait_applied
             return self._journal
+
+    def _read_barrier(self) -> None:
+        """Before a fresh read: every store acknowledged until now, by this process or any
+        other live one, is in the index."""
+        journal = self._journal
+        if journal is not None:
+            journal.wait_applied()
+        jr.wait_for_other_writers(self.config.journal_dir, journal.journal_id if journal else None)
 
     def commit_store(self, info: p10.InstanceInfo, blob: dict, inline: bytes | None, source: str,
                      audit_entry: dict | None, stored_ns: int) -> None:

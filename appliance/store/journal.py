@@ -12,7 +12,9 @@ gone. A large blob is not copied into the journal: it is written (and synced) in
 hot file while it arrives, and its record only points at it.
 
 Files: `HOME/journal/<journal id>-<n>.wal`, one journal per writing process (the id is
-random, made when it starts), flock'ed by it while it lives. Each file is made whole at
+random, made when it starts), flock'ed by it while it lives (taken under a temporary name,
+before the file is renamed into place: a replaying process never sees a live file
+unlocked). Each file is made whole at
 once (SEGMENT_BYTES of zeros, less on a small volume; synced), so that a commit overwrites blocks that exist
 already and its fdatasync flushes data only, no file system metadata. Records fill a
 file from its header on; once a checkpoint has made every record of a file durable
@@ -43,6 +45,15 @@ encrypted here so that the journal holds none in the clear. Reading a file stops
 first record that is cut short, does not authenticate, or does not carry the number
 after the one before it (older records of a file written again): its batch's fdatasync
 never returned, so neither it nor anything after it was acknowledged.
+
+Other processes read what this one acknowledged: `HOME/journal/<journal id>.state`,
+flock'ed like the files, holds the numbers of the last record acknowledged and the last
+applied (and whether applying fails); a process that reads the index first waits until
+every live journal has applied what it had acknowledged when the read began
+(`wait_for_other_writers`). So `appliance export` run the moment storescu is told
+Success finds the instance.
+
+    state file: acknowledged (u64), applied (u64), applying fails (u8), big-endian
 
 Replay is exact: LMDB keeps, in the same transaction as the index entries, the number
 of the last record applied (`meta` "journal:<id>"), so no index mutation is done twice;
@@ -79,6 +90,10 @@ RECORD_MAGIC = b"PVJR"
 RECORD_HEADER = struct.Struct(">4sIQ")
 TAG_SIZE = 16
 SUFFIX = ".wal"
+STATE_SUFFIX = ".state"
+_STATE = struct.Struct(">QQB")
+# How long a reader waits for another process to apply what it acknowledged.
+OTHER_WRITERS_TIMEOUT_S = 10.0
 SEGMENT_BYTES = 32 << 20
 _MIN_SEGMENT_BYTES = 2 << 20  # an inline blob (1 MiB at most) and its record always fit
 # A checkpoint follows this long after the first record not yet made durable elsewhere
@@ -209,14 +224,22 @@ def segment_bytes(directory: Path) -> int:
     return max(_MIN_SEGMENT_BYTES, min(SEGMENT_BYTES, free_bytes(directory) // 16 // 4096 * 4096))
 
 
+def _locked_new_file(path: Path) -> tuple[int, Path]:
+    """A new file, flock'ed before anyone can see it under `path`: made under a temporary
+    name (rename it into place once it is whole). Returns its descriptor and that name."""
+    making = path.with_name(path.name + ".new")
+    fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd, making
+
+
 class _File:
     """One journal file, made whole at once (exclusive flock held while it is open)."""
 
     def __init__(self, path: Path, header: bytes, size: int):
         self.path = path
         self.size = size
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.fd, making = _locked_new_file(path)
         self.start = len(header)
         self.offset = self.start
         self.last = 0  # number of the last record written since the file was (re)started
@@ -226,9 +249,11 @@ class _File:
             while written < size:
                 written += _write_at(self.fd, [zeros[:size - written]], written)
             os.fdatasync(self.fd)
+            os.rename(making, path)
             fsync_dir(path.parent)
         except BaseException as exc:
             self.close()
+            making.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"out of space on the data volume ({free_bytes(path.parent) >> 20} MB free)") \
@@ -305,8 +330,16 @@ class Journal:
         self._apply_error: Exception | None = None
         self._unapplied = False  # closing gave up applying: the journal files stay
         self._files.append(self._new_file())
+        self._state_path = self.directory / f"{self.journal_id.hex()}{STATE_SUFFIX}"
+        self._state_fd, making = _locked_new_file(self._state_path)
+        os.rename(making, self._state_path)  # not synced: after a crash nobody needs it
+        self._publish()
         self._apply_thread = threading.Thread(target=self._apply_loop, name="journal-apply", daemon=True)
         self._apply_thread.start()
+
+    def _publish(self) -> None:
+        """What other processes wait on (under self._cond, or before the threads start)."""
+        os.pwrite(self._state_fd, _STATE.pack(self._acked, self._applied, self._apply_error is not None), 0)
 
     # -- committing ----------------------------------------------------------------------
 
@@ -419,6 +452,7 @@ class Journal:
         self._number = number
         with self._cond:
             self._acked = number
+            self._publish()
         self._applying.put([record for _, record in written])
         for entry, record in written:
             entry.outcome = record
@@ -468,6 +502,7 @@ class Journal:
                           records[-1].number, exc)
                 with self._cond:
                     self._apply_error = exc
+                    self._publish()
                     self._cond.notify_all()
                 if self._closed:
                     self._unapplied = True
@@ -476,6 +511,7 @@ class Journal:
         with self._cond:
             self._apply_error = None
             self._applied = records[-1].number
+            self._publish()
             if self._applied >= self._acked:
                 self._reader_waiting.clear()
             self._cond.notify_all()
@@ -561,12 +597,15 @@ class Journal:
             for old in self._files:
                 old.close()
             self._files = []
+            os.close(self._state_fd)
             return
         self._applier.checkpoint()
         for old in self._files:
             old.close()
             os.unlink(old.path)
         self._files = []
+        os.unlink(self._state_path)
+        os.close(self._state_fd)
         fsync_dir(self.directory)
         self._applier.forget(self.journal_id)
 
@@ -621,10 +660,85 @@ def replay(directory: Path, kek_id: bytes, journal_key: Callable[[bytes], bytes]
                 applier.checkpoint()
                 for path in paths:
                     path.unlink(missing_ok=True)
+                (directory / f"{journal_id.hex()}{STATE_SUFFIX}").unlink(missing_ok=True)
                 fsync_dir(directory)
                 applier.forget(journal_id)
                 replayed += len(records)
         finally:
             for fd in locks:
                 os.close(fd)
+    _sweep(directory)
     return replayed
+
+
+def _sweep(directory: Path) -> None:
+    """Remove what crashed writers left beside their journals: a file being made, a state
+    file whose journal is gone."""
+    if not directory.is_dir():
+        return
+    journals = {path.name.split("-", 1)[0] for path in directory.glob(f"*{SUFFIX}")}
+    for path in [*directory.glob("*.new"), *directory.glob(f"*{STATE_SUFFIX}")]:
+        if path.suffix == STATE_SUFFIX and path.name[:-len(STATE_SUFFIX)] in journals:
+            continue
+        if _unlocked(path):
+            path.unlink(missing_ok=True)
+
+
+def _unlocked(path: Path) -> bool:
+    """Whether no process holds a lock on the file (its writer is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_for_other_writers(directory: Path, own: bytes | None = None,
+                           timeout: float = OTHER_WRITERS_TIMEOUT_S) -> None:
+    """Wait until every other live journal (not `own`) has applied the records it had
+    acknowledged when this was called; give up on one whose applying fails or takes longer
+    than `timeout` (logged)."""
+    try:
+        names = [name for name in os.listdir(directory) if name.endswith(STATE_SUFFIX)]
+    except FileNotFoundError:
+        return
+    deadline = time.monotonic() + timeout
+    for name in names:
+        if own is not None and name == own.hex() + STATE_SUFFIX:
+            continue
+        try:
+            fd = os.open(directory / name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # that writer closed its journal
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                continue  # its writer is gone: a writer replays what it left
+            except BlockingIOError:
+                pass
+            target, applied, failing = _read_state(fd)
+            while applied < target:
+                if failing or time.monotonic() > deadline:
+                    LOG.warning("another process has not applied what it acknowledged (%s): reading without it",
+                                "applying fails there" if failing else "still applying")
+                    break
+                time.sleep(0.002)
+                _, applied, failing = _read_state(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_state(fd: int) -> tuple[int, int, bool]:
+    while True:  # read again if a write came in between (a torn read)
+        first = os.pread(fd, _STATE.size, 0)
+        if len(first) == _STATE.size and os.pread(fd, _STATE.size, 0) == first:
+            acked, applied, failing = _STATE.unpack(first)
+            return acked, applied, bool(failing)
+        if len(first) < _STATE.size:
+            return 0, 0, False  # not written yet: nothing acknowledged

@@ -193,3 +193,36 @@ def test_records_that_cannot_be_applied_stay_in_the_journal_for_the_next_start(h
     run_cli("export", pydicom.dcmread(ct_files[0]).StudyInstanceUID, str(out), home=home)
     assert sorted(p.read_bytes() for p in out.glob("*.dcm")) == sorted(p.read_bytes() for p in ct_files[:3])
     assert run_cli("fsck", home=home).returncode == 0
+
+
+# Stores each file, says so once it is acknowledged, and keeps its archive open until stdin
+# closes; its applier is slow (each batch waits 1.5 s), as on a loaded machine.
+_STORE_AND_STAY = textwrap.dedent("""
+    import sys, time
+    from appliance import config as cfg
+    from appliance.store.archive import Archive
+    archive = Archive.open(cfg.load(sys.argv[1]), writer=True)
+    original = archive.apply
+    archive.apply = lambda records, replaying: (time.sleep(1.5), original(records, replaying))
+    for path in sys.argv[2:]:
+        print(archive.store_file(path).info.sop_uid, flush=True)
+    sys.stdin.read()
+    archive.close()
+""")
+
+
+def test_another_process_reads_what_a_live_writer_acknowledged(home, ct_files):
+    """The moment a store is acknowledged, another process (`status`, `export`) finds it,
+    even though the writer has not applied it to the index yet."""
+    writer = subprocess.Popen([sys.executable, "-c", _STORE_AND_STAY, str(home), *map(str, ct_files[:3])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        acknowledged = [writer.stdout.readline().strip() for _ in range(3)]
+        assert all(acknowledged)
+        status = json.loads(run_cli("status", "--json", home=home).stdout)
+        assert status["instances"] == 3
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=60)
+    assert writer.returncode == 0
+    assert not list((home / "journal").iterdir())  # files and state gone with the writer
