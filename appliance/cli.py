@@ -107,29 +107,33 @@ def cmd_import(args) -> int:
         raise ApplianceError(f"no such file or directory: {missing[0]}")
     total_bytes = sum(p.stat().st_size for p in files)
     studies: dict[str, dict] = {}
-    with _open(args, writer=True) as archive:
-        progress = Progress("import", len(files), total_bytes)
+    config = cfg.load(_home(args))
+    progress = Progress("import", len(files), total_bytes)
 
-        def on_result(path, outcome, reason):
-            size = path.stat().st_size if path.exists() else 0
-            progress.advance(size)
-            if outcome is not None:
-                study = studies.setdefault(outcome.info.study_uid, {
-                    "patient": str(outcome.info.patient.get("PatientID", "")), "stored": 0, "duplicates": 0})
-                study["duplicates" if outcome.status == "duplicate" else "stored"] += 1
-            if outcome is None:
-                progress.event("import.rejected", path=str(path), reason=reason)
-                if sys.stderr.isatty():
-                    sys.stderr.write(f"\nrejected {path}: {reason}\n")
-            else:
-                progress.event(f"import.{outcome.status}", path=str(path), bytes=outcome.info.length)
+    def on_result(path, outcome, reason):
+        size = path.stat().st_size if path.exists() else 0
+        progress.advance(size)
+        if outcome is not None:
+            study = studies.setdefault(outcome.info.study_uid, {
+                "patient": str(outcome.info.patient.get("PatientID", "")), "stored": 0, "duplicates": 0})
+            study["duplicates" if outcome.status == "duplicate" else "stored"] += 1
+        if outcome is None:
+            progress.event("import.rejected", path=str(path), reason=reason)
+            if sys.stderr.isatty():
+                sys.stderr.write(f"\nrejected {path}: {reason}\n")
+        else:
+            progress.event(f"import.{outcome.status}", path=str(path), bytes=outcome.info.length)
 
-        summary = importer.run_import(archive, files, archive.config.appliance.imports.workers, on_result)
-        for study_uid, study in sorted(studies.items()):
-            archive.audit.record(audit.event(
-                "Import", op="import", action="C", study=study_uid, patient=study["patient"],
-                instances=study["stored"], duplicates=study["duplicates"], source=", ".join(args.paths)[:500]))
+    try:
+        summary = importer.run_import(config, files, config.appliance.imports.workers, on_result)
+    finally:
         progress.close()
+        if studies:
+            trail = AuditTrail(config.audit_dir, config.audit_key_file, enabled=config.appliance.audit.enabled)
+            for study_uid, study in sorted(studies.items()):
+                trail.record(audit.event(
+                    "Import", op="import", action="C", study=study_uid, patient=study["patient"],
+                    instances=study["stored"], duplicates=study["duplicates"], source=", ".join(args.paths)[:500]))
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:

@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import corpus  # noqa: E402
-from common import add_common_arguments, machine, run_and_report  # noqa: E402
+from common import IMPORT_STUDY_INSTANCES, add_common_arguments, machine, run_and_report  # noqa: E402
 
 APPLIANCE = [sys.executable, "-m", "appliance"]
 
@@ -115,7 +115,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ct", type=int, default=240)
+    parser.add_argument("--ct", type=int, default=IMPORT_STUDY_INSTANCES)
     parser.add_argument("--big-mb", type=int, default=1000)
     add_common_arguments(parser)
     args = parser.parse_args(argv)

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import corpus  # noqa: E402
-from common import add_common_arguments, machine, run_and_report  # noqa: E402
+from common import IMPORT_STUDY_INSTANCES, add_common_arguments, machine, run_and_report  # noqa: E402
 
 from appliance.store import sealed  # noqa: E402
 
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=1024, help="size of the sequential write and read")
     parser.add_argument("--syncs", type=int, default=1000, help="synced appends and durable files timed")
-    parser.add_argument("--ct", type=int, default=240, help="CT instances the codecs and the sealing run over "
-                                                            "(the import benchmark's study)")
+    parser.add_argument("--ct", type=int, default=IMPORT_STUDY_INSTANCES,
+                        help="CT instances the codecs and the sealing run over (the import benchmark's study)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     megabytes, syncs, ct, rounds = (32, 50, 12, 1) if args.quick else (args.mb, args.syncs, args.ct, 3)

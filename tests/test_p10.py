@@ -4,7 +4,7 @@ import struct
 
 import pydicom
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
@@ -135,6 +135,8 @@ _TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\\\x00", exclud
 
 
 @settings(max_examples=150, deadline=None)
+@example(name="", other_name="=", description="", ids=[""], number=0, rows=0, charset="ISO_IR 192",
+         syntax="1.2.840.10008.1.2", padded=True)  # empty trailing component groups: pydicom drops them
 @given(name=_TEXT, other_name=_TEXT, description=_TEXT, ids=st.lists(_TEXT, min_size=1, max_size=3),
        number=st.integers(-(2 ** 31), 2 ** 31 - 1), rows=st.integers(0, 65535),
        charset=st.sampled_from(["ISO_IR 192", "ISO_IR 100", None]),

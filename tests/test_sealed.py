@@ -26,8 +26,20 @@ def _seal(data: bytes, *, level: int = 3, segment: int = SEGMENT, try_compressio
 
 
 def _unseal(blob: bytes, data_address: bytes, key: bytes = KEY, chunk_size: int = 50) -> bytes:
-    return b"".join(sealed.unseal(io.BytesIO(blob), key_for=lambda _: key, content_address=data_address,
-                                  chunk_size=chunk_size))
+    """The blob read by both readers, the stream and the whole-blob one (a retrieve's): they
+    must agree, byte for byte or in refusing it."""
+    try:
+        whole = bytes(sealed.unseal_whole(blob, key_for=lambda _: key, content_address=data_address))
+    except IntegrityError as exc:
+        whole = exc
+    try:
+        streamed = b"".join(sealed.unseal(io.BytesIO(blob), key_for=lambda _: key, content_address=data_address,
+                                          chunk_size=chunk_size))
+    except IntegrityError:
+        assert isinstance(whole, IntegrityError), "the whole-blob reader took what the stream refused"
+        raise
+    assert whole == streamed
+    return streamed
 
 
 payloads = st.one_of(st.binary(max_size=700), st.binary(max_size=20).map(lambda b: b * 37))
@@ -246,10 +258,8 @@ def test_format_version_1_blobs_still_read(name):
     blob = (data_dir / f"sealed-v1-{name}.bin").read_bytes()
     assert blob[8] == 1
     key = bytes(range(32))
-    assert b"".join(sealed.unseal(io.BytesIO(blob), key_for=lambda _: key,
-                                  content_address=hashlib.sha256(plaintext).digest())) == plaintext
+    assert _unseal(blob, hashlib.sha256(plaintext).digest(), key=key) == plaintext
     tampered = bytearray(blob)
     tampered[len(blob) // 2] ^= 4
     with pytest.raises(IntegrityError):
-        b"".join(sealed.unseal(io.BytesIO(bytes(tampered)), key_for=lambda _: key,
-                               content_address=hashlib.sha256(plaintext).digest()))
+        _unseal(bytes(tampered), hashlib.sha256(plaintext).digest(), key=key)

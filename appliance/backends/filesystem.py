@@ -5,8 +5,9 @@ directories by the first four hex digits of the name; the first level is made
 when the tier is first opened, the second as objects arrive), and `.incoming/`
 for objects being written (`<name>.<pid>.tmp`). A put writes the temp file,
 fsyncs it, renames it into place and fsyncs the directory, so an object is
-either absent or whole and durable. 65,536 directories keep a 100-million-object
-tier near 1,500 entries per directory.
+either absent or whole and durable. A staged object (`stage`, then `publish`) is
+the same in two steps, so that one publish makes many objects durable together.
+65,536 directories keep a 100-million-object tier near 1,500 entries per directory.
 """
 
 from __future__ import annotations
@@ -26,6 +27,38 @@ _NAME = re.compile(r"^[0-9a-f]{8,64}$")
 _INCOMING = ".incoming"
 _FANOUT = [f"{n:02x}" for n in range(256)]
 _SYNC_THREADS = 16
+
+
+class StagedFile:
+    """An object being written to `.incoming/`, not yet synced (`FilesystemBackend.stage`)."""
+
+    def __init__(self, tmp: Path, final: Path):
+        self.tmp, self.final = tmp, final
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.published = False
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def set_stored_time(self, mtime_ns: int) -> None:
+        os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+
+    def discard(self) -> None:
+        """Remove it, wherever it is (a store that failed or was refused)."""
+        self._close()
+        (self.final if self.published else self.tmp).unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _syncer() -> ThreadPoolExecutor:
+    """Threads for one round of syncs (gone when it ends: none kept idle between rounds)."""
+    return ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="hot-sync")
 
 
 def fanout_path(name: str) -> str:
@@ -106,9 +139,30 @@ class FilesystemBackend:
         """fsync objects written by write_unsynced, then their directories (each once). The
         syncs run side by side: the file system commits them together, not one by one."""
         paths = [self.path(name) for name in names]
-        with ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="make-durable") as pool:
+        with _syncer() as pool:
             list(pool.map(_fdatasync_if_there, paths))
             list(pool.map(fsync_dir, sorted({path.parent for path in paths})))
+
+    def stage(self, name: str) -> StagedFile:
+        """Begin writing an object in `.incoming/`; `publish` makes it the object, durably."""
+        final = self.path(name)
+        return StagedFile(self._incoming / f"{name}.{os.getpid()}.tmp", final)
+
+    def publish(self, staged: list[StagedFile]) -> None:
+        """Make staged objects durable under their names, all together: their data synced
+        side by side, renamed into place, each directory synced once. Raises OSError (and
+        then none of them may be counted on)."""
+        with _syncer() as pool:
+            list(pool.map(lambda f: os.fdatasync(f.fd), staged))
+            for directory in sorted({f.final.parent for f in staged}):
+                if not directory.is_dir():
+                    directory.mkdir(exist_ok=True)
+                    fsync_dir(directory.parent)
+            for f in staged:
+                os.rename(f.tmp, f.final)
+                f.published = True
+                f._close()
+            list(pool.map(fsync_dir, sorted({f.final.parent for f in staged})))
 
     def put(self, name: str, src: BinaryIO) -> None:
         with self.create(name) as dst:

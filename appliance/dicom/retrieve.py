@@ -128,7 +128,8 @@ def _dataset_chunks(archive: Archive, record: dict) -> Iterator[bytes]:
 
 def plaintext(archive: Archive, record: dict, size: int) -> Plaintext:
     if size <= PREFETCH_MAX_BYTES:
-        return Plaintext(iter(list(_dataset_chunks(archive, record))), True)
+        whole = memoryview(archive.read_blob(record["current"]))
+        return Plaintext(iter([whole[p10.dataset_offset(whole):]]), True)
     return Plaintext(_dataset_chunks(archive, record), False)
 
 
@@ -209,6 +210,9 @@ class _Plaintexts:
         self._archive, self._instances, self._skip = archive, instances, skip
         self._worker = ThreadPoolExecutor(max_workers=PREFETCH_AHEAD, thread_name_prefix="retrieve-prefetch")
         self._ahead: dict[int, Future] = {}
+        with archive.index.read(fresh=False) as t:  # the instances came from a fresh read
+            blobs = {record["current"]: t.get("blobs", record["current"]) for _, record in instances}
+        self._sizes = {ca: blob["size"] if blob else PREFETCH_MAX_BYTES + 1 for ca, blob in blobs.items()}
 
     def __enter__(self) -> "_Plaintexts":
         return self
@@ -219,9 +223,7 @@ class _Plaintexts:
         self._worker.shutdown(wait=True)
 
     def _size(self, record: dict) -> int:
-        with self._archive.index.read() as t:
-            blob = t.get("blobs", record["current"])
-        return blob["size"] if blob else PREFETCH_MAX_BYTES + 1
+        return self._sizes.get(record["current"], PREFETCH_MAX_BYTES + 1)
 
     def _prefetch(self, number: int) -> None:
         if number >= len(self._instances) or number in self._ahead:

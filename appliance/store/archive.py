@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 from appliance import audit, backends
 from appliance.audit import AuditTrail
-from appliance.backends.filesystem import FilesystemBackend
+from appliance.backends.filesystem import FilesystemBackend, StagedFile
 from appliance.config import Config
 from appliance.errors import BlobMissing, HomeLocked, IntegrityError, InvalidInstance, NotFound, OutOfSpace
 from appliance.fsutil import HomeLock, raise_if_out_of_space
@@ -39,8 +39,11 @@ from appliance.store.keys import Keyring
 LOG = logging.getLogger(__name__)
 
 # Sealed bytes of one instance held in memory and written into its journal record; a
-# larger instance streams into its hot file as it arrives (synced before the commit).
+# larger instance streams into its hot file as it arrives (synced with the commit). An
+# acknowledgement waits for one sync that way; an import, which wants throughput rather,
+# writes each byte once from a smaller size on (a second sync costs less than a second write).
 INLINE_LIMIT = 1 << 20
+IMPORT_INLINE_LIMIT = 64 << 10
 # Plaintext held while the walk has not yet seen the study (its key seals the bytes).
 BEFORE_KEY_LIMIT = 64 << 20
 # A store is refused (0xA700) unless this much more than twice its sealed size is free:
@@ -57,48 +60,35 @@ class StoreOutcome:
 
 
 class _SealedSink:
-    """Where an instance's sealed bytes go while it arrives: memory up to INLINE_LIMIT, then
-    its own hot file (sealed bytes only), made durable when the instance is complete."""
+    """Where an instance's sealed bytes go while it arrives: memory up to `inline_limit`, then
+    a staged hot file (sealed bytes only), made durable by the journal commit that records it."""
 
-    def __init__(self, hot: FilesystemBackend, name: str):
-        self._hot, self._name = hot, name
+    def __init__(self, hot: FilesystemBackend, name: str, inline_limit: int):
+        self._hot, self._name, self._limit = hot, name, inline_limit
         self._memory = bytearray()
-        self._context = None
-        self._file = None
+        self.staged: StagedFile | None = None
 
     def write(self, data) -> None:
-        if self._file is None:
+        if self.staged is None:
             self._memory += data
-            if len(self._memory) > INLINE_LIMIT:
-                self._context = self._hot.create(self._name)
-                self._file = self._context.__enter__()
-                self._file.write(self._memory)
+            if len(self._memory) > self._limit:
+                self.staged = self._hot.stage(self._name)
+                self.staged.write(self._memory)
                 self._memory = bytearray()
             return
-        self._file.write(data)
+        self.staged.write(data)
 
-    def finish(self) -> bytes | None:
-        """The sealed bytes when they are small enough for the journal; None when they went
-        to the hot file (now durable: fsync, rename, fsync of its directory)."""
-        if self._file is None:
-            return bytes(self._memory)
-        context, self._context, self._file = self._context, None, None
-        context.__exit__(None, None, None)
-        return None
+    def inline(self) -> bytes | None:
+        """The sealed bytes when they are small enough for the journal record, else None
+        (they are in `staged`)."""
+        return bytes(self._memory) if self.staged is None else None
 
     def discard(self) -> None:
-        """Forget what was written (the temp file of a large blob is removed)."""
+        """Forget what was written (a staged file is removed)."""
         self._memory = bytearray()
-        if self._file is not None:
-            context, self._context, self._file = self._context, None, None
-            try:
-                context.__exit__(_Discarded, _Discarded(), None)
-            except _Discarded:
-                pass
-
-
-class _Discarded(Exception):
-    pass
+        if self.staged is not None:
+            staged, self.staged = self.staged, None
+            staged.discard()
 
 
 class Ingest:
@@ -106,12 +96,12 @@ class Ingest:
     `write()` them, then `finish()` (durable when it returns) or `abort()`. Plaintext is
     only ever in memory; what reaches a disk is sealed."""
 
-    def __init__(self, archive: "Archive", source: str):
+    def __init__(self, archive: "Archive", source: str, inline_limit: int):
         self._archive = archive
         self.source = source
         self.inspector = p10.Inspector()
         self.name = archive.new_blob_name()
-        self._sink = _SealedSink(archive.hot, self.name)
+        self._sink = _SealedSink(archive.hot, self.name, inline_limit)
         settings = archive.config.appliance.store
         self._sealer = sealed.Sealer(self._sink, level=settings.compression_level,
                                      segment_size=settings.segment_size_kb << 10)
@@ -149,6 +139,12 @@ class Ingest:
         """Complete the instance and commit it with its audit record (`audit_entry(info,
         status)`); returns once durable. Raises InvalidInstance or OutOfSpace, and then
         nothing of it is stored (the refusal's audit record is the caller's)."""
+        return self.finish_later(audit_entry).result()
+
+    def finish_later(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None
+                     ) -> "PendingStore":
+        """`finish`, except that it returns once the commit is queued: the result says when
+        it is durable (an importer seals the next file meanwhile)."""
         try:
             info = self.inspector.finish()
             if not self._sealer.started:
@@ -159,10 +155,9 @@ class Ingest:
             entry = audit_entry(info, status) if audit_entry else None
             if status == "duplicate":
                 self._sink.discard()
-                self._archive.commit_audit(entry)
-                return StoreOutcome(status, info)
+                return PendingStore(StoreOutcome(status, info), self._archive.submit_audit(entry), lambda: None)
             self._archive.check_space(result.sealed_size)
-            inline = self._sink.finish()
+            inline, staged = self._sink.inline(), self._sink.staged
         except OSError as exc:
             self._sink.discard()
             raise_if_out_of_space(exc)
@@ -174,14 +169,28 @@ class Ingest:
                 "key_id": self._key_id, "compression": result.compression}
         stored_ns = time.time_ns()
         try:
-            if inline is None:
-                self._archive.hot.set_stored_time(self.name, stored_ns)
-            self._archive.commit_store(info, blob, inline, self.source, entry, stored_ns)
+            if staged is not None:
+                staged.set_stored_time(stored_ns)
+            wait = self._archive.submit_store(info, blob, inline, staged, self.source, entry, stored_ns)
         except BaseException:
-            if inline is None:
-                self._archive.hot.delete(self.name)
+            self._sink.discard()
             raise
-        return StoreOutcome(status, info)
+        return PendingStore(StoreOutcome(status, info), wait, self._sink.discard)
+
+
+class PendingStore:
+    """A store whose journal record is queued: `result()` returns once it is durable."""
+
+    def __init__(self, outcome: StoreOutcome, wait: Callable[[], None], discard: Callable[[], None]):
+        self._outcome, self._wait, self._discard = outcome, wait, discard
+
+    def result(self) -> StoreOutcome:
+        try:
+            self._wait()
+        except BaseException:
+            self._discard()
+            raise
+        return self._outcome
 
 
 class Archive:
@@ -279,18 +288,24 @@ class Archive:
                 self._name_prefix = (os.urandom(2).hex(), now)
             return self._name_prefix[0] + os.urandom(14).hex()
 
-    def begin_store(self, source: str = "import") -> Ingest:
-        """An instance to store as its bytes arrive. `source`: the calling AE title, or "import"."""
-        return Ingest(self, source)
+    def begin_store(self, source: str = "import", inline_limit: int = INLINE_LIMIT) -> Ingest:
+        """An instance to store as its bytes arrive. `source`: the calling AE title, or "import".
+        Sealed, it goes into its journal record up to `inline_limit` bytes, else into its own
+        hot file (synced with the commit)."""
+        return Ingest(self, source, inline_limit)
 
     def store_file(self, path: str | os.PathLike, source: str = "import") -> StoreOutcome:
         """Store one P10 file byte-exact. Returns once it is durable; raises InvalidInstance,
         OutOfSpace or another ApplianceError and then nothing of it is stored."""
+        return self.store_file_later(path, source).result()
+
+    def store_file_later(self, path: str | os.PathLike, source: str = "import") -> PendingStore:
+        """`store_file`, returning once its commit is queued (`result()` waits until durable)."""
         try:
             fp = open(path, "rb")
         except OSError as exc:
             raise InvalidInstance(f"cannot read: {exc.strerror}") from None
-        ingest = self.begin_store(source)
+        ingest = self.begin_store(source, IMPORT_INLINE_LIMIT)
         head = b""
         try:
             with fp:
@@ -303,7 +318,7 @@ class Archive:
                         break
                     head = head or chunk[:132]
                     ingest.write(chunk)
-            return ingest.finish()
+            return ingest.finish_later()
         except InvalidInstance as exc:
             ingest.abort()
             if head[128:132] != b"DICM" and str(exc).startswith(("truncated", "malformed")):
@@ -353,9 +368,10 @@ class Archive:
             journal.wait_applied()
         jr.wait_for_other_writers(self.config.journal_dir, journal.journal_id if journal else None)
 
-    def commit_store(self, info: p10.InstanceInfo, blob: dict, inline: bytes | None, source: str,
-                     audit_entry: dict | None, stored_ns: int) -> None:
-        """Journal one stored instance: durable when this returns, in the index just after."""
+    def submit_store(self, info: p10.InstanceInfo, blob: dict, inline: bytes | None, staged: StagedFile | None,
+                     source: str, audit_entry: dict | None, stored_ns: int) -> Callable[[], None]:
+        """Journal one stored instance; returns what waits until it is durable (in the index
+        just after)."""
         journal = self._journal_for_writing()
         body = {"op": "store", "info": vars(info), "blob": blob, "inline": inline,
                 "source": source, "audit": audit_entry if self.audit.enabled else None, "stored_ns": stored_ns}
@@ -364,15 +380,31 @@ class Archive:
             self._in_flight_sops[info.sop_uid] = self._in_flight_sops.get(info.sop_uid, 0) + 1
             self._in_flight_inline += len(inline) if inline is not None else 0
         try:
-            journal.commit(body)
+            queued = journal.submit(body, staged)
         except BaseException:
             self._done_in_flight([body])
             raise
 
+        def wait() -> None:
+            try:
+                journal.wait(queued)
+            except BaseException:
+                self._done_in_flight([body])
+                raise
+        return wait
+
     def commit_audit(self, entry: dict | None) -> None:
-        """Journal an audit record of the store path (a duplicate): durable on return."""
-        if entry is not None and self.audit.enabled:
-            self._journal_for_writing().commit({"op": "audit", "audit": entry})
+        """Journal an audit record of the store path (a refusal): durable on return."""
+        self.submit_audit(entry)()
+
+    def submit_audit(self, entry: dict | None) -> Callable[[], None]:
+        """Journal an audit record of the store path (a duplicate); returns what waits until
+        it is durable."""
+        if entry is None or not self.audit.enabled:
+            return lambda: None
+        journal = self._journal_for_writing()
+        queued = journal.submit({"op": "audit", "audit": entry})
+        return lambda: journal.wait(queued) and None
 
     def _done_in_flight(self, bodies: list[dict]) -> None:
         with self._in_flight_lock:
@@ -460,6 +492,10 @@ class Archive:
         t.put("meta", key, max(position, last.number))
         return surplus
 
+    def publish(self, staged: list[StagedFile]) -> None:
+        """Make the staged hot files of a batch durable before the batch is (journal.Applier)."""
+        self.hot.publish(staged)
+
     def checkpoint(self) -> None:
         """Make durable what apply wrote without waiting: hot files and the trail."""
         names = set(self._unsynced_names)
@@ -504,8 +540,20 @@ class Archive:
         """The original bytes of a stored version, verified as they stream (see sealed.open_sealed).
 
         A version with no hot copy is recalled first, with the rest of its study."""
+        return self._stream(self._open_hot_copy(ca), ca, chunk_size)
+
+    def read_blob(self, ca: bytes) -> bytes | memoryview:
+        """The original bytes of a stored version, whole and verified before they are returned
+        (for instances small enough to hold in memory: one pass, half the CPU of a stream)."""
+        with self._open_hot_copy(ca) as fp:
+            data = fp.read()
+        return sealed.unseal_whole(data, key_for=self.keyring.data_key, content_address=ca)
+
+    def _open_hot_copy(self, ca: bytes):
+        """The hot copy of a stored version, open for reading; recalled first when it has none."""
         for attempt in range(3):
-            with self.index.read() as t:
+            # Not a fresh read: the caller found `ca` in one, and a recall writes the index directly.
+            with self.index.read(fresh=False) as t:
                 blob = t.get("blobs", ca)
                 study_uid = blob and t.get("instances", blob["sop"])["study"]
             if blob is None:
@@ -518,12 +566,11 @@ class Archive:
                 self.recall_study(study_uid)
                 continue
             try:
-                fp = self.hot.open(copy["name"])
+                return self.hot.open(copy["name"])
             except BlobMissing:
                 if attempt < 2:  # evicted between the index read and the open: look again
                     continue
                 raise
-            return self._stream(fp, ca, chunk_size)
         raise IntegrityError("the instance could not be brought back to the hot tier")
 
     def recall_study(self, study_uid: str, on_wait=None) -> int:

@@ -132,10 +132,14 @@ class Record:
 class Applier(Protocol):
     """What a journal's records are applied to (the archive).
 
-    `apply(records, replaying)` redoes them on the hot tier, the index and the trail; it
-    may be called again for records it has applied (after a crash) and must then change
-    nothing more. `checkpoint()` makes everything applied so far durable. `forget(id)`:
-    the journal is gone, drop what apply kept about it (its position)."""
+    `publish(staged)` makes what a batch's records point at durable (the staged hot files
+    of `commit(body, staged)`), before the batch is written. `apply(records, replaying)`
+    redoes them on the hot tier, the index and the trail; it may be called again for
+    records it has applied (after a crash) and must then change nothing more.
+    `checkpoint()` makes everything applied so far durable. `forget(id)`: the journal is
+    gone, drop what apply kept about it (its position)."""
+
+    def publish(self, staged: list) -> None: ...
 
     def apply(self, records: list[Record], replaying: bool) -> None: ...
 
@@ -284,10 +288,11 @@ class _File:
 class _Commit:
     """A record handed to commit(): its outcome, once written, is its Record or an exception."""
 
-    __slots__ = ("body", "outcome")
+    __slots__ = ("body", "staged", "outcome")
 
-    def __init__(self, body: dict):
+    def __init__(self, body: dict, staged):
         self.body = body
+        self.staged = staged
         self.outcome: Record | BaseException | None = None
 
 
@@ -343,16 +348,27 @@ class Journal:
 
     # -- committing ----------------------------------------------------------------------
 
-    def commit(self, body: dict) -> Record:
-        """Append one record and return once it is durable (raises OutOfSpace or JournalError).
+    def commit(self, body: dict, staged=None) -> Record:
+        """Append one record and return once it is durable, with what it points at (`staged`,
+        published first); raises OutOfSpace, JournalError or the OSError of the publish."""
+        return self.wait(self.submit(body, staged))
 
-        Group commit without a thread of its own: the first caller that finds no write in
-        progress writes the records of every caller waiting, with one fdatasync."""
-        entry = _Commit(body)
+    def submit(self, body: dict, staged=None) -> "_Commit":
+        """Queue a record for the next batch; `wait(entry)` for it (a caller with more work
+        meanwhile, like an import, so has several records in each batch)."""
+        entry = _Commit(body, staged)
         with self._commit_cond:
             if self._closed:
                 raise JournalError("the journal is closed: not stored")
             self._waiting.append(entry)
+        return entry
+
+    def wait(self, entry: "_Commit") -> Record:
+        """Return once the record is durable (or raise why it is not).
+
+        Group commit without a thread of its own: the first caller that finds no write in
+        progress writes the records of every caller waiting, with one fdatasync."""
+        with self._commit_cond:
             while entry.outcome is None:
                 if self._writing:
                     self._commit_cond.wait()
@@ -401,7 +417,18 @@ class Journal:
         return free
 
     def _commit_batch(self, batch: list["_Commit"]) -> None:
-        """Write a batch (in pieces that fit a file), sync it; every entry gets its outcome."""
+        """Publish what the batch points at, write it (in pieces that fit a file), sync it;
+        every entry gets its outcome."""
+        staged = [entry for entry in batch if entry.staged is not None]
+        if staged:
+            try:
+                self._applier.publish([entry.staged for entry in staged])
+            except OSError as exc:
+                error = OutOfSpace("out of space on the data volume (write)") \
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc
+                for entry in staged:
+                    entry.outcome = error
+                batch = [entry for entry in batch if entry.outcome is None]
         while batch:
             if self._broken is not None:
                 error = JournalError(f"the journal cannot be written ({self._broken}): restart the server")

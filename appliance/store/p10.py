@@ -526,14 +526,14 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -
     return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
 
 
-def dataset_offset(head: bytes) -> int:
+def dataset_offset(head: bytes | memoryview) -> int:
     """Where the data set starts in stored P10 bytes (`head`: enough of their beginning, the
     whole file meta): after the preamble and the file meta group, or 0 for a bare data set."""
     if head[128:132] != b"DICM":
         return 0
     at = 132
     while head[at:at + 2] == b"\x02\x00":
-        vr = head[at + 4:at + 6]
+        vr = bytes(head[at + 4:at + 6])
         if vr in _LONG_VRS:
             at += 12 + struct.unpack_from("<I", head, at + 8)[0]
         else:
@@ -606,8 +606,8 @@ def _plain_value(element: RawDataElement):
     value = element.value
     if vr == "US" and len(value) == 2:
         return struct.unpack("<H" if element.is_little_endian else ">H", value)[0]
-    if vr in _PLAIN_TEXT_VRS and not _NOT_PLAIN.search(value):
-        return value.decode("ascii")
+    if vr in _PLAIN_TEXT_VRS and not _NOT_PLAIN.search(value) and not (vr == "PN" and b"=" in value):
+        return value.decode("ascii")  # (a name with component groups: pydicom drops empty trailing ones)
     return None
 
 

@@ -553,6 +553,66 @@ def _plaintext(payload: BinaryIO, header: Header, claims: Callable[[], tuple[byt
         yield held
 
 
+def unseal_whole(blob, *, key_for: Callable[[bytes], bytes], content_address: bytes) -> bytes | memoryview:
+    """The original bytes of a whole sealed blob held in memory (`blob`: bytes-like), verified
+    exactly as `unseal` verifies them, in one pass with no streaming machinery: each segment
+    decrypted once, one zstd call into a buffer of the known length, one SHA-256. About
+    twice as cheap in CPU as `unseal` on a CT instance (a retrieve prefetches this way)."""
+    view = memoryview(blob)
+    header_bytes = bytes(view[:HEADER_SIZE])
+    header = Header.unpack(header_bytes)
+    if header.version == 1:  # the content address leads the payload: the streaming reader
+        return b"".join(unseal(io.BytesIO(blob), key_for=key_for, content_address=content_address))
+    aead = _subkey(key_for(header.key_id), header)
+    record = header.segment_size + TAG_SIZE
+    body = len(view) - HEADER_SIZE - FOOTER_SEGMENT_SIZE
+    if body < 0 or (body % record and body % record <= TAG_SIZE):
+        raise IntegrityError("sealed blob is truncated or extended")
+    segments = -(-body // record)
+
+    def decrypt(index: int, piece, last: bool) -> bytes:
+        try:
+            return aead.decrypt(_nonce(header.nonce_prefix, index, last), piece, header_bytes)
+        except InvalidTag:
+            raise IntegrityError("sealed blob failed authentication (tampered, truncated, extended, "
+                                 "swapped or wrong key)") from None
+
+    address, length = FOOTER.unpack(decrypt(segments, view[HEADER_SIZE + body:], True))
+    if address != content_address:
+        raise IntegrityError(_SWAPPED)
+    parts = [decrypt(i, view[HEADER_SIZE + i * record:HEADER_SIZE + min((i + 1) * record, body)], False)
+             for i in range(segments)]
+    payload = parts[0] if len(parts) == 1 else b"".join(parts)
+    if header.compression == COMPRESSION_NONE:
+        plain = payload
+    else:
+        try:
+            plain = zstandard.ZstdDecompressor().decompress(payload, max_output_size=max(length, 1),
+                                                            allow_extra_data=False) if payload else b""
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"sealed blob payload does not decompress: {exc}") from None
+        if header.compression == COMPRESSION_ZSTD_SHUFFLED:
+            plain = _unshuffle_blocks(plain)
+    if len(plain) != length:
+        raise IntegrityError("sealed blob holds fewer or more bytes than it says")
+    if hashlib.sha256(plain).digest() != address:
+        raise IntegrityError("content address mismatch after decryption")
+    return plain
+
+
+def _unshuffle_blocks(data: bytes) -> memoryview:
+    """unshuffle() of every SHUFFLE_BLOCK block of `data`, into one new buffer (not copied
+    again into a bytes object: a fresh half-megabyte allocation costs more than the shuffle)."""
+    source = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(len(data), dtype=np.uint8)
+    for at in range(0, len(data), SHUFFLE_BLOCK):
+        block = source[at:at + SHUFFLE_BLOCK]
+        half = (len(block) + 1) // 2
+        out[at:at + len(block):2] = block[:half]
+        out[at + 1:at + len(block):2] = block[half:]
+    return memoryview(out)
+
+
 def _read_full(reader: BinaryIO, size: int) -> bytes:
     """`size` bytes, fewer only at the end of the stream."""
     chunk = reader.read(size)
