@@ -1,12 +1,14 @@
 """The whole benchmark suite in one command (`make bench`): every script, then a summary.
 
     python benchmarks/suite.py [--quick] [--workdir DIR] [--results DIR] [--only LIST] [--soak-minutes M]
+                               [--powercut-cuts N]
 
 Runs, one after the other so that none disturbs another, the physical limits, the
 DICOM side-by-side (pacs-vault, Orthanc with compression off and on, dcmtk storescp),
 C-FIND over a bulk-loaded index, import against cp, scrub against reading the same
-bytes, the cold tiers, off-site replication, and last the soak (30 minutes of everything
-at once unless --soak-minutes). Each writes <name>.json and <name>.md into the results
+bytes, the cold tiers, off-site replication, power cuts during C-STORE (pacs-vault and
+Orthanc, 100 cuts per archive and cut mode unless --powercut-cuts), and last the soak (30
+minutes of everything at once unless --soak-minutes). Each writes <name>.json and <name>.md into the results
 directory (default benchmarks/results/<UTC time>/); the suite adds summary.md and
 summary.json: the machine, every goal with its measured value, and every script's table.
 `--quick` runs every path on a tiny corpus, the soak for under a minute (no meaningful numbers).
@@ -28,7 +30,8 @@ from common import describe_machine, results_dir  # noqa: E402
 
 SCRIPTS = [("limits", "limits_bench.py"), ("dicom", "dicom_bench.py"), ("find", "find_bench.py"),
            ("import", "import_bench.py"), ("scrub", "scrub_bench.py"), ("tiers", "tier_bench.py"),
-           ("replicate", "replicate_bench.py"), ("soak", "soak_bench.py")]
+           ("replicate", "replicate_bench.py"), ("powercut", "powercut_bench.py"), ("soak", "soak_bench.py")]
+POWERCUT_CUTS = 100  # per archive and cut mode: two modes, so 200 cuts of each archive
 ORTHANC_OFF, ORTHANC_ON = "Orthanc (compression off)", "Orthanc (compression on)"
 SYNC_PEERS = ("pacs-vault", ORTHANC_OFF, "dcmtk storescp")  # dicom_bench's untimed pass under strace
 _COMPARE = {">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq}
@@ -44,6 +47,15 @@ def goals(results: dict) -> list[dict]:
     imported = results.get("import", {}).get("ct", {}).get("import_mb_s")
     sealing_limit = results.get("limits", {}).get("sealing", {}).get("two_processes_synced_files_mb_s")
     soak = results.get("soak", {})
+    powercut = results.get("powercut", {})
+
+    def lost(archive: str) -> int | None:
+        rows = [row for key, row in powercut.get("rows", {}).items() if key.startswith(archive + " ")]
+        return sum(row["lost"] for row in rows) if rows else None
+
+    def acknowledged(archive: str) -> int:
+        return sum(row["acknowledged"] for key, row in powercut.get("rows", {}).items()
+                   if key.startswith(archive + " "))
 
     def ratio(key: str, peer: str = ORTHANC_OFF) -> float | None:
         return ratios.get(f"{key} vs {peer}")
@@ -76,6 +88,10 @@ def goals(results: dict) -> list[dict]:
            syncs.get(peer, {}).get("syncs_per_acknowledged_instance"), None, None, None) for peer in SYNC_PEERS),
         ("C-STORE CT vs Orthanc (compression on)", ratio("ct_ingest_mb_s", ORTHANC_ON), ">=", 10, None),
         ("C-FIND study level, median ms (slowest query shape)", find_median, "<", 50, None),
+        (f"acknowledged instances lost after {2 * powercut.get('cuts', 0)} power cuts during C-STORE, pacs-vault "
+         f"(of {acknowledged('pacs-vault')} acknowledged)", lost("pacs-vault"), "==", 0, None),
+        (f"acknowledged instances lost after {2 * powercut.get('cuts', 0)} power cuts during C-STORE, Orthanc "
+         f"with its defaults (of {acknowledged('orthanc')} acknowledged)", lost("orthanc"), None, None, None),
         (f"soak, {soak.get('seconds', 0) / 60:.1f} min of everything at once: errors", soak.get("errors_total"),
          "==", 0, None),
         ("soak: server RSS slope, MB per hour (least squares)",
@@ -128,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated subset of: " + ", ".join(name for name, _ in SCRIPTS))
     parser.add_argument("--soak-minutes", type=float,
                         help="how long the soak runs (default 30; --quick: under a minute)")
+    parser.add_argument("--powercut-cuts", type=int, default=POWERCUT_CUTS,
+                        help=f"power cuts per archive and cut mode (default {POWERCUT_CUTS}; --quick: 3)")
     args = parser.parse_args(argv)
     out = results_dir(args.results)
     chosen = [name.strip() for name in args.only.split(",")] if args.only else [name for name, _ in SCRIPTS]
@@ -142,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         command += ["--quick"] if args.quick else []
         command += ["--workdir", str(args.workdir)] if args.workdir else []
         command += ["--minutes", str(args.soak_minutes)] if name == "soak" and args.soak_minutes else []
+        command += ["--cuts", str(args.powercut_cuts)] if name == "powercut" and not args.quick else []
         print(f"== {name}", flush=True)
         started = time.monotonic()
         if subprocess.run(command).returncode != 0:

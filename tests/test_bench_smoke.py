@@ -36,6 +36,9 @@ def test_the_summary_lists_every_goal_with_a_measured_value(quick_suite):
                    for name in names), peer
     assert any(name.startswith("import CT MB/s vs the two-core sealing limit") for name in names)
     assert any(name.startswith("soak, ") for name in names)
+    for archive in ("pacs-vault", "Orthanc"):
+        assert any(name.startswith("acknowledged instances lost after 6 power cuts during C-STORE, " + archive)
+                   for name in names), archive
     text = (directory / "summary.md").read_text()
     assert "| goal | measured | target | floor | met |" in text
     assert "## dicom" in text and "## limits" in text and "## soak" in text
@@ -76,6 +79,14 @@ def test_physical_limits(quick_suite):
     sealing = limits["sealing"]
     for key in ("one_process_null_mb_s", "two_processes_null_mb_s", "two_processes_synced_files_mb_s"):
         assert sealing[key] > 0, key
+
+
+def test_power_cuts_are_counted_for_both_archives_in_both_modes(quick_suite):
+    powercut = quick_suite[0]["powercut"]
+    assert set(powercut["rows"]) == {"pacs-vault drop-all", "pacs-vault random", "orthanc drop-all", "orthanc random"}
+    for key, row in powercut["rows"].items():
+        assert row["cuts"] == 3 and row["acknowledged"] > 0 and 0 <= row["lost"] <= row["acknowledged"], key
+    assert powercut["rows"]["pacs-vault drop-all"]["lost"] == powercut["rows"]["pacs-vault random"]["lost"] == 0
 
 
 def test_soak_reports_every_operation_and_resource(quick_suite):
