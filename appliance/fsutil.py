@@ -86,6 +86,24 @@ def raise_if_out_of_space(exc: OSError) -> None:
         raise OutOfSpace(f"out of space on the data volume ({exc.filename or 'write'})") from None
 
 
+@contextmanager
+def flocked(path: Path, *, make_parent: Path | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing), waiting for it; `make_parent`:
+    a directory to make first when the lock's own directory does not exist yet."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+    except FileNotFoundError:
+        if make_parent is None:
+            raise
+        make_parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 class HomeLock:
     """flock on HOME/.lock: shared for everyday writers (serve, import), exclusive for
     maintenance that must be alone (fsck repair, rebuild, key rotation). With `name`, a lock

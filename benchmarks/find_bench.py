@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 from common import add_common_arguments, free_port, machine, run_and_report  # noqa: E402
 
 from appliance import config as cfg  # noqa: E402
-from appliance import home as home_mod  # noqa: E402
+from appliance.admin import home as home_mod  # noqa: E402
+from appliance.format.p10 import InstanceInfo  # noqa: E402
 from appliance.store import index as ix  # noqa: E402
 from appliance.store.index import Index  # noqa: E402
-from appliance.store.p10 import InstanceInfo  # noqa: E402
 
 CLIENT_AE = "FINDBENCH"
 SURNAMES = ["SMITH", "JONES", "GARCIA", "MUELLER", "ROSSI", "DUBOIS", "NOWAK", "SILVA", "KIM", "NGUYEN",

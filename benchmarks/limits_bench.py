@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 import corpus  # noqa: E402
 from common import IMPORT_STUDY_INSTANCES, add_common_arguments, machine, run_and_report  # noqa: E402
 
-from appliance.store import sealed  # noqa: E402
+from appliance.format import sealed  # noqa: E402
 
 SEALING_PROCESSES = 2  # issue 16 holds import to the sealing limit of the appliance's two cores
 

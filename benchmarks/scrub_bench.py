@@ -30,8 +30,8 @@ import corpus  # noqa: E402
 from common import bench_main, machine  # noqa: E402
 
 from appliance import config as cfg  # noqa: E402
-from appliance.store import sealed  # noqa: E402
-from appliance.store.archive import Archive  # noqa: E402
+from appliance.admin.home import open_archive  # noqa: E402
+from appliance.format import sealed  # noqa: E402
 
 APPLIANCE = [sys.executable, "-m", "appliance"]
 
@@ -65,7 +65,7 @@ def _hot_files(home: Path) -> list[Path]:
 
 def _codec_limit(home: Path) -> float:
     """Seconds one core needs to unseal every hot blob from memory (decrypt, decompress, SHA-256)."""
-    with Archive.open(cfg.load(home)) as archive, archive.index.read() as t:
+    with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
         blobs = [(ca, archive.hot.path(b["copies"]["hot"]["name"]).read_bytes()) for ca, b in t.items("blobs")]
         start = time.perf_counter()
         for ca, raw in blobs:

@@ -30,12 +30,12 @@ from common import bench_main, machine  # noqa: E402
 from s3server import SeaweedS3  # noqa: E402
 
 from appliance import config as cfg  # noqa: E402
-from appliance import home as home_mod  # noqa: E402
-from appliance import lifecycle  # noqa: E402
+from appliance.admin.home import open_archive  # noqa: E402
+from appliance.admin import home as home_mod  # noqa: E402
 from appliance.backends.ltfs import LABEL_FILE, label_text  # noqa: E402
-from appliance.policy import check_policies  # noqa: E402
+from appliance.jobs import lifecycle  # noqa: E402
+from appliance.jobs.policy import check_policies  # noqa: E402
 from appliance.store import tiering  # noqa: E402
-from appliance.store.archive import Archive  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -67,7 +67,7 @@ def _setup(work: Path, server: SeaweedS3, files: list[Path]) -> tuple[cfg.Config
         "classes:\n  - name: all\n    retention: {keep_forever: true}\n"
         "    transitions:\n      - {after_days: 0, to: [TIER], keep_hot: true}\n")
     config = cfg.load(home)
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         for path in files:
             archive.store_file(path)
         return config, archive.study_uids()[0]
@@ -77,7 +77,7 @@ def _migrate(config: cfg.Config, tier: str) -> float:
     policy = config.policies_path / "default.yaml"
     policy.write_text(policy.read_text().replace("TIER", tier))
     try:
-        with Archive.open(config, writer=True) as archive:
+        with open_archive(config, writer=True) as archive:
             engine = lifecycle.Lifecycle(archive, check_policies(config))
             seconds = _timed(engine.apply)
             failed = [job["error"] for job in lifecycle.jobs(archive).values()]
@@ -89,7 +89,7 @@ def _migrate(config: cfg.Config, tier: str) -> float:
 
 
 def _recall(config: cfg.Config, study_uid: str, tiers: list[str]) -> float:
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         tiering.drop_hot(archive, study_uid, tiers)
         return _timed(lambda: archive.recall_study(study_uid))
 

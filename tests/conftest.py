@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))  # corpus.py: generated studies
 
 from appliance import config as cfg  # noqa: E402
-from appliance import home as home_mod  # noqa: E402
+from appliance.admin import home as home_mod  # noqa: E402
 
 
 def dicom_test_files() -> list[Path]:

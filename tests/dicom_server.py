@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import REPO, dicom_test_files, run_cli
 from pynetdicom import AE
 from pynetdicom.dsutils import split_dataset
 
 from appliance.errors import InvalidInstance
-from appliance.store import p10
-
-from conftest import REPO, dicom_test_files, run_cli
+from appliance.format import p10
 
 DCMTK = Path("/usr/bin")  # dcmtk's tools: the venv's pynetdicom apps use the same names
 CLIENT_AE = "TESTSCU"
@@ -97,7 +96,7 @@ def register(home: Path, ae_title: str, port: int, roles: str) -> None:
 def retrieving_home(root: Path, move_destination_port: int | None = None) -> Path:
     """A new home, root/home, where CLIENT_AE may store, query and retrieve; DEST_AE listening on
     `move_destination_port` is registered as a C-MOVE destination when given."""
-    from appliance import home as home_mod
+    from appliance.admin import home as home_mod
 
     home = root / "home"
     home_mod.init(home)

@@ -1,18 +1,19 @@
 """The archive facade: byte-exact storage of real-world files, idempotence, versions, rebuild, shredding."""
 
+
 import hashlib
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 import pytest
+from conftest import dicom_test_files
 
 from appliance import config as cfg
-from appliance import fsck
+from appliance.admin.home import open_archive
 from appliance.errors import InvalidInstance, KeyMissing, NotFound
-from appliance.store.archive import Archive
+from appliance.jobs import fsck
 from appliance.store.index import Index
-from conftest import dicom_test_files
 
 
 def _all_versions(archive):
@@ -35,7 +36,7 @@ def _snapshot(archive):
 def test_every_readable_test_file_round_trips_byte_exact(config):
     files = dicom_test_files()
     stored, rejected = {}, []
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         for path in files:
             try:
                 outcome = archive.store_file(path)
@@ -54,7 +55,7 @@ def test_every_readable_test_file_round_trips_byte_exact(config):
 
 
 def test_reimport_is_idempotent(config, ct_files):
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         first = [archive.store_file(p).status for p in ct_files]
         before = (archive.counters(), sorted(archive.hot.list()))
         second = [archive.store_file(p).status for p in ct_files]
@@ -64,7 +65,7 @@ def test_reimport_is_idempotent(config, ct_files):
 
 
 def test_concurrent_stores_of_one_study_share_one_key_and_lose_nothing(config, ct_files):
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         with ThreadPoolExecutor(max_workers=6) as pool:
             outcomes = list(pool.map(archive.store_file, ct_files + ct_files))
         statuses = sorted(o.status for o in outcomes)
@@ -85,7 +86,7 @@ def test_new_version_keeps_previous_and_becomes_current(config, ct_files, tmp_pa
     ds.SeriesDescription = "corrected"
     corrected = tmp_path / "corrected.dcm"
     ds.save_as(corrected)
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         assert archive.store_file(original).status == "stored"
         assert archive.store_file(corrected).status == "new_version"
         record = archive.instance(ds.SOPInstanceUID)
@@ -105,7 +106,7 @@ def test_previous_version_dropped_when_config_says_so(home, ct_files, tmp_path):
     ds.SeriesDescription = "corrected"
     corrected = tmp_path / "corrected.dcm"
     ds.save_as(corrected)
-    with Archive.open(cfg.load(home), writer=True) as archive:
+    with open_archive(cfg.load(home), writer=True) as archive:
         archive.store_file(ct_files[0])
         assert archive.store_file(corrected).status == "new_version"
         assert archive.instance(ds.SOPInstanceUID)["versions"] == [hashlib.sha256(corrected.read_bytes()).digest()]
@@ -118,7 +119,7 @@ def test_rebuild_index_gives_the_same_studies(home, config, ct_files, tmp_path):
     ds.SeriesDescription = "v2"
     v2 = tmp_path / "v2.dcm"
     ds.save_as(v2)
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         for path in ct_files + [v2] + dicom_test_files()[:60]:
             try:
                 archive.store_file(path)
@@ -128,14 +129,14 @@ def test_rebuild_index_gives_the_same_studies(home, config, ct_files, tmp_path):
     shutil.rmtree(home / "index")
     report = fsck.rebuild(config)
     assert not report.errors and report.instances == counters_before["versions"]
-    with Archive.open(config) as archive:
+    with open_archive(config) as archive:
         assert _snapshot(archive) == before
         assert archive.counters() == counters_before
         assert fsck.check(archive, repair=False).clean
 
 
 def test_delete_study_removes_every_copy_and_shreds_the_key(config, ct_files):
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         info = archive.store_file(ct_files[0]).info
         key_id = archive.study_key(info.study_uid)
         assert archive.delete_study(info.study_uid) == (1, [])
@@ -192,7 +193,7 @@ def test_delete_shreds_before_it_forgets(config, ct_files):
     deleting again finishes the job."""
     from appliance.store import index as ix
 
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         info = archive.store_file(ct_files[0]).info
         with archive.index.read() as t:
             key_ids = ix.study_key_ids(t, info.study_uid)

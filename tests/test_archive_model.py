@@ -10,18 +10,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import corpus
 import pydicom
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import corpus
 from appliance import config as cfg
-from appliance import fsck
-from appliance import home as home_mod
+from appliance.admin import home as home_mod
+from appliance.admin.home import open_archive
 from appliance.errors import KeyMissing, NotFound
-from appliance.store.archive import Archive
+from appliance.jobs import fsck
 
 _SOURCE = Path(tempfile.mkdtemp(prefix="pv-model-"))
 atexit.register(shutil.rmtree, _SOURCE, True)
@@ -36,7 +36,7 @@ class ArchiveModel(RuleBasedStateMachine):
         self.home = self.dir / "home"
         home_mod.init(self.home)
         self.config = cfg.load(self.home)
-        self.archive = Archive.open(self.config, writer=True)
+        self.archive = open_archive(self.config, writer=True)
         self.versions: dict[str, dict[bytes, bytes]] = {}  # sop -> {content address: bytes}
         self.current: dict[str, bytes] = {}  # sop -> content address
         self.study_of: dict[str, str] = {}
@@ -91,16 +91,16 @@ class ArchiveModel(RuleBasedStateMachine):
     @rule()
     def rotate_keys(self):
         self.archive.close()
-        archive = Archive.open(self.config, exclusive=True)
+        archive = open_archive(self.config, exclusive=True)
         archive.keyring.rotate()
         archive.close()
-        self.archive = Archive.open(self.config, writer=True)
+        self.archive = open_archive(self.config, writer=True)
 
     @rule()
     def rebuild_index(self):
         self.archive.close()
         fsck.rebuild(self.config)
-        self.archive = Archive.open(self.config, writer=True)
+        self.archive = open_archive(self.config, writer=True)
 
     @invariant()
     def every_version_reads_back_exactly(self):

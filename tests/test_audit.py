@@ -15,20 +15,25 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO, make_study, run_cli, set_config, small_volume, sudo_env
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dicom_server import CLIENT_AE, DEST_AE, Server, dcmtk, free_port, register
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance import audit
 from appliance import config as cfg
+from appliance.audit.chain import GENESIS, canonical, link
+from appliance.audit.events import AuditError, EventID, event
+from appliance.audit.signing import load_key, sign_checkpoint
+from appliance.audit.trail import AuditTrail
+from appliance.audit.verify import Verification, verify
 from appliance.store.keys import read_key_file, snapshot_key
-from conftest import REPO, make_study, run_cli, set_config, small_volume, sudo_env
-from dicom_server import CLIENT_AE, DEST_AE, Server, dcmtk, free_port, register
 
 
 def _records(home: Path) -> list[dict]:
     config = cfg.load(home)
-    return list(audit.AuditTrail(config.audit_dir, config.audit_key_file).records())
+    return list(AuditTrail(config.audit_dir, config.audit_key_file).records())
 
 
 def _ops(records: list[dict]) -> list[tuple[str, str]]:
@@ -41,16 +46,16 @@ def _ops(records: list[dict]) -> list[tuple[str, str]]:
 def trail_files(tmp_path_factory):
     """A real trail of 30 records (plus the first), its head and checkpoints."""
     root = tmp_path_factory.mktemp("trail")
-    trail = audit.AuditTrail.create(root / "audit", root / "audit.key")
+    trail = AuditTrail.create(root / "audit", root / "audit.key")
     for number in range(30):
-        trail.record(audit.event("Query", op="c-find", user=f"AE{number % 3}", keys={"PatientID": f"P{number}"},
+        trail.record(event(EventID.QUERY, op="c-find", user=f"AE{number % 3}", keys={"PatientID": f"P{number}"},
                                  matches=number))
     lines = [line for _, line in trail.lines()]
     return lines, trail.head(), trail.checkpoint_lines()
 
 
-def _verify(lines: list[bytes], head, checkpoints) -> audit.Verification:
-    return audit.verify(((f"line {n}", line) for n, line in enumerate(lines, 1)), head, checkpoints)
+def _verify(lines: list[bytes], head, checkpoints) -> Verification:
+    return verify(((f"line {n}", line) for n, line in enumerate(lines, 1)), head, checkpoints)
 
 
 def test_an_untouched_trail_verifies(trail_files):
@@ -85,8 +90,8 @@ def _tamper(lines: list[bytes], how: tuple) -> list[bytes]:
         lines.insert(how[1], lines[how[2]])
     elif kind == "forge":  # a well-formed record with a plausible seq and link, written by hand
         at, text = how[1], how[2]
-        prev = audit.link(lines[at - 1]) if at else audit.GENESIS
-        forged = audit.canonical({"seq": at + 1, "time": "2026-01-01T00:00:00.000000Z", "prev": prev,
+        prev = link(lines[at - 1]) if at else GENESIS
+        forged = canonical({"seq": at + 1, "time": "2026-01-01T00:00:00.000000Z", "prev": prev,
                                   "event": "Query", "op": "c-find", "action": "E", "outcome": 0, "user": text})
         lines.insert(at, forged + b"\n")
     elif kind == "swap":
@@ -115,7 +120,7 @@ def test_any_edit_deletion_insertion_reordering_or_truncation_is_detected(trail_
 @given(offset=st.integers(0, 10_000), delta=st.integers(1, 255), which=st.sampled_from(["head", "checkpoint"]))
 def test_an_edited_head_or_checkpoint_is_detected(trail_files, offset, delta, which):
     lines, head, checkpoints = trail_files
-    raw = bytearray(audit.canonical(head) if which == "head" else checkpoints[0])
+    raw = bytearray(canonical(head) if which == "head" else checkpoints[0])
     raw[offset % len(raw)] = (raw[offset % len(raw)] + delta) % 256
     try:
         edited = json.loads(bytes(raw))
@@ -135,7 +140,7 @@ def test_problems_name_the_record(trail_files):
     assert any("records 30 to 31 were removed" in p for p in _verify(lines[:-2], head, checkpoints).problems)
     edited = _verify(_tamper(lines, ("edit", 4, 60, 1)), head, checkpoints).problems
     assert any("record 6 does not link to record 5" in p for p in edited)
-    resigned = audit.sign_checkpoint(audit.Ed25519PrivateKey.generate(), 29, audit.link(lines[28]), 0)
+    resigned = sign_checkpoint(Ed25519PrivateKey.generate(), 29, link(lines[28]), 0)
     assert any("signed by a key no record announces" in p for p in _verify(lines[:-2], resigned, []).problems)
 
 
@@ -144,15 +149,14 @@ def test_problems_name_the_record(trail_files):
 _WRITER = """
 import sys
 from pathlib import Path
-from appliance import audit
-trail = audit.AuditTrail(Path(sys.argv[1]), Path(sys.argv[2]))
+trail = AuditTrail(Path(sys.argv[1]), Path(sys.argv[2]))
 for number in range(int(sys.argv[3])):
-    trail.record(audit.event("Query", op="c-find", user=sys.argv[4], matches=number))
+    trail.record(event(EventID.QUERY, op="c-find", user=sys.argv[4], matches=number))
 """
 
 
 def test_concurrent_writers_and_a_writer_killed_mid_append_leave_one_intact_chain(tmp_path):
-    trail = audit.AuditTrail.create(tmp_path / "audit", tmp_path / "audit.key")
+    trail = AuditTrail.create(tmp_path / "audit", tmp_path / "audit.key")
     writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "audit"), str(tmp_path / "audit.key"),
                                  "150", f"W{n}"], cwd=REPO) for n in range(3)]
     endless = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "audit"), str(tmp_path / "audit.key"),
@@ -164,7 +168,7 @@ def test_concurrent_writers_and_a_writer_killed_mid_append_leave_one_intact_chai
     segment = trail.segment_paths()[-1]
     with open(segment, "ab") as fp:
         fp.write(b'{"seq":')
-    trail.record(audit.event("Application Activity", op="test"))
+    trail.record(event(EventID.APPLICATION_ACTIVITY, op="test"))
     result = trail.verify()
     assert result.intact, result.problems
     records = list(trail.records())
@@ -176,12 +180,12 @@ def test_concurrent_writers_and_a_writer_killed_mid_append_leave_one_intact_chai
 
 def test_a_full_disk_refuses_the_record_and_leaves_no_half_record(tmp_path):
     with small_volume(tmp_path / "small", "256k") as mount:
-        trail = audit.AuditTrail.create(mount / "audit", tmp_path / "audit.key")
-        with pytest.raises(audit.AuditError):
+        trail = AuditTrail.create(mount / "audit", tmp_path / "audit.key")
+        with pytest.raises(AuditError):
             for number in range(100_000):
-                trail.record(audit.event("Query", op="c-find", keys={"PatientName": "X" * 200}, matches=number))
+                trail.record(event(EventID.QUERY, op="c-find", keys={"PatientName": "X" * 200}, matches=number))
         (mount / "audit" / "checkpoints.log").unlink()  # space comes back (and a checkpoint is lost)
-        trail.record(audit.event("Application Activity", op="after"))
+        trail.record(event(EventID.APPLICATION_ACTIVITY, op="after"))
         result = trail.verify()
         assert [p for p in result.problems if "checkpoint" not in p] == []
         assert list(trail.records())[-1]["op"] == "after"
@@ -314,8 +318,8 @@ def test_a_tail_cut_by_someone_holding_the_audit_key_is_caught_by_the_off_site_c
     (home / "audit" / "checkpoints.log").write_bytes(
         b"".join(line + b"\n" for line in (home / "audit" / "checkpoints.log").read_bytes().splitlines()
                  if json.loads(line)["seq"] <= 3))
-    key = audit.load_key(home / "audit.key")
-    (home / "audit" / "head").write_bytes(audit.canonical(audit.sign_checkpoint(key, 3, audit.link(lines[-1]), 0)))
+    key = load_key(home / "audit.key")
+    (home / "audit" / "head").write_bytes(canonical(sign_checkpoint(key, 3, link(lines[-1]), 0)))
     assert run_cli("audit", "verify", home=home).returncode == 0  # locally consistent
     caught = run_cli("audit", "verify", "--offsite", home=home, check=False)
     assert caught.returncode == 1 and "the off-site copy's head" in caught.stdout, caught.stdout
@@ -430,7 +434,7 @@ def test_a_full_workflow_leaves_its_events_in_order_and_no_secret_anywhere(home,
     assert b"Received Store Request" in log or b"Association" in log  # debug logging was on
     assert CANARY.encode() not in log and b"CANARYNAME" not in log
     kek = read_key_file(home / "kek.key")
-    audit_key = audit.load_key(home / "audit.key").private_bytes(
+    audit_key = load_key(home / "audit.key").private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     secrets = [kek.key, base64.b64encode(kek.key), kek.key.hex().encode(), snapshot_key(kek), audit_key,
                base64.b64encode(audit_key), audit_key.hex().encode(),

@@ -12,19 +12,24 @@ import threading
 import time
 from pathlib import Path
 
+import corpus
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (CTImageStorage, PatientRootQueryRetrieveInformationModelFind,
-                                  StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelGet,
-                                  Verification)
-
-import corpus
-from appliance import audit
-from appliance import config as cfg
 from conftest import dicom_test_files, run_cli, small_volume
 from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register, send_as_is, storable
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
+
+from appliance import config as cfg
+from appliance.admin.home import open_archive
+from appliance.audit.trail import AuditTrail
 
 
 @pytest.fixture
@@ -180,8 +185,7 @@ def _by_syntax(files) -> dict[str, list]:
 
 def _indexed_instances(home) -> set[str]:
     from appliance import config as cfg
-    from appliance.store.archive import Archive
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         with archive.index.read() as t:
             return {key.decode() for key, _ in t.items("instances")}
 
@@ -425,8 +429,7 @@ def test_move_to_registered_destination_and_refusals(home, stocked, tmp_path):
 
 def _blob_path(home, sop_uid) -> Path:
     from appliance import config as cfg
-    from appliance.store.archive import Archive
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         record = archive.instance(sop_uid)
         with archive.index.read() as t:
             name = t.get("blobs", record["current"])["copies"]["hot"]["name"]
@@ -499,8 +502,7 @@ def _export_all(home, tmp_path) -> dict[str, bytes]:
     out = tmp_path / "export"
     exported = {}
     from appliance import config as cfg
-    from appliance.store.archive import Archive
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         studies = archive.study_uids()
     for study in studies:
         run_cli("export", study, str(out), home=home)
@@ -542,7 +544,7 @@ def test_server_stopped_mid_store_keeps_every_acknowledged_instance(home, tmp_pa
         assert data == originals[sop_uid]
     # every acknowledged store has its audit record, and the trail is intact
     config = cfg.load(home)
-    audited = {r["detail"]["sop"] for r in audit.AuditTrail(config.audit_dir, config.audit_key_file).records()
+    audited = {r["detail"]["sop"] for r in AuditTrail(config.audit_dir, config.audit_key_file).records()
                if r["op"] == "c-store"}
     assert acknowledged <= audited
     assert run_cli("audit", "verify", home=home).returncode == 0
@@ -572,7 +574,7 @@ def test_full_disk_answers_a700_and_stores_again_when_space_returns(tmp_path, ct
         assert run_cli("fsck", home=home).returncode == 0
         # every stored instance has its record; the disk filling up broke nothing in the trail
         config = cfg.load(home)
-        audited = {r["detail"]["sop"] for r in audit.AuditTrail(config.audit_dir, config.audit_key_file).records()
+        audited = {r["detail"]["sop"] for r in AuditTrail(config.audit_dir, config.audit_key_file).records()
                    if r["op"] == "c-store" and r["outcome"] == 0}
         assert audited == {_sop(p) for p in ct_files}
         assert run_cli("audit", "verify", home=home).returncode == 0

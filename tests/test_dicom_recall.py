@@ -10,15 +10,15 @@ import threading
 import time
 
 import pytest
+from conftest import add_tier, load_cartridge, make_study, run_cli, set_config
+from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from appliance import config as cfg
+from appliance.admin.home import open_archive
 from appliance.store import tiering
-from appliance.store.archive import Archive
-from conftest import add_tier, load_cartridge, make_study, run_cli, set_config
-from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 TAPE = "kind: ltfs\ncartridges:\n  - {label: PV0001L9, path: cartridges/PV0001L9, capacity_mb: 1000}\nretries: 0\n"
@@ -29,7 +29,7 @@ def _addr(srv) -> list[str]:
 
 
 def _on_tape_only(home, study_uid) -> None:
-    with Archive.open(cfg.load(home), writer=True) as archive:
+    with open_archive(cfg.load(home), writer=True) as archive:
         tiering.drop_hot(archive, study_uid, ["tape"])
         assert archive.needs_recall(study_uid)
 

@@ -12,13 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet, Verification
 
-from appliance import audit
 from appliance import config as cfg
-from dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
+from appliance.audit.trail import AuditTrail
 
 
 def _certificate(name: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool) -> x509.Certificate:
@@ -119,7 +119,7 @@ def test_without_client_certificate_or_without_tls_no_association(tls_server, pk
     with_cert.release()
     # Both refusals are Security Alerts; the TLS association is recorded with the client's certificate.
     config = cfg.load(tls_server.home)
-    records = list(audit.AuditTrail(config.audit_dir, config.audit_key_file).records())
+    records = list(AuditTrail(config.audit_dir, config.audit_key_file).records())
     alerts = [r for r in records if r["event"] == "Security Alert" and r["op"] == "association"]
     assert len(alerts) == 2 and all("TLS handshake failed" in r["detail"]["reason"] for r in alerts)
     assert all(r["host"] == "127.0.0.1" and r["outcome"] == 4 for r in alerts)

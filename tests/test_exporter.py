@@ -9,15 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.encaps import encapsulate
-from pydicom.pixels import iter_pixels
-from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
-                         RLELossless, generate_uid)
-
-from appliance import config as cfg
-from appliance.audit import AuditTrail
 from conftest import REPO, run_cli
 from generated_images import image, instance, j2k_frames
+from pydicom.encaps import encapsulate
+from pydicom.pixels import iter_pixels
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+from appliance import config as cfg
+from appliance.audit.trail import AuditTrail
 
 _RSS_BOUND_KB = 300 << 10
 _CLI_REPORTING_PEAK = ("import sys\nfrom appliance.cli import main\ncode = main(sys.argv[1:])\n"

@@ -13,14 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import (
+    REPO,
+    add_tier,
+    load_cartridge,
+    make_study,
+    new_bucket,
+    run_cli,
+    s3_tier_yaml,
+    set_config,
+    write_s3_credentials,
+)
 
 from appliance import config as cfg
-from appliance import lifecycle
-from appliance.lifecycle import Lifecycle
-from appliance.policy import check_policies
-from appliance.store.archive import Archive
-from conftest import (REPO, add_tier, load_cartridge, make_study, new_bucket, run_cli, s3_tier_yaml, set_config,
-                      write_s3_credentials)
+from appliance.admin.home import open_archive
+from appliance.jobs import lifecycle
+from appliance.jobs.lifecycle import Lifecycle
+from appliance.jobs.policy import check_policies
 
 TAPE = "kind: ltfs\ncartridges:\n  - {label: PV0001L9, path: cartridges/PV0001L9, capacity_mb: 1000}\n" \
        "  - {label: PV0002L9, path: cartridges/PV0002L9, capacity_mb: 1000}\nretries: 0\n"
@@ -86,7 +95,7 @@ def test_migrate_to_tape_and_s3_then_recall_byte_exact(tiered, s3_server, tmp_pa
     assert len(_hot_files(home)) == 4
 
     # Evicted again (it has verified cold copies), then recalled with the tape unloaded: S3 serves.
-    with Archive.open(cfg.load(home), writer=True) as archive:
+    with open_archive(cfg.load(home), writer=True) as archive:
         from appliance.store import tiering
 
         assert tiering.drop_hot(archive, study_uid, ["tape", "s3"]) == 4
@@ -151,7 +160,7 @@ def test_an_s3_tier_that_is_down_is_retried_with_backoff_and_nothing_leaves_hot(
 
     clock = [time.time()]
     config = cfg.load(home)
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         engine = Lifecycle(archive, check_policies(config), clock=lambda: clock[0])
         report = engine.apply()
         assert len(report.failed) == 1 and "unreachable" in report.failed[0]["error"]
@@ -169,7 +178,7 @@ def test_an_s3_tier_that_is_down_is_retried_with_backoff_and_nothing_leaves_hot(
     (home / "tiers" / "s3.yaml").write_text(text)  # the network is back
     clock[0] += 3600
     config = cfg.load(home)
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         report = Lifecycle(archive, check_policies(config), clock=lambda: clock[0]).apply()
         assert [d["study"] for d in report.done] == [study_uid] and not report.failed
     assert _hot_files(home) == []
@@ -203,7 +212,7 @@ def test_kill_9_during_apply_then_apply_again_finishes_with_nothing_lost_or_doub
     assert not list((home / "cartridges").rglob("packs/.*.tmp"))
     assert len(packs) == 3  # one per study: the pack the kill interrupted was removed, not kept twice
     assert _hot_files(home) == []
-    with Archive.open(cfg.load(home)) as archive, archive.index.read() as t:
+    with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
         recorded = {key.decode() for key, _ in t.items("packs")}
         assert recorded == {p.name for p in packs}
         assert [k for k, _ in t.items("jobs")] == []
@@ -218,7 +227,7 @@ def test_expiry_shreds_every_copy_and_lists_what_it_could_not_reach(tiered, s3_s
     old_uid, old_files = make_study(tmp_path / "old", 2, study_date="20100101", patient_id="OLD")
     new_uid, new_files = make_study(tmp_path / "new", 2, study_date="20260101", patient_id="NEW")
     run_cli("import", str(tmp_path / "old"), str(tmp_path / "new"), home=home)
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         key_id = archive.study_key(old_uid)
     # Both go to the cold tiers first, keeping their hot copies, under a long retention.
     _policy(home, "tape, s3", years=100, keep_hot=True)
@@ -232,7 +241,7 @@ def test_expiry_shreds_every_copy_and_lists_what_it_could_not_reach(tiered, s3_s
     result = run_cli("policy", "apply", home=home)
     assert "1 jobs done" in result.stdout
 
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         assert not archive.keyring.has(key_id)  # crypto-shredded: every remaining copy is unreadable
         assert old_uid not in archive.study_uids() and new_uid in archive.study_uids()
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
@@ -274,14 +283,14 @@ def test_a_held_study_is_never_deleted(home, tmp_path):
     plan = {a["study"]: a["kind"] for a in json.loads(run_cli("policy", "plan", "--json", home=home).stdout)["actions"]}
     assert plan == {uid_a: "held", uid_b: "expire", uid_c: "held"}
     run_cli("policy", "apply", home=home)
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         assert set(archive.study_uids()) == {uid_a, uid_c}
     run_cli("export", uid_c, str(tmp_path / "out"), home=home)
     assert _sha((tmp_path / "out").iterdir()) == _sha(files_c)
     assert json.loads(run_cli("status", "--json", home=home).stdout)["holds"] == 2
     run_cli("hold", "release", uid_c, "--reason", "audit closed", home=home)
     run_cli("policy", "apply", home=home)
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         assert archive.study_uids() == [uid_a]
     result = run_cli("hold", "release", uid_c, "--reason", "again", home=home, check=False)
     assert result.returncode == 66 and "no hold" in result.stderr
@@ -346,7 +355,7 @@ def test_the_hot_watermark_moves_the_least_recently_used_first(home, tmp_path):
         run_cli("import", str(tmp_path / f"s{number}"), home=home)
     time.sleep(1.1)  # access times are kept in whole seconds
     run_cli("export", studies[0][0], str(tmp_path / "touched"), home=home)  # now the most recently used
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         total = sum(archive.study(uid)["stored_bytes"] for uid, _ in studies)
     # Transitions only after a year, so nothing is due: the watermark alone acts. Each study is
     # about a fifth of the capacity: usage ~85% > 50%; down to 30% takes three studies.
@@ -361,6 +370,6 @@ def test_the_hot_watermark_moves_the_least_recently_used_first(home, tmp_path):
     assert sorted(a["study"] for a in plan) == sorted(uid for uid, _ in studies[1:])
     assert all("high watermark 50%" in a["reason"] and a["drop_hot"] for a in plan)
     run_cli("policy", "apply", home=home)
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         assert [uid for uid, _ in studies if not archive.needs_recall(uid)] == [studies[0][0]]
     assert json.loads(run_cli("policy", "plan", "--json", home=home).stdout)["actions"] == []

@@ -18,17 +18,17 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+from conftest import add_tier, load_cartridge, make_study
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from appliance import config as cfg
-from appliance import home as home_mod
-from appliance import lifecycle
+from appliance.admin import home as home_mod
+from appliance.admin.home import open_archive
 from appliance.errors import CartridgeOffline
-from appliance.policy import add_years, check_policies
-from appliance.store.archive import Archive
-from conftest import add_tier, load_cartridge, make_study
+from appliance.jobs import lifecycle
+from appliance.jobs.policy import add_years, check_policies
 
 DAY = 86400
 TODAY = date.today()
@@ -116,7 +116,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.last_store: dict[int, float] = {}
 
     def _open(self):
-        self.archive = Archive.open(self.config, writer=True)
+        self.archive = open_archive(self.config, writer=True)
         self.engine = lifecycle.Lifecycle(self.archive, self.rules, clock=lambda: self.clock)
 
     def teardown(self):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.dicom.matching import match_attribute, record_matches, validate_query
+from appliance.store.matching import match_attribute, record_matches, validate_query
 
 ALPHABET = "ab^ *?"
 text = st.text(alphabet="ab^ ", max_size=8)

@@ -4,13 +4,13 @@ import struct
 
 import pydicom
 import pytest
+from conftest import dicom_test_files
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from appliance.errors import InvalidInstance
-from appliance.store import p10
-from conftest import dicom_test_files
+from appliance.format import p10
 
 
 def test_reads_index_attributes(ct_files):

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import IntegrityError, KeyMissing
-from appliance.store import pack, sealed
+from appliance.format import pack, sealed
 
 KEY, KEY_ID = os.urandom(32), os.urandom(16)
 

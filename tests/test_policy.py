@@ -7,12 +7,12 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli
 
 from appliance import config as cfg
 from appliance.errors import ConfigError
-from appliance.lifecycle import HotUsage, StudyState, plan_actions
-from appliance.policy import StudyFacts, check_policies, classify, retention_end
-from conftest import REPO, run_cli
+from appliance.jobs.lifecycle import HotUsage, StudyState, plan_actions
+from appliance.jobs.policy import StudyFacts, check_policies, classify, retention_end
 
 DAY = 86400
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
-from appliance.config import RESTORE_MARKER
 from common import storescu_acknowledged
 from conftest import REPO, make_study, run_cli
 from dicom_server import CLIENT_AE, DCMTK, Server, dataset_bytes, register
 from support.powercut import DROP_ALL, RANDOM
+
+from appliance.config import RESTORE_MARKER
 
 MODES = (DROP_ALL, RANDOM)
 
@@ -255,10 +255,11 @@ def test_restore_from_an_off_site_copy(vault, powercut, tmp_path):
 
 APPENDER = """
     import sys
-    from appliance import audit
-    trail = audit.AuditTrail(audit.Path(sys.argv[1]), audit.Path(sys.argv[2]))
+    from appliance.audit.events import EventID, event
+    from appliance.audit.trail import AuditTrail
+    trail = AuditTrail(Path(sys.argv[1]), Path(sys.argv[2]))
     for n in range(100000):
-        trail.record(audit.event("Query", op="powercut-test", writer=sys.argv[3], n=n))
+        trail.record(event(EventID.QUERY, op="powercut-test", writer=sys.argv[3], n=n))
         print(n, flush=True)
 """
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import run_cli
+from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_charset_files
@@ -19,12 +21,11 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from appliance import config as cfg
-from appliance import home as home_mod
-from appliance.dicom import matching
-from appliance.dicom import query as q
+from appliance.admin import home as home_mod
+from appliance.admin.home import open_archive
+from appliance.store import matching
+from appliance.store import query as q
 from appliance.store.archive import Archive
-from conftest import run_cli
-from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 
 # The pydicom test files: Specific Character Set, Patient ID, Patient Name as pydicom decodes it.
 STORED = {
@@ -76,7 +77,7 @@ def _over_the_wire(ds: Dataset) -> Dataset:
 def archive(tmp_path_factory):
     home = tmp_path_factory.mktemp("charsets") / "home"
     home_mod.init(home)
-    with Archive.open(cfg.load(home), writer=True) as opened:
+    with open_archive(cfg.load(home), writer=True) as opened:
         for name in STORED:
             opened.store_file(_charset_file(name))
         yield opened

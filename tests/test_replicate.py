@@ -9,13 +9,15 @@ import shutil
 import time
 from pathlib import Path
 
-from appliance import audit
-from appliance import config as cfg
-from appliance.store import index as ix
-from appliance.store.archive import Archive
 from conftest import make_study, run_cli, set_config
 from dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
 from offsite_servers import RsyncDaemon, SshServer
+
+from appliance import config as cfg
+from appliance.admin.home import open_archive
+from appliance.audit.signing import load_key, public_hex
+from appliance.audit.trail import AuditTrail
+from appliance.store import index as ix
 
 
 def _offsite_files(root: Path) -> list[Path]:
@@ -89,12 +91,12 @@ def test_disaster_recovery_drill(home, tmp_path):
     # and still verifies: the stores before the disaster, the restore, the retrieves after it.
     assert run_cli("audit", "verify", home=new_home).returncode == 0
     config = cfg.load(new_home)
-    records = list(audit.AuditTrail(config.audit_dir, config.audit_key_file).records())
+    records = list(AuditTrail(config.audit_dir, config.audit_key_file).records())
     ops = [r["op"] for r in records]
     assert ops.count("c-store") == 3 and ops.index("c-store") < ops.index("hold set") < ops.index("restore")
     assert ops.index("restore") < ops.index("c-get")
     keys = [r["detail"]["audit_key"] for r in records if "audit_key" in r.get("detail", {})]
-    assert len(keys) == 2 and keys[1] == audit.public_hex(audit.load_key(config.audit_key_file))
+    assert len(keys) == 2 and keys[1] == public_hex(load_key(config.audit_key_file))
     assert not (offsite / "audit.key").exists() and not any("audit.key" in p.name for p in _offsite_files(offsite))
 
 
@@ -141,7 +143,7 @@ def test_rsync_daemon_target_with_faults(home, tmp_path):
         daemon.kill()
         out, err = run.communicate(timeout=120)
         assert run.returncode != 0 and "replication failed" in err and "rsync" in err
-        with Archive.open(cfg.load(home)) as archive, archive.index.read() as t:
+        with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
             assert list(t.items("replicas")) == []
         status = json.loads(run_cli("status", "--json", home=home).stdout)
         assert "replication-failed" in [a["key"] for a in status["alarms"]]
@@ -161,7 +163,7 @@ def test_rsync_daemon_target_with_faults(home, tmp_path):
         victim.write_bytes(bytes(data))
         report = json.loads(run_cli("replicate", "--verify", "--json", home=home).stdout)
         assert report["verified"] and report["resent"] == 1
-        with Archive.open(cfg.load(home)) as archive, archive.index.read() as t:
+        with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
             good = {b["copies"]["hot"]["name"]: b["xxh3"] for _, b in t.items("blobs")}
         import xxhash
 
@@ -199,7 +201,7 @@ def test_ssh_target_verified_by_checksum_and_deletions_follow(home, tmp_path):
         assert report["verified"] and report["resent"] == 1
 
         # Deleted at home (expired and shredded): gone off-site at the next run.
-        with Archive.open(cfg.load(home), writer=True) as archive:
+        with open_archive(cfg.load(home), writer=True) as archive:
             archive.delete_study(gone_uid)
         report = json.loads(run_cli("replicate", "--json", home=home).stdout)
         assert report["objects_deleted"] == 2
@@ -220,7 +222,7 @@ def test_rpo_lag_raises_an_alarm_and_the_backup_report_says_why(home, tmp_path):
     set_config(home, "target: offsite", f"target: rsync://127.0.0.1:{free_port()}/offsite/x")  # down
     set_config(home, "rpo_hours: 24", "rpo_hours: 1")
     run_cli("import", str(make_study(tmp_path / "in", 1)[1][0].parent), home=home)
-    with Archive.open(cfg.load(home), writer=True) as archive:
+    with open_archive(cfg.load(home), writer=True) as archive:
         def age(t: ix.Txn) -> None:  # acknowledged two hours ago
             for ca, blob in list(t.items("blobs")):
                 blob["stored"] -= 7200
@@ -235,22 +237,23 @@ def test_rpo_lag_raises_an_alarm_and_the_backup_report_says_why(home, tmp_path):
 
 
 def test_objects_sent_by_a_run_that_failed_before_its_manifest_are_restored(home, tmp_path, monkeypatch):
-    from appliance import replicate
+    from appliance.jobs.offsite import replicate
+    from appliance.jobs.offsite.target import ReplicationError
 
     first_uid, _ = make_study(tmp_path / "a", 2, patient_id="A")
     run_cli("import", str(tmp_path / "a"), home=home)
     run_cli("replicate", home=home)
     second_uid, second = make_study(tmp_path / "b", 2, patient_id="B")
     run_cli("import", str(tmp_path / "b"), home=home)
-    real_push = replicate._push
+    real_push = replicate.push
 
     def push_until_the_manifest(target, source, files, dest, **kwargs):
         if any(f.startswith("manifests/") for f in files):
-            raise replicate.ReplicationError("the link went down")  # the run dies at its commit point
+            raise ReplicationError("the link went down")  # the run dies at its commit point
         return real_push(target, source, files, dest, **kwargs)
 
-    monkeypatch.setattr(replicate, "_push", push_until_the_manifest)
-    with Archive.open(cfg.load(home), writer=True) as archive:
+    monkeypatch.setattr(replicate, "push", push_until_the_manifest)
+    with open_archive(cfg.load(home), writer=True) as archive:
         report = replicate.replicate(archive)
     assert not report.verified and "link went down" in report.failure
     monkeypatch.undo()

@@ -14,15 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, add_tier, load_cartridge, make_study, new_bucket, run_cli, s3_tier_yaml, write_s3_credentials
+from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 
 from appliance import config as cfg
-from appliance import scrub
+from appliance.admin.home import open_archive
 from appliance.backends.wrappers import TokenBucket
+from appliance.jobs import scrub
 from appliance.store import index as ix
-from appliance.store.archive import Archive
-from conftest import (REPO, add_tier, load_cartridge, make_study, new_bucket, run_cli, s3_tier_yaml,
-                      write_s3_credentials)
-from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 
 TAPE = "kind: ltfs\ncartridges:\n  - {label: PV0001L9, path: cartridges/PV0001L9, capacity_mb: 1000}\nretries: 0\n"
 
@@ -97,7 +96,7 @@ def test_deep_finds_what_keeps_the_sealed_hash(two_copies):
     deep re-hashes the content itself."""
     home, studies, _ = two_copies
     config = cfg.load(home)
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         with archive.index.read() as t:
             ca, blob = next((ca, b) for ca, b in t.items("blobs"))
         other = archive.hot.path(blob["copies"]["hot"]["name"])
@@ -136,7 +135,7 @@ def test_bad_copies_on_tape_and_s3_are_found_and_repaired(two_copies, s3_server,
     # The repaired copies are new packs, read back and verified; the bad ones are gone.
     deep = _scrub(home, "--deep")["findings"]
     assert deep == [], [(f["tier"], f["problem"], f["action"]) for f in deep]
-    with Archive.open(cfg.load(home)) as archive, archive.index.read() as t:
+    with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
         recorded = {key.decode(): rec for key, rec in t.items("packs")}
     on_tape = {p.name for p in (home / "cartridges" / "PV0001L9" / "packs").iterdir()}
     on_s3 = {o["Key"].rsplit("/", 1)[1] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
@@ -200,7 +199,7 @@ def test_a_killed_scrub_resumes_without_rechecking_or_missing_anything(home, tmp
             seen.append(event["id"])
     first.send_signal(signal.SIGKILL)
     first.wait()
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         with archive.index.read() as t:
             started = t.get("scrub", b"current")["started"]
         everything = {u.id for u in scrub.units(archive, deep=False)}
@@ -225,7 +224,7 @@ def test_the_rate_limit_holds_with_an_injected_clock(home, tmp_path):
         clock[0] += seconds
 
     config = cfg.load(home)
-    with Archive.open(config, writer=True) as archive:
+    with open_archive(config, writer=True) as archive:
         bucket = TokenBucket(100_000, clock=lambda: clock[0], sleep=sleep)  # 0.1 MB/s
         report = scrub.Scrubber(archive, deep=False, bucket=bucket, clock=lambda: clock[0]).run()
     assert report.bytes_read > 300_000
@@ -235,7 +234,7 @@ def test_the_rate_limit_holds_with_an_injected_clock(home, tmp_path):
 
 def test_copies_past_their_interval_raise_an_alarm_until_scrubbed(home, tmp_path):
     run_cli("import", str(make_study(tmp_path / "in", 2)[1][0].parent), home=home)
-    with Archive.open(cfg.load(home), writer=True) as archive:
+    with open_archive(cfg.load(home), writer=True) as archive:
         assert scrub.overdue(archive, scrub.coverage(archive, int(time.time()))) == []
         late = scrub.overdue(archive, scrub.coverage(archive, int(time.time()) + 8 * 86400))  # hot: fast every 7 days
         assert [(r["tier"], r["kind"], r["copies"]) for r in late] == [("hot", "fast", 2)]

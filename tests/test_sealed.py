@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.errors import IntegrityError
-from appliance.store import sealed
+from appliance.format import sealed
 
 KEY, KEY_ID = os.urandom(32), os.urandom(16)
 SEGMENT = 64  # small segments so a few hundred bytes span several

@@ -17,14 +17,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import (
+    REPO,
+    load_cartridge,
+    make_study,
+    new_bucket,
+    prometheus_samples,
+    run_cli,
+    set_config,
+    write_s3_credentials,
+)
+from dicom_server import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance import cli
-from appliance import home as home_mod
-from conftest import (REPO, load_cartridge, make_study, new_bucket, prometheus_samples, run_cli, set_config,
-                      write_s3_credentials)
-from dicom_server import free_port
+from appliance.admin import home as home_mod
 
 LABELS = ("PV0001L9", "PV0002L9")
 

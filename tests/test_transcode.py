@@ -10,21 +10,30 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import dicom_test_files
+from generated_images import image, instance, j2k_frames, part10
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, MPEG2MPML,
-                         RLELossless, generate_uid)
+from pydicom.uid import (
+    MPEG2MPML,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    RLELossless,
+    generate_uid,
+)
 
-from appliance.dicom import transcode as tc
-from appliance.store import p10
 from appliance.errors import TranscodeError
-from conftest import dicom_test_files
-from generated_images import image, instance, j2k_frames, part10
+from appliance.format import p10
+from appliance.format import transcode as tc
 
 
 def _corpus() -> dict[str, tuple[str, Path]]:

@@ -16,7 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from appliance import audit
+from appliance.audit.chain import utc
+from appliance.audit.events import EventID, EventType, event
 
 
 class Admission:
@@ -91,7 +92,7 @@ class Refusals:
                     seen.callers.add(calling_ae)
                 return False
             self._seen[key] = _Seen(now)
-        self._record(audit.event("Security Alert", type="Node Authentication", op=op, outcome=4,
+        self._record(event(EventID.SECURITY_ALERT, type=EventType.NODE_AUTHENTICATION, op=op, outcome=4,
                                  user=calling_ae or "-", host=address, reason=reason))
         return True
 
@@ -105,7 +106,7 @@ class Refusals:
                 del self._seen[key]
         for (address, reason, op), seen in over:
             if seen.count:
-                self._record(audit.event(
-                    "Security Alert", type="Node Authentication", op=op, outcome=4,
+                self._record(event(
+                    EventID.SECURITY_ALERT, type=EventType.NODE_AUTHENTICATION, op=op, outcome=4,
                     user=",".join(sorted(seen.callers)) or "-", host=address, reason=reason, repeated=seen.count,
-                    since=audit.utc(seen.first), until=audit.utc(seen.last)))
+                    since=utc(seen.first), until=utc(seen.last)))

@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 
-from appliance.audit import AuditError
+from appliance.audit.events import AuditError
 from appliance.dicom import dimse, handlers, pdu
 from appliance.dicom.handlers import AssociationStats, Peer, StoreSink
-from appliance.dicom.negotiation import Accepted
 from appliance.dicom.link import Aborted, Buffer, Link, Message, Released
+from appliance.dicom.negotiation import Accepted
 from appliance.dicom.wire import Connection, ConnectionClosed
-from appliance.metrics import ServerMetrics
+from appliance.observe.metrics import ServerMetrics
 from appliance.store.archive import Archive
 
 LOG = logging.getLogger("appliance.dicom")

@@ -9,12 +9,17 @@ from __future__ import annotations
 from pydicom.uid import UID
 
 from appliance.config import DicomConfig
-from appliance.dicom import handlers, transcode
+from appliance.dicom import handlers
 from appliance.dicom.negotiation import UNCOMPRESSED
 from appliance.dicom.retrieve import PENDING_INTERVAL_S
-from appliance.dicom.server import QUERY_RETRIEVE, STORAGE_COMMITMENT, VERIFICATION, storage_sop_classes, \
-    transfer_syntaxes
-from appliance.store import p10
+from appliance.dicom.server import (
+    QUERY_RETRIEVE,
+    STORAGE_COMMITMENT,
+    VERIFICATION,
+    storage_sop_classes,
+    transfer_syntaxes,
+)
+from appliance.format import p10, transcode
 
 _LEVEL_KEYS = {
     "PATIENT": (*p10.PATIENT_KEYS, "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",

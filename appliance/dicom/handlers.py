@@ -19,13 +19,12 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from appliance import audit
-from appliance.audit import AuditError
-from appliance.dicom import query as q
+from appliance.audit.events import AuditError, EventID, EventType, event
 from appliance.dicom.negotiation import EXPLICIT_BE, IMPLICIT_LE
 from appliance.errors import ApplianceError, InvalidInstance, OutOfSpace
-from appliance.metrics import ServerMetrics
-from appliance.store import p10
+from appliance.format import p10
+from appliance.observe.metrics import ServerMetrics
+from appliance.store import query as q
 from appliance.store.archive import Archive
 
 LOG = logging.getLogger("appliance.dicom")
@@ -93,7 +92,7 @@ def outcome(status: int) -> str:
 
 def refuse(archive: Archive, peer: Peer, op: str, role: str) -> None:
     """Audit a request the calling AE has no role for."""
-    archive.audit.record(audit.event("Security Alert", type="Use of Restricted Function", op=op, outcome=4,
+    archive.audit.record(event(EventID.SECURITY_ALERT, type=EventType.USE_OF_RESTRICTED_FUNCTION, op=op, outcome=4,
                                      reason=f"calling AE has no {role} role", **peer.who()))
 
 
@@ -159,7 +158,7 @@ class StoreSink:
             stored = self._ingest.finish(self._audit_entry)
         except InvalidInstance as exc:
             self._stats.count("C-STORE", failed=1)
-            self._archive.commit_audit(audit.event("DICOM Instances Transferred", op="c-store", action="C",
+            self._archive.commit_audit(event(EventID.INSTANCES_TRANSFERRED, op="c-store", action="C",
                                                    outcome=4, reason=str(exc), **self._peer.who()))
             return STATUS_CANNOT_UNDERSTAND, str(exc)
         except OutOfSpace as exc:
@@ -181,7 +180,7 @@ class StoreSink:
 
     def _audit_entry(self, info: p10.InstanceInfo, status: str) -> dict:
         # Acknowledged only once its record is durable too: every Success has its audit record.
-        return audit.event("DICOM Instances Transferred", op="c-store", action="C",
+        return event(EventID.INSTANCES_TRANSFERRED, op="c-store", action="C",
                            patient=info.patient.get("PatientID", ""), study=info.study_uid, instances=1,
                            sop=info.sop_uid, duplicate=status == "duplicate", **self._peer.who())
 
@@ -194,7 +193,7 @@ def find(archive: Archive, peer: Peer, identifier: Dataset, model: str, sop_clas
     try:
         query = q.parse(identifier, model)
     except q.QueryError as exc:
-        archive.audit.record(audit.event("Query", op="c-find", outcome=4, reason=str(exc), sop_class=sop_class,
+        archive.audit.record(event(EventID.QUERY, op="c-find", outcome=4, reason=str(exc), sop_class=sop_class,
                                          **peer.who()))
         yield exc.status, str(exc), None
         return
@@ -204,7 +203,7 @@ def find(archive: Archive, peer: Peer, identifier: Dataset, model: str, sop_clas
     with archive.index.read() as t:
         views = list(q.find(t, query))
     keys = {keyword: value for keyword, (_, value) in query.keys.items()}
-    archive.audit.record(audit.event("Query", op="c-find", patient=keys.get("PatientID", ""), level=query.level,
+    archive.audit.record(event(EventID.QUERY, op="c-find", patient=keys.get("PatientID", ""), level=query.level,
                                      sop_class=sop_class, keys=keys, matches=len(views), **peer.who()))
     for view in views:
         if cancelled():

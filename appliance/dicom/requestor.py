@@ -12,7 +12,7 @@ from appliance.dicom.negotiation import ACCEPT, Accepted, Proposed
 from appliance.dicom.pynetdicom_glue import decode_associate_ac, encode_associate_rq
 from appliance.dicom.wire import Connection, ConnectionClosed, nodelay
 from appliance.errors import ApplianceError
-from appliance.store.p10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from appliance.format.p10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 
 class AssociationRefused(ApplianceError):

@@ -42,18 +42,17 @@ from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
 
-from appliance import audit
-from appliance.audit import AuditError
-from appliance.dicom import dimse, handlers, pdu, transcode
-from appliance.dicom import query as q
+from appliance.audit.events import AuditError, EventID, EventType, event
+from appliance.dicom import dimse, handlers, pdu
 from appliance.dicom.handlers import Peer
 from appliance.dicom.link import Link, Message
 from appliance.dicom.negotiation import Accepted, Proposed
 from appliance.dicom.requestor import AssociationRefused, RequestedAssociation
 from appliance.dicom.wire import ConnectionClosed
 from appliance.errors import ApplianceError, IntegrityError, TranscodeError
-from appliance.metrics import ServerMetrics
-from appliance.store import p10
+from appliance.format import p10, transcode
+from appliance.observe.metrics import ServerMetrics
+from appliance.store import query as q
 from appliance.store.archive import Archive
 
 LOG = logging.getLogger("appliance.dicom")
@@ -374,9 +373,9 @@ class RetrieveService:
             destination = self._destination(move_to)
             if destination is None:
                 try:
-                    self._archive.audit.record(audit.event(
-                        "Security Alert", type="Use of Restricted Function", op=op, outcome=4, dest=move_to,
-                        reason="move destination unknown or without the move-destination role", **who))
+                    self._archive.audit.record(event(
+                        EventID.SECURITY_ALERT, type=EventType.USE_OF_RESTRICTED_FUNCTION, op=op, outcome=4,
+                        dest=move_to, reason="move destination unknown or without the move-destination role", **who))
                 except AuditError as exc:
                     LOG.error("retrieve refusal not recorded: %s", exc)
                 return respond(0xA801, comment="move destination unknown or not allowed")
@@ -395,8 +394,8 @@ class RetrieveService:
         per_study = {uid: [0, 0] for uid in studies}  # instances sent, failed
         try:
             for study_uid in studies:
-                self._archive.audit.record(audit.event(
-                    "Begin Transferring DICOM Instances", op=op, action="E", dest=dest, study=study_uid,
+                self._archive.audit.record(event(
+                    EventID.BEGIN_TRANSFERRING, op=op, action="E", dest=dest, study=study_uid,
                     patient=self._archive.patient_id_of(study_uid),
                     instances=sum(1 for _, rec in instances if rec["study"] == study_uid), **who))
         except AuditError as exc:  # nothing leaves unaudited
@@ -443,8 +442,8 @@ class RetrieveService:
                 target.release()
             for study_uid, (sent, failed) in per_study.items():
                 try:
-                    self._archive.audit.record(audit.event(
-                        "DICOM Instances Transferred", op=op, action="R", outcome=4 if failed else 0, dest=dest,
+                    self._archive.audit.record(event(
+                        EventID.INSTANCES_TRANSFERRED, op=op, action="R", outcome=4 if failed else 0, dest=dest,
                         study=study_uid, patient=self._archive.patient_id_of(study_uid), instances=sent,
                         failed=failed, reason=unavailable.get(study_uid, ""), transcoded=counts[study_uid].summary(),
                         **who))

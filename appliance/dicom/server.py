@@ -30,27 +30,28 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
 
-from appliance import audit, health, registry
-from appliance.audit import AuditError
+from appliance.admin.home import audit_trail
+from appliance.audit.events import AuditError, EventID, EventType, event
 from appliance.config import Config
-from appliance.dicom import dimse, handlers, negotiation, pdu
+from appliance.dicom import dimse, handlers, negotiation, pdu, registry
 from appliance.dicom.admission import Admission, Refusals
 from appliance.dicom.association import Association, Front
 from appliance.dicom.handlers import AssociationStats, Peer
 from appliance.dicom.negotiation import UNCOMPRESSED, Proposed, Support
 from appliance.dicom.pynetdicom_glue import AssociateRequest, decode_associate_rq, encode_associate_ac
-from appliance.dicom.query import PATIENT_ROOT, STUDY_ROOT
 from appliance.dicom.requestor import AssociationRefused, RequestedAssociation
 from appliance.dicom.retrieve import RetrieveService
 from appliance.dicom.wire import Connection, nodelay
 from appliance.errors import ConfigError, OutOfSpace, TierUnavailable
-from appliance.metrics import MetricsEndpoint, ServerMetrics
+from appliance.format.p10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from appliance.observe.metrics import MetricsEndpoint, ServerMetrics
 from appliance.store.archive import Archive
-from appliance.store.p10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from appliance.store.query import PATIENT_ROOT, STUDY_ROOT
 
 LOG = logging.getLogger("appliance.dicom")
 VERIFICATION = "1.2.840.10008.1.1"
@@ -137,8 +138,12 @@ class _Dropped(Exception):
 
 
 class DicomServer:
-    def __init__(self, archive: Archive, *, port: int | None = None, ae_title: str | None = None):
+    def __init__(self, archive: Archive, *, port: int | None = None, ae_title: str | None = None,
+                 health_status: Callable[[], dict] | None = None):
+        """`health_status()`: the health summary the metrics endpoint turns into gauges
+        (observe.health, wired by the command that starts the server)."""
         self.archive = archive
+        self._health_status = health_status or (lambda: {})
         self.config = archive.config
         self.settings = self.config.appliance.dicom
         self.ae_title = ae_title or self.settings.ae_title
@@ -182,7 +187,7 @@ class DicomServer:
             return
         self._registry = registry.load(self._registry_path)
         if self._registry_mtime is not None:
-            self.archive.audit.note_config_changes(self.config.files())
+            audit_trail(self.config).note_config_changes(self.config.files())
         self._registry_mtime = mtime
 
     def authorise(self, peer: Peer, role: str) -> bool:
@@ -232,12 +237,12 @@ class DicomServer:
         settings = self.config.appliance.metrics
         if settings.port:
             self.metrics_endpoint = MetricsEndpoint(settings.bind_address, settings.port, self.metrics,
-                                                    lambda: health.status(self.archive, time.time()))
+                                                    self._health_status)
             self.metrics_endpoint.start()
         LOG.info(json.dumps({"event": "serve.started", "ae_title": self.ae_title, "port": self.port,
                              "tls": self._tls is not None}))
-        self.archive.audit.note_config_changes(self.config.files())
-        self.archive.audit.record(audit.event("Application Activity", type="Application Start", op="serve",
+        audit_trail(self.config).note_config_changes(self.config.files())
+        self.archive.audit.record(event(EventID.APPLICATION_ACTIVITY, type=EventType.APPLICATION_START, op="serve",
                                               ae_title=self.ae_title, port=self.port, tls=self._tls is not None))
 
     def _lobby(self) -> None:
@@ -449,7 +454,7 @@ class DicomServer:
         tls = isinstance(sock, ssl.SSLSocket)
         certificate = sock.getpeercert() if tls else None
         subject = ", ".join(f"{k}={v}" for rdn in (certificate or {}).get("subject", ()) for k, v in rdn)
-        self._audit(audit.event("User Authentication", type="Login", op="association", **peer.who(),
+        self._audit(event(EventID.USER_AUTHENTICATION, type=EventType.LOGIN, op="association", **peer.who(),
                                 called_ae=request.called_ae, tls=tls, certificate=subject,
                                 user_identity=request.user_identity))
 
@@ -525,6 +530,7 @@ class DicomServer:
         self._refusal_records.put(None)
         if self._recorder is not None:
             self._recorder.join()
-        self._audit(audit.event("Application Activity", type="Application Stop", op="serve", ae_title=self.ae_title))
+        self._audit(event(EventID.APPLICATION_ACTIVITY, type=EventType.APPLICATION_STOP, op="serve",
+                          ae_title=self.ae_title))
         LOG.info(json.dumps({"event": "serve.stopped"}))
 

@@ -21,183 +21,54 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
-from appliance import audit, backends
-from appliance.audit import AuditTrail
+from appliance import backends
+from appliance.audit.events import EventID, EventType, event
 from appliance.backends.filesystem import FilesystemBackend, StagedFile
 from appliance.config import Config
 from appliance.errors import BlobMissing, HomeLocked, IntegrityError, InvalidInstance, NotFound, OutOfSpace
-from appliance.fsutil import HomeLock, raise_if_out_of_space
+from appliance.format import p10, sealed
+from appliance.fsutil import HomeLock
 from appliance.store import index as ix
 from appliance.store import journal as jr
-from appliance.store import p10, sealed, tiering
+from appliance.store import tiering
 from appliance.store.index import Index
+from appliance.store.ingest import FREE_MARGIN, IMPORT_INLINE_LIMIT, INLINE_LIMIT, Ingest, PendingStore, StoreOutcome
 from appliance.store.keys import Keyring
 
 LOG = logging.getLogger(__name__)
 
-# Sealed bytes of one instance held in memory and written into its journal record; a
-# larger instance streams into its hot file as it arrives (synced with the commit). An
-# acknowledgement waits for one sync that way; an import, which wants throughput rather,
-# writes each byte once from a smaller size on (a second sync costs less than a second write).
-INLINE_LIMIT = 1 << 20
-IMPORT_INLINE_LIMIT = 64 << 10
-# Plaintext held while the walk has not yet seen the study (its key seals the bytes).
-BEFORE_KEY_LIMIT = 64 << 20
-# A store is refused (0xA700) unless this much more than twice its sealed size is free:
-# it is written twice (journal, hot file) and the index and trail must still fit, beyond
-# what the hot files of stores already acknowledged (still in the journal) will take.
-FREE_MARGIN = 2 << 20
 _NAME_PREFIX_S = 5.0
 
 
-@dataclass(frozen=True)
-class StoreOutcome:
-    status: str  # "stored", "new_version" or "duplicate"
-    info: p10.InstanceInfo
+class AuditSink(Protocol):
+    """Where the archive's audit records go (the trail, audit/trail.py): what the store needs of
+    it, so that the store does not depend on how a trail is kept.
 
+    `record(entry)` returns once the record is durable (raises AuditError when it cannot be);
+    `append_journaled(entries)` appends records already durable in the ingest journal without
+    waiting, `sync()` makes those durable; `journal_places(journal_hex, since)` says which
+    journal records are in already (a replay appends only the others)."""
 
-class _SealedSink:
-    """Where an instance's sealed bytes go while it arrives: memory up to `inline_limit`, then
-    a staged hot file (sealed bytes only), made durable by the journal commit that records it."""
+    enabled: bool
 
-    def __init__(self, hot: FilesystemBackend, name: str, inline_limit: int):
-        self._hot, self._name, self._limit = hot, name, inline_limit
-        self._memory = bytearray()
-        self.staged: StagedFile | None = None
+    def record(self, entry: dict, *, force: bool = False) -> None: ...
 
-    def write(self, data) -> None:
-        if self.staged is None:
-            self._memory += data
-            if len(self._memory) > self._limit:
-                self.staged = self._hot.stage(self._name)
-                self.staged.write(self._memory)
-                self._memory = bytearray()
-            return
-        self.staged.write(data)
+    def append_journaled(self, entries: list[dict]) -> None: ...
 
-    def inline(self) -> bytes | None:
-        """The sealed bytes when they are small enough for the journal record, else None
-        (they are in `staged`)."""
-        return bytes(self._memory) if self.staged is None else None
+    def sync(self) -> None: ...
 
-    def discard(self) -> None:
-        """Forget what was written (a staged file is removed)."""
-        self._memory = bytearray()
-        if self.staged is not None:
-            staged, self.staged = self.staged, None
-            staged.discard()
-
-
-class Ingest:
-    """One instance being stored as its bytes arrive (a C-STORE's PDVs, a file's chunks):
-    `write()` them, then `finish()` (durable when it returns) or `abort()`. Plaintext is
-    only ever in memory; what reaches a disk is sealed."""
-
-    def __init__(self, archive: "Archive", source: str, inline_limit: int):
-        self._archive = archive
-        self.source = source
-        self.inspector = p10.Inspector()
-        self.name = archive.new_blob_name()
-        self._sink = _SealedSink(archive.hot, self.name, inline_limit)
-        settings = archive.config.appliance.store
-        self._sealer = sealed.Sealer(self._sink, level=settings.compression_level,
-                                     segment_size=settings.segment_size_kb << 10)
-        self._key_id: bytes | None = None
-        self._unsealable = False  # no study in the data set: refused at the end, nothing sealed
-
-    def write(self, data) -> None:
-        self.inspector.feed(data)
-        if self._unsealable:
-            return
-        try:
-            self._sealer.write(data)
-            if not self._sealer.started and self.inspector.ready:
-                self._start()
-        except OSError as exc:
-            raise_if_out_of_space(exc)
-            raise
-        if not self._sealer.started and self._sealer.buffered > BEFORE_KEY_LIMIT:
-            raise InvalidInstance("no Study Instance UID in the first 64 MB of the data set")
-
-    def _start(self) -> None:
-        study_uid = self.inspector.study_uid
-        if not study_uid:
-            self._unsealable = True  # finish() says what is missing
-            return
-        self._key_id = self._archive.study_key(study_uid)
-        self._sealer.start(data_key=self._archive.keyring.data_key(self._key_id), key_id=self._key_id,
-                           try_compression=self.inspector.compressible,
-                           shuffled=self.inspector.bits_allocated == 16)
-
-    def abort(self) -> None:
-        self._sink.discard()
-
-    def finish(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None) -> StoreOutcome:
-        """Complete the instance and commit it with its audit record (`audit_entry(info,
-        status)`); returns once durable. Raises InvalidInstance or OutOfSpace, and then
-        nothing of it is stored (the refusal's audit record is the caller's)."""
-        return self.finish_later(audit_entry).result()
-
-    def finish_later(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None
-                     ) -> "PendingStore":
-        """`finish`, except that it returns once the commit is queued: the result says when
-        it is durable (an importer seals the next file meanwhile)."""
-        try:
-            info = self.inspector.finish()
-            if not self._sealer.started:
-                self._start()
-            result = self._sealer.finish()
-            info.content_address = result.content_address
-            status = self._archive.known_status(info)
-            entry = audit_entry(info, status) if audit_entry else None
-            if status == "duplicate":
-                self._sink.discard()
-                return PendingStore(StoreOutcome(status, info), self._archive.submit_audit(entry), lambda: None)
-            self._archive.check_space(result.sealed_size)
-            inline, staged = self._sink.inline(), self._sink.staged
-        except OSError as exc:
-            self._sink.discard()
-            raise_if_out_of_space(exc)
-            raise
-        except BaseException:
-            self._sink.discard()
-            raise
-        blob = {"name": self.name, "sealed_size": result.sealed_size, "xxh3": result.sealed_xxh3,
-                "key_id": self._key_id, "compression": result.compression}
-        stored_ns = time.time_ns()
-        try:
-            if staged is not None:
-                staged.set_stored_time(stored_ns)
-            wait = self._archive.submit_store(info, blob, inline, staged, self.source, entry, stored_ns)
-        except BaseException:
-            self._sink.discard()
-            raise
-        return PendingStore(StoreOutcome(status, info), wait, self._sink.discard)
-
-
-class PendingStore:
-    """A store whose journal record is queued: `result()` returns once it is durable."""
-
-    def __init__(self, outcome: StoreOutcome, wait: Callable[[], None], discard: Callable[[], None]):
-        self._outcome, self._wait, self._discard = outcome, wait, discard
-
-    def result(self) -> StoreOutcome:
-        try:
-            self._wait()
-        except BaseException:
-            self._discard()
-            raise
-        return self._outcome
+    def journal_places(self, journal_hex: str, since: float) -> set[str]: ...
 
 
 class Archive:
-    """Open with `Archive.open(config, writer=...)`; use as a context manager."""
+    """Open with `Archive.open(config, audit=trail, writer=...)` (admin.home.open_archive makes the
+    trail); use as a context manager."""
 
-    def __init__(self, config: Config, *, lock: HomeLock | None, create: bool = False):
+    def __init__(self, config: Config, *, audit: AuditSink, lock: HomeLock | None, create: bool = False):
         self.config = config
+        self.audit = audit
         self._lock = lock
         settings = config.appliance
         self.keyring = Keyring(config.keyring_path, config.key_file, create=create)
@@ -208,7 +79,6 @@ class Archive:
             self.keyring.close()
             raise NotFound(f"index {config.index_path} is missing: run `appliance fsck --rebuild-index`") from None
         self.hot = hot_backend(config, create=create)
-        self.audit = AuditTrail(config.audit_dir, config.audit_key_file, enabled=settings.audit.enabled)
         self._key_lock = threading.Lock()
         self._tiers: dict = {}
         self._tiers_lock = threading.Lock()
@@ -233,10 +103,10 @@ class Archive:
                 self._replay_for_reader()
 
     @classmethod
-    def open(cls, config: Config, *, writer: bool = False, exclusive: bool = False) -> "Archive":
+    def open(cls, config: Config, *, audit: AuditSink, writer: bool = False, exclusive: bool = False) -> "Archive":
         lock = HomeLock(config.home, exclusive=exclusive).__enter__() if writer or exclusive else None
         try:
-            return cls(config, lock=lock)
+            return cls(config, audit=audit, lock=lock)
         except BaseException:
             if lock is not None:
                 lock.__exit__(None, None, None)
@@ -589,7 +459,7 @@ class Archive:
             try:
                 count = tiering.recall(self, study_uid, on_wait=on_wait)
                 if count:
-                    self.audit.record(audit.event("DICOM Instances Accessed", op="recall", action="U",
+                    self.audit.record(event(EventID.INSTANCES_ACCESSED, op="recall", action="U",
                                                   study=study_uid, patient=self.patient_id_of(study_uid),
                                                   instances=count))
                 future.set_result(count)
@@ -634,6 +504,14 @@ class Archive:
 
     def open_instance(self, sop_uid: str) -> Iterator[bytes]:
         return self.open_blob(self.instance(sop_uid)["current"])
+
+    def rotate_kek(self) -> tuple[bytes, bytes, int]:
+        """A new key-encryption key: every data key re-wrapped under it (no blob touched), audited.
+        Returns (old KEK id, new KEK id, data keys re-wrapped). Needs the home to itself."""
+        old, new, count = self.keyring.rotate()
+        self.audit.record(event(EventID.SECURITY_ALERT, type=EventType.SECURITY_CONFIGURATION, op="keys rotate",
+                                action="U", old_kek=old.hex(), new_kek=new.hex(), data_keys=count))
+        return old, new, count
 
     def study(self, study_uid: str) -> dict:
         with self.index.read() as t:

@@ -75,7 +75,7 @@ import lmdb
 import msgpack
 
 from appliance.errors import OutOfSpace
-from appliance.store.p10 import InstanceInfo, person_name_key
+from appliance.format.p10 import InstanceInfo, person_name_key
 
 SCHEMA_VERSION = 1
 _KEY_LIMIT = 480  # LMDB keys and dupsort values stop at 511 bytes

@@ -21,30 +21,7 @@ file from its header on; once a checkpoint has made every record of a file durab
 elsewhere, the file is written again from its start. The files go when the journal
 closes.
 
-    file header (64 bytes)
-    offset size field
-    0      8    magic "PVJRNL\\r\\n"
-    8      2    format version (big-endian u16), 1
-    10     6    reserved, 0
-    16     16   KEK id the journal key is derived from
-    32     16   journal id (random; the same in every file of one journal)
-    48     8    when the journal was started (big-endian u64, unix seconds)
-    56     8    reserved, 0
-
-    record
-    0      4    magic "PVJR"
-    4      4    L, length of the sealed body (big-endian u32)
-    8      8    record number n (big-endian u64): 1, 2, ... across the journal's files
-    16     L    AES-256-GCM(journal key, nonce = 4 zero bytes || n, msgpack body,
-                associated data = the 16 bytes before it)
-    journal key = HKDF-SHA256(KEK, salt = journal id, info = "pacs-vault journal v1")
-
-The body is what the applier needs to redo the store (the index attributes, the blob
-record, the inline sealed bytes, the audit entry): patient data like the index's,
-encrypted here so that the journal holds none in the clear. Reading a file stops at the
-first record that is cut short, does not authenticate, or does not carry the number
-after the one before it (older records of a file written again): its batch's fdatasync
-never returned, so neither it nor anything after it was acknowledged.
+    (the files' layout, byte by byte: format/journal.py)
 
 Other processes read what this one acknowledged: `HOME/journal/<journal id>.state`,
 flock'ed like the files, holds the numbers of the last record acknowledged and the last
@@ -72,29 +49,29 @@ import queue
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
-import msgpack
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from appliance.errors import ApplianceError, OutOfSpace
+from appliance.errors import OutOfSpace
+from appliance.format.journal import (
+    FILE_HEADER,
+    FILE_MAGIC,
+    MAX_RECORD_BYTES,
+    VERSION,
+    JournalError,
+    Record,
+    encode_record,
+    journal_aead,
+    read_records,
+)
 from appliance.fsutil import free_bytes, fsync_dir, make_dirs
 
-FILE_MAGIC = b"PVJRNL\r\n"
-VERSION = 1
-FILE_HEADER = struct.Struct(">8sH6s16s16sQ8s")
-RECORD_MAGIC = b"PVJR"
-RECORD_HEADER = struct.Struct(">4sIQ")
-TAG_SIZE = 16
 SUFFIX = ".wal"
 STATE_SUFFIX = ".state"
 _STATE = struct.Struct(">QQB")
 # How long a reader waits for another process to apply what it acknowledged.
 OTHER_WRITERS_TIMEOUT_S = 10.0
-SEGMENT_BYTES = 32 << 20
+SEGMENT_BYTES = MAX_RECORD_BYTES  # a journal file holds the largest record
 _MIN_SEGMENT_BYTES = 2 << 20  # an inline blob (1 MiB at most) and its record always fit
 # A checkpoint follows this long after the first record not yet made durable elsewhere
 # (sooner when a file fills): long enough that the kernel has written most of it back.
@@ -105,28 +82,7 @@ _SPARE_ROOM_AFTER = 8  # a spare file is made ahead only while this many times i
 # reader of this process waits for them.
 APPLY_DELAY_S = 0.05
 
-assert FILE_HEADER.size == 64 and RECORD_HEADER.size == 16
 LOG = logging.getLogger("appliance.journal")
-
-
-class JournalError(ApplianceError):
-    """The journal cannot be written: nothing more is acknowledged until a restart."""
-
-    exit_code = 74
-    dicom_status = 0xA700
-
-
-@dataclass(frozen=True)
-class Record:
-    journal_id: bytes
-    number: int
-    body: dict
-    started: int = 0  # when its journal was started, unix seconds
-
-    @property
-    def place(self) -> str:
-        """Where the record is, as audit entries name it (`detail.jrn`)."""
-        return f"{self.journal_id.hex()}:{self.number}"
 
 
 class Applier(Protocol):
@@ -151,60 +107,6 @@ class Applier(Protocol):
 def position_key(journal_id: bytes) -> bytes:
     """The index `meta` key holding the number of the last record applied to the index."""
     return b"journal:" + journal_id.hex().encode()
-
-
-def _nonce(number: int) -> bytes:
-    return b"\0\0\0\0" + struct.pack(">Q", number)
-
-
-def _aead(journal_key: Callable[[bytes], bytes], journal_id: bytes) -> AESGCM:
-    return AESGCM(journal_key(journal_id))
-
-
-def encode_record(aead: AESGCM, number: int, body: dict) -> list[bytes]:
-    plain = msgpack.packb(body)
-    length = len(plain) + TAG_SIZE
-    header = RECORD_HEADER.pack(RECORD_MAGIC, length, number)
-    return [header, aead.encrypt(_nonce(number), plain, header)]
-
-
-def read_records(path: Path, journal_key: Callable[[bytes], bytes],
-                 kek_id: bytes) -> tuple[bytes, Iterator[Record]]:
-    """(journal id, its records in order) of one journal file, up to the first record that is
-    cut short or does not authenticate (never acknowledged)."""
-    fp = open(path, "rb")
-    head = fp.read(FILE_HEADER.size)
-    if len(head) < FILE_HEADER.size:
-        fp.close()
-        return b"", iter(())  # created, never written: nothing in it was acknowledged
-    magic, version, _, file_kek, journal_id, started, _ = FILE_HEADER.unpack(head)
-    if magic != FILE_MAGIC or version != VERSION:
-        fp.close()
-        raise JournalError(f"{path} is not a pacs-vault journal")
-    if file_kek != kek_id:
-        fp.close()
-        raise JournalError(f"{path} was written under another key-encryption key: replay it with that key file")
-    aead = _aead(journal_key, journal_id)
-
-    def records() -> Iterator[Record]:
-        expected = None
-        with fp:
-            while True:
-                header = fp.read(RECORD_HEADER.size)
-                if len(header) < RECORD_HEADER.size:
-                    return
-                magic, length, number = RECORD_HEADER.unpack(header)
-                if magic != RECORD_MAGIC or (expected is not None and number != expected) or length > SEGMENT_BYTES:
-                    return
-                expected = number + 1
-                sealed = fp.read(length)
-                try:
-                    plain = aead.decrypt(_nonce(number), sealed, header)
-                except (InvalidTag, ValueError):
-                    return
-                yield Record(journal_id, number, msgpack.unpackb(plain), started)
-
-    return journal_id, records()
 
 
 def _write_at(fd: int, buffers: list, offset: int) -> int:
@@ -310,7 +212,7 @@ class Journal:
         self.journal_id = os.urandom(16)
         self.started = int(time.time())
         self._kek_id = kek_id
-        self._aead = _aead(journal_key, self.journal_id)
+        self._aead = journal_aead(journal_key, self.journal_id)
         self._applier = applier
         self._interval = checkpoint_interval_s
         self._header = FILE_HEADER.pack(FILE_MAGIC, VERSION, b"", kek_id, self.journal_id, self.started, b"")

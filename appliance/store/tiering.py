@@ -18,19 +18,34 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import xxhash
 
-from appliance.errors import (ApplianceError, CartridgeOffline, IntegrityError, NotFound,
-                              TierUnavailable)
+from appliance.backends.base import Backend
+from appliance.backends.filesystem import FilesystemBackend
+from appliance.config import Config
+from appliance.errors import ApplianceError, CartridgeOffline, IntegrityError, NotFound, TierUnavailable
+from appliance.format import pack
 from appliance.fsutil import raise_if_out_of_space
 from appliance.store import index as ix
-from appliance.store import pack
 from appliance.store.alarms import clear_alarm, raise_alarm
+from appliance.store.index import Index
+from appliance.store.keys import Keyring
 
-if TYPE_CHECKING:
-    from appliance.store.archive import Archive
+
+class Archive(Protocol):
+    """What tiering works on (store/archive.py's Archive is one): the parts of a home it reads and
+    writes, named here so that tiering does not depend on the archive facade that calls it."""
+
+    config: Config
+    hot: FilesystemBackend
+    index: Index
+    keyring: Keyring
+
+    def tier(self, name: str) -> Backend: ...
+
+    def recall_study(self, study_uid: str, on_wait=None) -> int: ...
 
 # Which cold tier is read first (recall, replication): the quickest to answer.
 _READ_PREFERENCE = {"filesystem": 0, "ltfs": 1, "s3": 2}

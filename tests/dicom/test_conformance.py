@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import REPO
+from dicom_server import CLIENT_AE, Server, free_port, register
 
 from appliance.dicom import conformance
 from appliance.dicom.negotiation import UNCOMPRESSED, Proposed
 from appliance.dicom.requestor import RequestedAssociation
-from conftest import REPO
-from dicom_server import CLIENT_AE, Server, free_port, register
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -32,7 +32,7 @@ def test_the_readme_carries_the_statement_the_code_prints():
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from appliance import home as home_mod
+    from appliance.admin import home as home_mod
     home = tmp_path_factory.mktemp("conformance") / "home"
     home_mod.init(home)
     register(home, CLIENT_AE, free_port(), "store,query,retrieve")

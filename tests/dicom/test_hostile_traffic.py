@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_study, run_cli, set_config
+from dicom_server import CLIENT_AE, Server, free_port, register
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
-from appliance import home as home_mod
+from appliance.admin import home as home_mod
 from appliance.dicom.negotiation import Proposed
 from appliance.dicom.pynetdicom_glue import encode_associate_rq
-from conftest import make_study, run_cli, set_config
-from dicom_server import CLIENT_AE, Server, free_port, register
 
 FLOODER = "FLOODER"
 VERIFICATION = "1.2.840.10008.1.1"

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_server import CLIENT_AE, DEST_AE, Server, corpus_study, free_port, retrieving_home, send_as_is, storable
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 
-from appliance.dicom import transcode
-from dicom_server import CLIENT_AE, DEST_AE, Server, corpus_study, free_port, retrieving_home, send_as_is, storable
+from appliance.format import transcode
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,23 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import dicom_test_files
+from dicom_server import (
+    CLIENT_AE,
+    DEST_AE,
+    Server,
+    dataset_bytes,
+    dcmtk,
+    free_port,
+    retrieving_home,
+    send_as_is,
+    storable,
+)
 from pydicom.uid import UID
 
 from appliance import config as cfg
-from appliance.dicom import transcode
-from appliance.store.archive import Archive
-from conftest import dicom_test_files
-from dicom_server import (CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, retrieving_home, send_as_is,
-                          storable)
+from appliance.admin.home import open_archive
+from appliance.format import transcode
 
 # getscu's option that proposes each syntax first for its storage contexts. None proposes
 # implicit VR little endian (those instances go transcoded, below); deflated is left out because
@@ -50,7 +59,7 @@ def stored(tmp_path_factory):
     for group in by_syntax.values():
         send_as_is(srv, group)
     held = {}
-    with Archive.open(cfg.load(home)) as archive:
+    with open_archive(cfg.load(home)) as archive:
         with archive.index.read() as t:
             records = {key.decode(): record for key, record in t.items("instances")}
         for sop, record in records.items():
@@ -105,7 +114,7 @@ def test_each_syntax_is_sent_as_stored_to_a_getscu_that_prefers_it(stored, tmp_p
 
 
 def _dataset_start(data: bytes) -> int:
-    from appliance.store import p10
+    from appliance.format import p10
     return p10.dataset_offset(data[:1 << 16])
 
 

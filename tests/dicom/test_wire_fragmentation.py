@@ -9,6 +9,8 @@ import socket
 import struct
 
 import pytest
+from conftest import run_cli
+from dicom_server import CLIENT_AE, Server, free_port, register
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
@@ -19,9 +21,7 @@ from pydicom.uid import generate_uid
 from appliance.dicom import dimse
 from appliance.dicom.negotiation import Proposed
 from appliance.dicom.pynetdicom_glue import decode_associate_ac, encode_associate_rq
-from appliance.store import p10
-from conftest import run_cli
-from dicom_server import CLIENT_AE, Server, free_port, register
+from appliance.format import p10
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -118,7 +118,7 @@ def _store_pdvs(sop_uid: str, data: bytes, command_cuts: list[float], data_cuts:
 
 @pytest.fixture(scope="module")
 def raw_server(tmp_path_factory):
-    from appliance import home as home_mod
+    from appliance.admin import home as home_mod
     home = tmp_path_factory.mktemp("raw") / "home"
     home_mod.init(home)
     register(home, CLIENT_AE, free_port(), "store,query,retrieve")

@@ -11,22 +11,24 @@ import sys
 import textwrap
 
 import pytest
-
-from appliance import audit
-from appliance import config as cfg
-from appliance.store import journal as jr
-from appliance.store.archive import Archive
 from conftest import REPO, run_cli
+
+from appliance import config as cfg
+from appliance.admin.home import open_archive
+from appliance.audit.trail import AuditTrail
+from appliance.format import journal as journal_format
+from appliance.store import journal as jr
 
 # Stores each file with a C-STORE-like audit record, says so once it is durable, and dies
 # (kill -9) right after the last one: acknowledged, very likely not yet applied.
 _STORE_THEN_DIE = textwrap.dedent("""
     import os, signal, sys, time
-    from appliance import audit, config as cfg
+    from appliance import config as cfg
+    from appliance.audit.events import EventID, event
     from appliance.store.archive import Archive
     from appliance.store import journal as jr
     jr.CHECKPOINT_INTERVAL_S = 3600  # no checkpoint: the journal holds everything at the kill
-    archive = Archive.open(cfg.load(sys.argv[1]), writer=True)
+    archive = open_archive(cfg.load(sys.argv[1]), writer=True)
     if sys.argv[2] == "slow-apply":
         original = archive.apply
         archive.apply = lambda records, replaying: (time.sleep(3600), original(records, replaying))
@@ -34,8 +36,8 @@ _STORE_THEN_DIE = textwrap.dedent("""
         ingest = archive.begin_store("TESTSCU")
         with open(path, "rb") as fp:
             ingest.write(fp.read())
-        stored = ingest.finish(lambda info, status: audit.event(
-            "DICOM Instances Transferred", op="c-store", action="C", study=info.study_uid, instances=1,
+        stored = ingest.finish(lambda info, status: event(
+            EventID.INSTANCES_TRANSFERRED, op="c-store", action="C", study=info.study_uid, instances=1,
             sop=info.sop_uid, user="TESTSCU", host="127.0.0.1"))
         print(stored.info.sop_uid, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -51,7 +53,7 @@ def _crash_after_storing(home, files, mode="plain") -> list[str]:
 
 def _c_store_records(home) -> list[str]:
     config = cfg.load(home)
-    return [r["detail"]["sop"] for r in audit.AuditTrail(config.audit_dir, config.audit_key_file).records()
+    return [r["detail"]["sop"] for r in AuditTrail(config.audit_dir, config.audit_key_file).records()
             if r["op"] == "c-store"]
 
 
@@ -63,7 +65,7 @@ def test_acknowledged_stores_of_a_killed_process_are_replayed_once(home, ct_file
     assert len(acknowledged) == 6
     journal_files = list((home / "journal").glob("*.wal"))
     assert journal_files  # what the kill left
-    with Archive.open(cfg.load(home), writer=True):
+    with open_archive(cfg.load(home), writer=True):
         pass  # opening replays
     assert not list((home / "journal").glob("*.wal"))
     assert run_cli("fsck", home=home).returncode == 0
@@ -83,12 +85,12 @@ def test_replaying_a_journal_again_changes_nothing(home, ct_files, tmp_path):
     _crash_after_storing(home, ct_files[:4], "slow-apply")
     copies = tmp_path / "journal-copy"
     shutil.copytree(home / "journal", copies)
-    with Archive.open(cfg.load(home), writer=True):
+    with open_archive(cfg.load(home), writer=True):
         pass
     first = json.loads(run_cli("status", "--json", home=home).stdout)
     for path in copies.glob("*.wal"):
         shutil.copy(path, home / "journal" / path.name)
-    with Archive.open(cfg.load(home), writer=True):
+    with open_archive(cfg.load(home), writer=True):
         pass
     again = json.loads(run_cli("status", "--json", home=home).stdout)
     assert (again["instances"], again["versions"]) == (first["instances"], first["versions"]) == (4, 4)
@@ -103,13 +105,13 @@ def test_a_record_cut_short_ends_the_journal(home, ct_files):
     [path] = list((home / "journal").glob("*.wal"))
     data = bytearray(path.read_bytes())
     # the fourth record's body, one byte changed: it does not authenticate
-    offset = jr.FILE_HEADER.size
+    offset = journal_format.FILE_HEADER.size
     for _ in range(3):
-        _, length, _ = jr.RECORD_HEADER.unpack_from(data, offset)
-        offset += jr.RECORD_HEADER.size + length
-    data[offset + jr.RECORD_HEADER.size + 10] ^= 0xFF
+        _, length, _ = journal_format.RECORD_HEADER.unpack_from(data, offset)
+        offset += journal_format.RECORD_HEADER.size + length
+    data[offset + journal_format.RECORD_HEADER.size + 10] ^= 0xFF
     path.write_bytes(bytes(data))
-    with Archive.open(cfg.load(home), writer=True):
+    with open_archive(cfg.load(home), writer=True):
         pass
     assert json.loads(run_cli("status", "--json", home=home).stdout)["instances"] == 3
     assert sorted(_c_store_records(home)) == sorted(acknowledged[:3])
@@ -179,7 +181,7 @@ def test_records_that_cannot_be_applied_stay_in_the_journal_for_the_next_start(h
     import errno
 
     import pydicom
-    archive = Archive.open(cfg.load(home), writer=True)
+    archive = open_archive(cfg.load(home), writer=True)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -191,7 +193,7 @@ def test_records_that_cannot_be_applied_stay_in_the_journal_for_the_next_start(h
         ingest.finish()
     archive.close()
     assert list((home / "journal").glob("*.wal"))
-    with Archive.open(cfg.load(home), writer=True):
+    with open_archive(cfg.load(home), writer=True):
         pass  # opening replays
     assert not list((home / "journal").glob("*.wal"))
     out = tmp_path / "out"
@@ -206,7 +208,7 @@ _STORE_AND_STAY = textwrap.dedent("""
     import sys, time
     from appliance import config as cfg
     from appliance.store.archive import Archive
-    archive = Archive.open(cfg.load(sys.argv[1]), writer=True)
+    archive = open_archive(cfg.load(sys.argv[1]), writer=True)
     original = archive.apply
     archive.apply = lambda records, replaying: (time.sleep(1.5), original(records, replaying))
     for path in sys.argv[2:]:

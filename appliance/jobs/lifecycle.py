@@ -1,0 +1,457 @@
+"""Retention and tiering: the planner (pure) and the executor (a job queue in LMDB).
+
+`plan_actions` turns what the index says about each study, the policy rules and
+the time into a list of actions, each with the rule that causes it. `Lifecycle.apply`
+records one job per study in the index ("jobs"), runs the jobs that are due, and
+keeps a job until it finished: a run killed at any point is finished by the next
+one, with nothing lost and nothing written twice (see store/tiering.py). A job
+that meets an unreachable tier is retried later with a doubling delay, raises an
+alarm, and leaves its source untouched.
+
+Expiry deletes only what the rules still say has expired at the moment of
+deletion, and never a study under a legal hold.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from typing import Callable
+
+from appliance.admin.home import audit_trail
+from appliance.audit.events import EventID, event
+from appliance.errors import ApplianceError, NotFound
+from appliance.jobs.policy import Rule, StudyFacts, classify, parse_date, retention_end
+from appliance.store import index as ix
+from appliance.store import tiering
+from appliance.store.alarms import clear_alarm, raise_alarm
+from appliance.store.archive import Archive
+
+_MAX_BACKOFF_S = 6 * 3600
+_DAY = 86400
+
+
+# -- planning (pure) ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudyState:
+    facts: StudyFacts
+    last_access: int  # unix s: last store, retrieve or export
+    first_stored: int
+    hot_bytes: int  # sealed bytes of its hot copies
+    cold_tiers: frozenset[str]  # tiers where every version has a copy
+    held: tuple[str, ...] = ()  # reasons of the holds on it
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # migrate, evict, expire, review, held
+    study: str
+    rule: str  # class name and where it is written
+    reason: str
+    targets: tuple[str, ...] = ()
+    drop_hot: bool = False
+
+
+@dataclass(frozen=True)
+class HotUsage:
+    used: int
+    capacity: int
+    high_percent: int
+    low_percent: int
+
+
+def _day(ts: int) -> date:
+    return datetime.fromtimestamp(ts, timezone.utc).date()
+
+
+def plan_actions(studies: list[StudyState], rules: list[Rule], now: int,
+                 usage: HotUsage | None = None) -> tuple[list[Action], list[str]]:
+    """(actions, unclassified study UIDs)."""
+    today = _day(now)
+    actions: list[Action] = []
+    unclassified: list[str] = []
+    by_uid: dict[str, tuple[StudyState, Rule]] = {}
+    for state in studies:
+        rule = classify(rules, state.facts)
+        if rule is None:
+            unclassified.append(state.facts.uid)
+            continue
+        by_uid[state.facts.uid] = (state, rule)
+        label = f"{rule.name} ({rule.source})"
+        end = retention_end(rule.study_class.retention, state.facts)
+        if end.until is not None and today >= end.until:
+            why = f"retention ended {end.until.isoformat()} ({end.reason})"
+            if state.held:
+                actions.append(Action("held", state.facts.uid, label, f"{why}; kept: held ({'; '.join(state.held)})"))
+            elif rule.study_class.at_expiry == "delete":
+                actions.append(Action("expire", state.facts.uid, label, why))
+            else:
+                actions.append(Action("review", state.facts.uid, label, why))
+            continue
+        targets: list[str] = []
+        drop_hot, reasons = False, []
+        idle_days = (now - state.last_access) // _DAY
+        age_days = (now - state.first_stored) // _DAY
+        for transition in rule.study_class.transitions:
+            due = ((0 <= transition.after_days_without_access <= idle_days)
+                   or (0 <= transition.after_days <= age_days))
+            if not due:
+                continue
+            missing = [t for t in transition.to if t not in state.cold_tiers and t not in targets]
+            targets += missing
+            drop = not transition.keep_hot and state.hot_bytes > 0
+            drop_hot = drop_hot or drop
+            if missing or drop:
+                reasons.append(f"{idle_days} days without access, {age_days} days stored: "
+                               + (f"copy to {', '.join(transition.to)}" if missing else "copies verified")
+                               + ("" if transition.keep_hot else ", then drop the hot copy"))
+        if targets or drop_hot:
+            actions.append(Action("migrate", state.facts.uid, label, "; ".join(reasons), tuple(targets), drop_hot))
+    if usage is not None and usage.capacity and usage.used * 100 > usage.high_percent * usage.capacity:
+        actions += _relieve_pressure(by_uid, actions, usage)
+    return actions, unclassified
+
+
+def retention_calendar(studies: list[StudyState], rules: list[Rule], now: int, horizon_days: int) -> list[dict]:
+    """Studies whose retention ends within `horizon_days` (or has ended), soonest first: what
+    expires next, under which rule, and what happens then."""
+    limit = _day(now + horizon_days * _DAY)
+    rows = []
+    for state in studies:
+        rule = classify(rules, state.facts)
+        if rule is None:
+            continue
+        end = retention_end(rule.study_class.retention, state.facts)
+        if end.until is not None and end.until <= limit:
+            rows.append({"study": state.facts.uid, "until": end.until.isoformat(), "why": end.reason,
+                         "rule": f"{rule.name} ({rule.source})", "at_expiry": rule.study_class.at_expiry,
+                         "held": bool(state.held)})
+    return sorted(rows, key=lambda row: (row["until"], row["study"]))
+
+
+def _relieve_pressure(by_uid: dict, actions: list[Action], usage: HotUsage) -> list[Action]:
+    """Free the hot tier down to its low watermark, least recently used first."""
+    planned = {a.study for a in actions}
+    freed = sum(by_uid[a.study][0].hot_bytes for a in actions if a.drop_hot and a.study in by_uid)
+    goal = usage.used - usage.low_percent * usage.capacity // 100
+    percent = usage.used * 100 // usage.capacity
+    extra = []
+    candidates = sorted((s for s, _ in by_uid.values() if s.hot_bytes and s.facts.uid not in planned),
+                        key=lambda s: (s.last_access, s.facts.uid))
+    for state in candidates:
+        if freed >= goal:
+            break
+        rule = by_uid[state.facts.uid][1]
+        label = f"{rule.name} ({rule.source})"
+        wanted = []
+        for transition in rule.study_class.transitions:
+            wanted += [t for t in transition.to if t not in wanted]
+        reason = f"hot tier at {percent}% (high watermark {usage.high_percent}%), least recently used"
+        if state.cold_tiers and set(wanted) <= state.cold_tiers:
+            extra.append(Action("evict", state.facts.uid, label, reason + "; cold copies verified", (), True))
+        elif wanted:
+            missing = tuple(t for t in wanted if t not in state.cold_tiers)
+            extra.append(Action("migrate", state.facts.uid, label, reason, missing, True))
+        else:
+            continue  # its class keeps it on the hot tier
+        freed += state.hot_bytes
+    return extra
+
+
+# -- reading the index into planner input ------------------------------------------------------
+
+def _study_date(study: dict) -> date:
+    """StudyDate, or the day the study was first stored when it has none."""
+    return parse_date(study.get("StudyDate", "")) or _day(study.get("first_stored", 0))
+
+
+def _state(t: ix.Txn, uid: str, study: dict, last_patient_study: date, hot: str) -> StudyState:
+    patient = t.get("patients", study["patient"]) or {}
+    blobs = ix.study_blobs(t, uid)
+    tiers = set.intersection(*(set(b["copies"]) for _, b in blobs)) if blobs else set()
+    held = tuple(h["reason"] for h in (t.get("holds", f"study:{uid}"),
+                                       t.get("holds", f"patient:{patient.get('PatientID', '')}")) if h)
+    facts = StudyFacts(uid, _study_date(study), parse_date(patient.get("PatientBirthDate", "")),
+                       last_patient_study, tuple(study.get("modalities", [])), tuple(study.get("sop_classes", [])),
+                       tuple(study.get("source_aes", [])), study.get("InstitutionName", ""))
+    return StudyState(facts, max(study.get("last_access", 0), study.get("last_stored", 0)),
+                      study.get("first_stored", 0), sum(b["sealed_size"] for _, b in blobs if hot in b["copies"]),
+                      frozenset(tiers - {hot}), held)
+
+
+def study_states(archive: Archive) -> list[StudyState]:
+    """Every study, as the planner sees it."""
+    with archive.index.read() as t:
+        last_of_patient: dict[str, date] = {}
+        rows = []
+        for key, study in t.items("studies"):
+            day = _study_date(study)
+            if day > last_of_patient.get(study["patient"], date.min):
+                last_of_patient[study["patient"]] = day
+            rows.append((key.decode(), study))
+        return [_state(t, uid, study, last_of_patient[study["patient"]], archive.hot.name) for uid, study in rows]
+
+
+def study_state(archive: Archive, uid: str) -> StudyState | None:
+    """One study, as the planner sees it (its patient's other studies read through the index)."""
+    with archive.index.read() as t:
+        study = t.get("studies", uid)
+        if study is None:
+            return None
+        last = max(_study_date(t.get("studies", other)) for other in t.dup_values("patient_studies", study["patient"])
+                   if t.get("studies", other) is not None)
+        return _state(t, uid, study, max(last, _study_date(study)), archive.hot.name)
+
+
+def hot_usage(archive: Archive, states: list[StudyState]) -> HotUsage | None:
+    """None when the hot tier's file system cannot be read (not mounted): no pressure is known."""
+    tier = archive.config.hot_tier
+    if tier.capacity_mb:
+        used, capacity = sum(s.hot_bytes for s in states), tier.capacity_mb * 10**6
+    else:
+        try:
+            disk = shutil.disk_usage(archive.hot.root)
+        except OSError:
+            return None
+        used, capacity = disk.used, disk.total
+    return HotUsage(used, capacity, tier.high_watermark_percent, tier.low_watermark_percent)
+
+
+# -- holds -----------------------------------------------------------------------------------
+
+def hold_key(study_uid: str | None, patient_id: str | None) -> str:
+    if bool(study_uid) == bool(patient_id):
+        raise ApplianceError("name either a study UID or --patient ID")
+    return f"study:{study_uid}" if study_uid else f"patient:{patient_id}"
+
+
+def set_hold(archive: Archive, key: str, reason: str, now: int | None = None) -> None:
+    if not reason.strip():
+        raise ApplianceError("a hold needs a reason (--reason TEXT)")
+    if key.startswith("study:"):
+        archive.study(key[6:])  # NotFound for a study the archive does not hold
+    record = {"reason": reason, "by": audit_trail(archive.config).user, "since": int(now or time.time())}
+    archive.index.write(lambda t: t.put("holds", key, record))
+    _audit_hold(archive, key, "hold set", reason)
+
+
+def _audit_hold(archive: Archive, key: str, op: str, reason: str) -> None:
+    kind, name = key.split(":", 1)
+    study = name if kind == "study" else ""
+    archive.audit.record(event(EventID.INSTANCES_ACCESSED, op=op, action="U", study=study,
+                                     patient=name if kind == "patient" else archive.patient_id_of(study),
+                                     reason=reason))
+
+
+def release_hold(archive: Archive, key: str, reason: str) -> dict:
+    with archive.index.read() as t:
+        if t.get("holds", key) is None:
+            raise NotFound(f"no hold on {key.replace(':', ' ', 1)}")
+    _audit_hold(archive, key, "hold release", reason)  # recorded first: no release goes unrecorded
+
+    def release(t: ix.Txn) -> dict:
+        record = t.get("holds", key)
+        if record is None:
+            raise NotFound(f"no hold on {key.replace(':', ' ', 1)}")
+        t.delete("holds", key)
+        return record
+    return archive.index.write(release)
+
+
+def holds(archive: Archive) -> dict[str, dict]:
+    with archive.index.read() as t:
+        return {key.decode(): value for key, value in t.items("holds")}
+
+
+def is_held(t: ix.Txn, study_uid: str) -> bool:
+    if t.get("holds", f"study:{study_uid}") is not None:
+        return True
+    study = t.get("studies", study_uid)
+    patient = study and t.get("patients", study["patient"])
+    return bool(patient) and t.get("holds", f"patient:{patient.get('PatientID', '')}") is not None
+
+
+# -- executing ---------------------------------------------------------------------------------
+
+@dataclass
+class ApplyReport:
+    planned: int = 0
+    done: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    waiting: int = 0  # jobs whose retry time has not come
+    bytes_written: int = 0
+    copies_cleaned: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Lifecycle:
+    def __init__(self, archive: Archive, rules: list[Rule], *, clock: Callable[[], float] = time.time):
+        self.archive, self.rules, self.clock = archive, rules, clock
+
+    def plan(self) -> tuple[list[Action], list[str]]:
+        states = study_states(self.archive)
+        return plan_actions(states, self.rules, int(self.clock()), hot_usage(self.archive, states))
+
+    def apply(self, on_event: Callable[[str, dict], None] = lambda kind, data: None) -> ApplyReport:
+        report = ApplyReport()
+        actions, _ = self.plan()
+        now = int(self.clock())
+        runnable = [a for a in actions if a.kind in ("migrate", "evict", "expire")]
+        report.planned = len(runnable)
+
+        def enqueue(t: ix.Txn) -> None:
+            for action in runnable:
+                if t.get("jobs", action.study) is None:
+                    t.put("jobs", action.study, {"kind": action.kind, "targets": list(action.targets),
+                                                 "drop_hot": action.drop_hot, "rule": action.rule,
+                                                 "reason": action.reason, "created": now, "attempts": 0,
+                                                 "next_try": 0, "error": "", "pending": {}})
+        self.archive.index.write(enqueue)
+        report.copies_cleaned = self._retry_shred_cleanup()
+        with self.archive.index.read() as t:
+            jobs = [(key.decode(), job) for key, job in t.items("jobs")]
+            due_bytes = sum((t.get("studies", uid) or {}).get("stored_bytes", 0) * len(job["targets"])
+                            for uid, job in jobs if job["next_try"] <= now)
+        on_event("jobs", {"count": sum(1 for _, job in jobs if job["next_try"] <= now), "bytes": due_bytes})
+        for study_uid, job in jobs:
+            if job["next_try"] > now:
+                report.waiting += 1
+                continue
+            on_event("job.start", {"study": study_uid, "kind": job["kind"], "targets": job["targets"]})
+            try:
+                written = self._run(study_uid, job)
+            except ApplianceError as exc:  # tier down, full, a source copy that fails to verify
+                self._postpone(study_uid, job, exc)
+                report.failed.append({"study": study_uid, "kind": job["kind"], "error": str(exc)})
+                on_event("job.failed", {"study": study_uid, "kind": job["kind"], "error": str(exc)})
+                continue
+            report.bytes_written += written
+            if job["kind"] != "expire":
+                self.archive.audit.record(event(
+                    EventID.INSTANCES_ACCESSED, op=job["kind"], action="U", study=study_uid,
+                    patient=self.archive.patient_id_of(study_uid), dest=",".join(job["targets"]),
+                    instances=self._instance_count(study_uid),
+                    bytes=written, hot_copy_dropped=job["drop_hot"], rule=job["rule"]))
+            self.archive.index.write(lambda t, uid=study_uid: t.delete("jobs", uid))
+            for key in [f"tier:{tier}" for tier in job["targets"]] + [f"job:{study_uid}"]:
+                clear_alarm(self.archive.index, key)
+            report.done.append({"study": study_uid, "kind": job["kind"], "targets": job["targets"],
+                                "bytes": written})
+            on_event("job.done", {"study": study_uid, "kind": job["kind"], "bytes": written})
+        return report
+
+    def _instance_count(self, study_uid: str) -> int:
+        try:
+            return len(self.archive.instances_of_study(study_uid))
+        except NotFound:  # deleted meanwhile
+            return 0
+
+    def _run(self, study_uid: str, job: dict) -> int:
+        self._clean_orphans(study_uid, job)
+        if job["kind"] == "expire":
+            self._expire(study_uid, job)
+            return 0
+        try:
+            self.archive.study(study_uid)
+        except NotFound:
+            return 0  # deleted meanwhile: nothing left to do
+        written = 0
+        for tier in job["targets"]:
+            written += tiering.pack_study(self.archive, study_uid, tier,
+                                          remember_pending=lambda pack_id, tier=tier: self._pending(study_uid, tier,
+                                                                                                    pack_id))
+        if job["drop_hot"]:
+            tiering.drop_hot(self.archive, study_uid, job["targets"])
+        return written
+
+    def _pending(self, study_uid: str, tier: str, pack_id: str | None) -> None:
+        def note(t: ix.Txn) -> None:
+            job = t.get("jobs", study_uid)
+            if job is None:
+                return
+            if pack_id is None:
+                job["pending"].pop(tier, None)
+            else:
+                job["pending"][tier] = pack_id
+            t.put("jobs", study_uid, job)
+        self.archive.index.write(note)
+
+    def _clean_orphans(self, study_uid: str, job: dict) -> None:
+        for tier, pack_id in list(job.get("pending", {}).items()):
+            tiering.discard_if_unrecorded(self.archive, tier, pack_id)
+            self._pending(study_uid, tier, None)
+
+    def _expire(self, study_uid: str, job: dict) -> None:
+        # Look again at the moment of deletion: a hold set or a study stored since the plan wins.
+        state = study_state(self.archive, study_uid)
+        if state is None:
+            return
+        with self.archive.index.read() as t:
+            if is_held(t, study_uid):
+                return
+            study = t.get("studies", study_uid)
+            patient = t.get("patients", study["patient"]) or {}
+            series = t.dup_values("study_series", study_uid)
+            instances = [sop for s in series for sop in t.dup_values("series_instances", s)]
+        rule = classify(self.rules, state.facts)
+        end = retention_end(rule.study_class.retention, state.facts) if rule else None
+        if (rule is None or rule.study_class.at_expiry != "delete" or end.until is None
+                or _day(int(self.clock())) < end.until):
+            return  # within retention now (a new study of the patient, a policy change): kept
+        _, unremoved = self.archive.delete_study(study_uid)
+        record = {"time": int(self.clock()), "rule": f"{rule.name} ({rule.source})",
+                  "reason": f"retention ended {end.until.isoformat()} ({end.reason})", "by": audit_trail(self.archive.config).user,
+                  "patient_id": patient.get("PatientID", ""), "series": series, "instances": instances,
+                  "unremoved": unremoved}
+        self.archive.index.write(lambda t: t.put("deletions", study_uid, record))
+        self.archive.audit.record(event(
+            EventID.STUDY_DELETED, op="expire", action="D", study=study_uid, patient=record["patient_id"],
+            instances=len(instances), rule=record["rule"], reason=record["reason"], shredded=True,
+            copies_left=len(unremoved)))
+        if unremoved:
+            raise_alarm(self.archive.index, "shred-cleanup", f"{len(unremoved)} copies of deleted studies remain "
+                        "(unreadable: their keys are destroyed)",
+                        "load the cartridges listed by `appliance policy deletions`, then run `policy apply`")
+
+    def _retry_shred_cleanup(self) -> int:
+        with self.archive.index.read() as t:
+            pending = [(key.decode(), rec) for key, rec in t.items("deletions") if rec.get("unremoved")]
+        cleaned = 0
+        for study_uid, record in pending:
+            left = tiering.delete_packs(self.archive, {u["pack"]: u for u in record["unremoved"]})
+            cleaned += len(record["unremoved"]) - len(left)
+            record["unremoved"] = left
+            self.archive.index.write(lambda t, uid=study_uid, rec=record: t.put("deletions", uid, rec))
+        if pending and not any(r["unremoved"] for _, r in pending):
+            clear_alarm(self.archive.index, "shred-cleanup")
+        return cleaned
+
+    def _postpone(self, study_uid: str, job: dict, exc: ApplianceError) -> None:
+        job["attempts"] += 1
+        delay = min(self.archive.config.appliance.lifecycle.retry_backoff_s * 2 ** (job["attempts"] - 1),
+                    _MAX_BACKOFF_S)
+        job["next_try"] = int(self.clock()) + delay
+        job["error"] = str(exc)
+        self.archive.index.write(lambda t: t.get("jobs", study_uid) is not None and t.put("jobs", study_uid, job))
+        tier = getattr(exc, "tier", None)
+        if tier:
+            raise_alarm(self.archive.index, f"tier:{tier}", f"tier {tier} failed: {exc}",
+                        "check the tier (network, credentials, cartridge); jobs are retried by `policy apply`")
+        else:
+            raise_alarm(self.archive.index, f"job:{study_uid}", f"a {job['kind']} job failed: {exc}",
+                        "see `appliance policy jobs`; the job is retried by `policy apply`")
+
+
+def jobs(archive: Archive) -> dict[str, dict]:
+    with archive.index.read() as t:
+        return {key.decode(): value for key, value in t.items("jobs")}
+
+
+def deletions(archive: Archive) -> dict[str, dict]:
+    with archive.index.read() as t:
+        return {key.decode(): value for key, value in t.items("deletions")}
