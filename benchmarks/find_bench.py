@@ -30,7 +30,7 @@ from common import add_common_arguments, free_port, machine, run_and_report  # n
 from appliance import config as cfg  # noqa: E402
 from appliance.admin import home as home_mod  # noqa: E402
 from appliance.format.p10 import InstanceInfo  # noqa: E402
-from appliance.store import index as ix  # noqa: E402
+from appliance.store.catalog import instances as catalog_instances  # noqa: E402
 from appliance.store.index import Index  # noqa: E402
 
 CLIENT_AE = "FINDBENCH"
@@ -64,7 +64,7 @@ def bulk_load(index: Index, studies: int, batch: int = 20_000) -> float:
     start = time.perf_counter()
     for first in range(0, studies, batch):
         infos = [synthetic_study(n, rng) for n in range(first, min(first + batch, studies))]
-        index.write(lambda t, infos=infos: [ix.record_instance(t, info, blob, "hot") for info in infos])
+        index.write(lambda t, infos=infos: [catalog_instances.record_instance(t, info, blob, "hot") for info in infos])
     return time.perf_counter() - start
 
 

@@ -65,8 +65,8 @@ def _hot_files(home: Path) -> list[Path]:
 
 def _codec_limit(home: Path) -> float:
     """Seconds one core needs to unseal every hot blob from memory (decrypt, decompress, SHA-256)."""
-    with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
-        blobs = [(ca, archive.hot.path(b["copies"]["hot"]["name"]).read_bytes()) for ca, b in t.items("blobs")]
+    with open_archive(cfg.load(home)) as archive, archive.catalog.read() as view:
+        blobs = [(b.ca, archive.hot.path(b.copies["hot"].name).read_bytes()) for b in view.blobs()]
         start = time.perf_counter()
         for ca, raw in blobs:
             for _ in sealed.unseal(io.BytesIO(raw), key_for=archive.keyring.data_key, content_address=ca):

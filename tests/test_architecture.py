@@ -134,6 +134,44 @@ def test_no_module_over_600_lines_or_so():
     assert long == {}
 
 
+# The only code that writes the index: its engine and the catalog (store/catalog/).
+INDEX_WRITERS = ("appliance.store.index", "appliance.store.catalog")
+_WRITE_METHODS = {"put", "delete", "dup_add", "dup_remove", "dup_clear"}
+
+
+def index_writes(sources: dict[str, str] | None = None) -> list[str]:
+    """Calls outside the catalog that write the index: a transaction's put/delete/dup_* on one of
+    the index's databases, or an index's write(); or a reach for the archive's private index."""
+    from appliance.store import index
+
+    databases = set(index._PLAIN_DBS) | set(index._DUP_DBS)
+    found = []
+    for name, source in (sources or {n: p.read_text() for n, p in MODULES.items()}).items():
+        if name.startswith(INDEX_WRITERS):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr == "_index" and ast.unparse(node.value) != "self":
+                found.append(f"{name}:{node.lineno} reaches for the archive's index")
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            first = node.args[0] if node.args else None
+            if node.func.attr in _WRITE_METHODS and isinstance(first, ast.Constant) and first.value in databases:
+                found.append(f"{name}:{node.lineno} {node.func.attr}({first.value!r})")
+            if node.func.attr == "write" and "index" in ast.unparse(node.func.value).lower():
+                found.append(f"{name}:{node.lineno} {ast.unparse(node.func)}()")
+    return found
+
+
+def test_only_the_catalog_writes_the_index():
+    assert index_writes() == []
+
+
+def test_the_index_check_catches_a_write_outside_the_catalog():
+    rogue = ('def mark(archive, ca, t):\n    t.put("blobs", ca, {})\n    archive.index.write(lambda t: None)\n'
+             '    archive._index.write(lambda t: None)\n')
+    assert len(index_writes({"appliance.jobs.rogue": rogue})) == 4
+
+
 @pytest.mark.parametrize("bad", ["appliance.store -> appliance.jobs", "appliance.format -> appliance.store"])
 def test_the_check_catches_a_wrong_way_arrow(bad, monkeypatch):
     """The check itself can fail: a store module importing a job, a codec importing the store."""

@@ -42,7 +42,7 @@ class AuditTrail:
         self._pending: list[tuple[int, dict]] = []
         self._tickets = 0  # last ticket handed out
         self._durable = 0  # every ticket up to this one is written (or failed)
-        self._failed: dict[int, Exception] = {}
+        self._failed: dict[int, BaseException] = {}
         self._flushing = False
         self._reserve_tried = 0.0
         self._known: tuple[Path, int, int, str] | None = None  # (segment, size, seq, hash) after our last append
@@ -193,9 +193,9 @@ class AuditTrail:
                 os.close(fd)
             if self._checkpointed is None:
                 self._checkpointed = self._last_checkpoint()
-            last = self._checkpointed  # another process's checkpoints may be newer: one too many is harmless
-            if last is None or seq // CHECKPOINT_EVERY > last["seq"] // CHECKPOINT_EVERY \
-                    or now - parse_time(last["time"]) >= CHECKPOINT_INTERVAL_S:
+            latest = self._checkpointed  # another process's checkpoints may be newer: one too many is harmless
+            if latest is None or seq // CHECKPOINT_EVERY > latest["seq"] // CHECKPOINT_EVERY \
+                    or now - parse_time(latest["time"]) >= CHECKPOINT_INTERVAL_S:
                 self._write_checkpoint(head)
             if now - self._reserve_tried >= 60:
                 self._reserve_tried = now

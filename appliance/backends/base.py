@@ -32,6 +32,7 @@ through a wrapper.
 
 from __future__ import annotations
 
+import builtins
 from typing import BinaryIO, Iterable, Iterator, Protocol, TypeVar
 
 
@@ -48,7 +49,7 @@ class Backend(Protocol):
 
     def list(self) -> Iterator[str]: ...
 
-    def read_order(self, names: Iterable[str]) -> list[str]: ...
+    def read_order(self, names: Iterable[str]) -> builtins.list[str]: ...
 
     def locate(self, name: str) -> str: ...
 

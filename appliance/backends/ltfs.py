@@ -16,6 +16,7 @@ order. Layout on a cartridge: `PACS-VAULT-CARTRIDGE` (label), `packs/<name>`,
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 from pathlib import Path
@@ -71,11 +72,11 @@ class Cartridge:
 
 
 class LtfsBackend:
-    def __init__(self, name: str, cartridges: list[Cartridge]):
+    def __init__(self, name: str, cartridges: builtins.list[Cartridge]):
         self.name = name
         self.cartridges = cartridges
 
-    def _loaded(self) -> list[Cartridge]:
+    def _loaded(self) -> builtins.list[Cartridge]:
         return [c for c in self.cartridges if c.loaded()]
 
     def _find(self, name: str) -> tuple[Cartridge, Path]:
@@ -141,7 +142,7 @@ class LtfsBackend:
                     if not entry.startswith("."):
                         yield entry
 
-    def read_order(self, names: Iterable[str]) -> list[str]:
+    def read_order(self, names: Iterable[str]) -> builtins.list[str]:
         loaded = self._loaded()
 
         def position(name: str) -> tuple:

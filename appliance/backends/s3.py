@@ -13,6 +13,7 @@ appear in messages.
 
 from __future__ import annotations
 
+import builtins
 import configparser
 import io
 from typing import BinaryIO, Iterable, Iterator
@@ -143,7 +144,7 @@ class S3Backend:
         except _FAILURES as exc:
             raise self._fail(exc, "listing") from None
 
-    def read_order(self, names: Iterable[str]) -> list[str]:
+    def read_order(self, names: Iterable[str]) -> builtins.list[str]:
         return list(names)
 
     def locate(self, name: str) -> str:
@@ -205,10 +206,11 @@ class _S3Reader(io.RawIOBase):
     def readinto(self, buffer) -> int:
         if self._pos >= self._size:
             return 0
-        if self._body is None:
-            self._body = self._backend._get(self._name, self._pos)
+        body = self._body
+        if body is None:
+            body = self._body = self._backend._get(self._name, self._pos)
         try:
-            data = self._body.read(len(buffer))
+            data = body.read(len(buffer))
         except _NETWORK as exc:
             raise self._backend._fail(exc, f"read of {self._name}") from None
         buffer[:len(data)] = data

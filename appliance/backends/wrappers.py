@@ -6,10 +6,11 @@ holds the backend it wraps as `inner` (what base.unwrap walks).
 
 from __future__ import annotations
 
+import builtins
 import io
 import threading
 import time
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from appliance.errors import CartridgeOffline, TierUnavailable
 
@@ -54,7 +55,7 @@ class RetryingBackend:
     def list(self) -> Iterator[str]:
         return iter(self._call(lambda: list(self.inner.list())))
 
-    def read_order(self, names: Iterable[str]) -> list[str]:
+    def read_order(self, names: Iterable[str]) -> builtins.list[str]:
         return self.inner.read_order(names)
 
     def locate(self, name: str) -> str:
@@ -92,7 +93,8 @@ class Throttled(io.RawIOBase):
     (a file it opened); a file it was handed stays open, for the caller's retry."""
 
     def __init__(self, raw: BinaryIO, bucket: TokenBucket, *, owns_raw: bool = True):
-        self._raw, self._bucket, self._owns_raw = raw, bucket, owns_raw
+        self._raw: Any = raw  # a raw binary stream: it has readinto
+        self._bucket, self._owns_raw = bucket, owns_raw
 
     def readable(self) -> bool:
         return True
@@ -140,7 +142,7 @@ class RateLimitedBackend:
     def list(self) -> Iterator[str]:
         return self.inner.list()
 
-    def read_order(self, names: Iterable[str]) -> list[str]:
+    def read_order(self, names: Iterable[str]) -> builtins.list[str]:
         return self.inner.read_order(names)
 
     def locate(self, name: str) -> str:

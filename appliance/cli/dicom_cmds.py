@@ -31,7 +31,8 @@ def cmd_serve(args) -> int:
     sys.setswitchinterval(0.0005)
     with archive_of(args, writer=True) as archive:
         DicomServer(archive, port=args.port, ae_title=args.ae_title,
-                    health_status=lambda: health.status(archive, time.time())).serve_until_signalled()
+                    health_gauges=lambda: health.gauges(health.status(archive, time.time()),
+                                                        time.time())).serve_until_signalled()
     return 0
 
 

@@ -53,8 +53,8 @@ def cmd_policy(args) -> int:
             actions, unclassified = lifecycle.Lifecycle(archive, _rules(archive)).plan()
             # What the plan needs: the hot tier (its usage) and the tiers it migrates to.
             needed = [archive.hot.name, *sorted({tier for a in actions for tier in a.targets})]
-            unreachable = {name: tier["error"] for name in needed
-                           if "error" in (tier := health.tier_status(archive, archive.config.tiers[name]))}
+            unreachable = {name: tier.error for name in needed
+                           if (tier := health.tier_status(archive, archive.config.tiers[name])).error is not None}
             out = {"actions": [vars(a) | {"targets": list(a.targets)} for a in actions],
                    "unclassified": unclassified, "unreachable_tiers": unreachable}
         elif args.action == "jobs":

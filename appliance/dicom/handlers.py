@@ -200,8 +200,8 @@ def find(archive: Archive, peer: Peer, identifier: Dataset, model: str, sop_clas
     stats.count("C-FIND", queries=1)
     # Collect first: a transaction held while a slow peer reads responses would hold up the
     # index (a map resize waits for every reader).
-    with archive.index.read() as t:
-        views = list(q.find(t, query))
+    with archive.catalog.read() as view:
+        views = list(q.find(view.txn, query))
     keys = {keyword: value for keyword, (_, value) in query.keys.items()}
     archive.audit.record(event(EventID.QUERY, op="c-find", patient=keys.get("PatientID", ""), level=query.level,
                                      sop_class=sop_class, keys=keys, matches=len(views), **peer.who()))
@@ -233,7 +233,7 @@ def commitment_result(archive: Archive, request: Dataset) -> tuple[int, Dataset]
         ref.ReferencedSOPInstanceUID = item.get("ReferencedSOPInstanceUID", "")
         try:
             record = archive.instance(str(ref.ReferencedSOPInstanceUID))
-            if record["SOPClassUID"] != str(ref.ReferencedSOPClassUID):
+            if record.sop_class != str(ref.ReferencedSOPClassUID):
                 ref.FailureReason = _CLASS_MISMATCH
             else:
                 archive.verify_current_copy(record)

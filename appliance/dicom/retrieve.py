@@ -10,7 +10,7 @@ streamed, its last chunk held back until its SHA-256 checks (should it fail, the
 association is aborted: the peer never has the whole of a wrong instance).
 
 Transfer syntax: the stored one when the peer accepted it (byte-exact), else the first
-of the peer's accepted ones the instance can be transcoded to (transcode.py: decoded or
+of the peer's accepted ones the instance can be transcoded to (format/transcode.py: decoded or
 re-encoded to explicit or implicit VR little endian, never re-encoded lossy; the stored
 bytes never change). A transcoded instance is made whole in memory (an anonymous memfd
 for a large one, never a disk) before its first byte goes, so a frame that does not
@@ -54,6 +54,7 @@ from appliance.format import p10, transcode
 from appliance.observe.metrics import ServerMetrics
 from appliance.store import query as q
 from appliance.store.archive import Archive
+from appliance.store.catalog import Instance
 
 LOG = logging.getLogger("appliance.dicom")
 _PENDING, _CANCEL, _WARNING, _SUBOP_FAILURE = 0xFF00, 0xFE00, 0xB000, 0xA702
@@ -90,12 +91,11 @@ class SubOperations:
         return out
 
 
-def instances_for(archive: Archive, ident: q.Query) -> list[tuple[str, dict]]:
+def instances_for(archive: Archive, ident: q.Query) -> list[Instance]:
     """Every current instance under what the identifier names, at any level."""
     image_level = q.Query("IMAGE", ident.keys, [])
-    with archive.index.read() as t:
-        return [(view["SOPInstanceUID"], t.get("instances", view["SOPInstanceUID"]))
-                for view in q.find(t, image_level)]
+    with archive.catalog.read() as view:
+        return [view.instance(found["SOPInstanceUID"]) for found in q.find(view.txn, image_level)]
 
 
 # -- the bytes of each instance, verified, one decrypted ahead ---------------------------------
@@ -116,8 +116,8 @@ class Plaintext:
             close()
 
 
-def _dataset_chunks(archive: Archive, record: dict) -> Iterator[bytes]:
-    chunks = archive.open_blob(record["current"])
+def _dataset_chunks(archive: Archive, record: Instance) -> Iterator[bytes]:
+    chunks = archive.open_blob(record.current)
     first = next(chunks, b"")
     offset = p10.dataset_offset(first)
     if first[offset:]:
@@ -125,14 +125,14 @@ def _dataset_chunks(archive: Archive, record: dict) -> Iterator[bytes]:
     yield from chunks
 
 
-def plaintext(archive: Archive, record: dict, size: int) -> Plaintext:
+def plaintext(archive: Archive, record: Instance, size: int) -> Plaintext:
     if size <= PREFETCH_MAX_BYTES:
-        whole = memoryview(archive.read_blob(record["current"]))
+        whole = memoryview(archive.read_blob(record.current))
         return Plaintext(iter([whole[p10.dataset_offset(whole):]]), True)
     return Plaintext(_dataset_chunks(archive, record), False)
 
 
-def transcoded(archive: Archive, record: dict, syntax: str, counts: transcode.TranscodeCounts, *,
+def transcoded(archive: Archive, record: Instance, syntax: str, counts: transcode.TranscodeCounts, *,
                abandoned: threading.Event) -> Plaintext:
     """The instance's data set in `syntax`, whole before anything is sent: in an anonymous
     in-memory file (memfd: never a disk, and not the process's resident memory). Stops, raising
@@ -140,7 +140,7 @@ def transcoded(archive: Archive, record: dict, syntax: str, counts: transcode.Tr
     fd = os.memfd_create("pacs-vault-transcode", os.MFD_CLOEXEC)
     try:
         size = 0
-        for piece in transcode.transcode(archive.open_blob(record["current"]), record["transfer_syntax"], syntax,
+        for piece in transcode.transcode(archive.open_blob(record.current), record.transfer_syntax, syntax,
                                          counts=counts):
             if abandoned.is_set():
                 raise TranscodeError("abandoned: the requestor has gone")
@@ -179,7 +179,7 @@ class _MemfdChunks:
             self._fd = None
 
 
-def _transcoded_meanwhile(archive: Archive, record: dict, syntax: str, counts: transcode.TranscodeCounts,
+def _transcoded_meanwhile(archive: Archive, record: Instance, syntax: str, counts: transcode.TranscodeCounts,
                           waiting: Callable[[], None]) -> Plaintext:
     """transcoded(), in a thread of its own, calling `waiting` every PENDING_INTERVAL_S until it is
     done. Should `waiting` raise (the requestor has gone), the transcode stops at its next piece,
@@ -205,13 +205,13 @@ class _Plaintexts:
     per core) while the current one is on the wire. Memory stays bounded: only instances of at
     most PREFETCH_MAX_BYTES, PREFETCH_AHEAD of them, are prepared ahead."""
 
-    def __init__(self, archive: Archive, instances: list[tuple[str, dict]], skip: Callable[[dict], bool]):
+    def __init__(self, archive: Archive, instances: list[Instance], skip: Callable[[Instance], bool]):
         self._archive, self._instances, self._skip = archive, instances, skip
         self._worker = ThreadPoolExecutor(max_workers=PREFETCH_AHEAD, thread_name_prefix="retrieve-prefetch")
         self._ahead: dict[int, Future] = {}
-        with archive.index.read(fresh=False) as t:  # the instances came from a fresh read
-            blobs = {record["current"]: t.get("blobs", record["current"]) for _, record in instances}
-        self._sizes = {ca: blob["size"] if blob else PREFETCH_MAX_BYTES + 1 for ca, blob in blobs.items()}
+        with archive.catalog.read(fresh=False) as view:  # the instances came from a fresh read
+            blobs = {record.current: view.blob(record.current) for record in instances}
+        self._sizes = {ca: blob.size if blob else PREFETCH_MAX_BYTES + 1 for ca, blob in blobs.items()}
 
     def __enter__(self) -> "_Plaintexts":
         return self
@@ -221,13 +221,13 @@ class _Plaintexts:
             future.cancel()
         self._worker.shutdown(wait=True)
 
-    def _size(self, record: dict) -> int:
-        return self._sizes.get(record["current"], PREFETCH_MAX_BYTES + 1)
+    def _size(self, record: Instance) -> int:
+        return self._sizes.get(record.current, PREFETCH_MAX_BYTES + 1)
 
     def _prefetch(self, number: int) -> None:
         if number >= len(self._instances) or number in self._ahead:
             return
-        _, record = self._instances[number]
+        record = self._instances[number]
         try:
             if not self._skip(record) and self._size(record) <= PREFETCH_MAX_BYTES:
                 self._ahead[number] = self._worker.submit(plaintext, self._archive, record, 0)
@@ -240,7 +240,7 @@ class _Plaintexts:
         try:
             if future is not None:
                 return future.result()
-            _, record = self._instances[number]
+            record = self._instances[number]
             return plaintext(self._archive, record, self._size(record))
         finally:
             for following in range(number + 1, number + 1 + PREFETCH_AHEAD):
@@ -356,12 +356,12 @@ class RetrieveService:
         if len(instances) > 65535:
             return respond(0xC000, comment="more than 65535 instances match")
         message_id = message.command.get("MessageID", 0)
-        studies = sorted({record["study"] for _, record in instances})
+        studies = sorted({record.study for record in instances})
         for study_uid in studies:
             self._archive.touch_study(study_uid)
         unavailable = self._recall(assoc, message, respond, studies, subops)
         if unavailable is None:  # cancelled while waiting
-            subops.failed_uids.extend(uid for uid, _ in instances)
+            subops.failed_uids.extend(record.sop_uid for record in instances)
             return respond(_CANCEL, subops)
 
         who = assoc.peer.who()
@@ -380,7 +380,7 @@ class RetrieveService:
                     LOG.error("retrieve refusal not recorded: %s", exc)
                 return respond(0xA801, comment="move destination unknown or not allowed")
             dest = f"{move_to}@{destination[0]}:{destination[1]}"
-            proposals = move_contexts({(rec["SOPClassUID"], rec["transfer_syntax"]) for _, rec in instances})
+            proposals = move_contexts({(rec.sop_class, rec.transfer_syntax) for rec in instances})
             if proposals is None:
                 return respond(0xA701, comment="too many SOP class / transfer syntax pairs for one association")
             try:
@@ -397,7 +397,7 @@ class RetrieveService:
                 self._archive.audit.record(event(
                     EventID.BEGIN_TRANSFERRING, op=op, action="E", dest=dest, study=study_uid,
                     patient=self._archive.patient_id_of(study_uid),
-                    instances=sum(1 for _, rec in instances if rec["study"] == study_uid), **who))
+                    instances=sum(1 for rec in instances if rec.study == study_uid), **who))
         except AuditError as exc:  # nothing leaves unaudited
             LOG.error("retrieve refused: %s", exc)
             if target is not assoc:
@@ -412,20 +412,21 @@ class RetrieveService:
         failure = ""  # the first reason a sub-operation failed on our side
         counts = {uid: transcode.TranscodeCounts() for uid in studies}
 
-        def prefetch_skips(record: dict) -> bool:  # unavailable, or to be transcoded (not as stored)
-            return record["study"] in unavailable or self.syntax_for(target, record) != record["transfer_syntax"]
+        def prefetch_skips(record: Instance) -> bool:  # unavailable, or to be transcoded (not as stored)
+            return record.study in unavailable or self.syntax_for(target, record) != record.transfer_syntax
 
         try:
             with _Plaintexts(self._archive, instances, prefetch_skips) as plaintexts:
-                for number, (sop_uid, record) in enumerate(instances):
+                for number, record in enumerate(instances):
+                    sop_uid = record.sop_uid
                     if cancel["asked"] or assoc.cancelled(message_id):
-                        subops.failed_uids.extend(uid for uid, _ in instances[number:])
+                        subops.failed_uids.extend(r.sop_uid for r in instances[number:])
                         return respond(_CANCEL, subops)
                     status = None
-                    if record["study"] not in unavailable and not broken:
+                    if record.study not in unavailable and not broken:
                         try:
                             status, why = self._send_one(target, plaintexts, number, record, sop_uid, originator,
-                                                         on_cancel if is_get else None, counts[record["study"]],
+                                                         on_cancel if is_get else None, counts[record.study],
                                                          lambda: respond(_PENDING, subops, final=False))
                             failure = failure or why
                         except _LinkAborted as exc:
@@ -435,7 +436,7 @@ class RetrieveService:
                             broken = True
                     subops.record(sop_uid, status)
                     delivered = status is not None and (status == 0x0000 or (status & 0xF000) == 0xB000)
-                    per_study[record["study"]][0 if delivered else 1] += 1
+                    per_study[record.study][0 if delivered else 1] += 1
                     respond(_PENDING, subops, final=False)
         finally:
             if target is not assoc and not broken:
@@ -456,12 +457,12 @@ class RetrieveService:
             return respond(_SUBOP_FAILURE, subops, comment)
         return respond(_WARNING if subops.failed or subops.warning else 0x0000, subops, comment)
 
-    def _send_one(self, target: Link, plaintexts: _Plaintexts, number: int, record: dict, sop_uid: str,
+    def _send_one(self, target: Link, plaintexts: _Plaintexts, number: int, record: Instance, sop_uid: str,
                   originator: tuple[str, int] | None, on_cancel, counts: transcode.TranscodeCounts,
                   waiting: Callable[[], None]) -> tuple[int | None, str]:
         """(the peer's status, or None when the sub-operation failed on our side; why it failed).
         `waiting` is called every few seconds while the instance is transcoded."""
-        sop_class, stored = record["SOPClassUID"], record["transfer_syntax"]
+        sop_class, stored = record.sop_class, record.transfer_syntax
         contexts = target.sending_contexts(sop_class)
         syntax = transcode.pick_target(stored, [cx.transfer_syntax for cx in contexts])
         if syntax is None:
@@ -484,9 +485,9 @@ class RetrieveService:
         finally:
             data.discard()
 
-    def syntax_for(self, target: Link, record: dict) -> str | None:
-        return transcode.pick_target(record["transfer_syntax"],
-                                     [cx.transfer_syntax for cx in target.sending_contexts(record["SOPClassUID"])])
+    def syntax_for(self, target: Link, record: Instance) -> str | None:
+        return transcode.pick_target(record.transfer_syntax,
+                                     [cx.transfer_syntax for cx in target.sending_contexts(record.sop_class)])
 
     def _recall(self, assoc, message: Message, respond, studies: list[str],
                 subops: SubOperations) -> dict[str, str] | None:

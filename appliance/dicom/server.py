@@ -139,11 +139,11 @@ class _Dropped(Exception):
 
 class DicomServer:
     def __init__(self, archive: Archive, *, port: int | None = None, ae_title: str | None = None,
-                 health_status: Callable[[], dict] | None = None):
-        """`health_status()`: the health summary the metrics endpoint turns into gauges
-        (observe.health, wired by the command that starts the server)."""
+                 health_gauges: Callable[[], str] | None = None):
+        """`health_gauges()`: the health gauges the metrics endpoint serves beside the server's
+        counters (observe.health, wired by the command that starts the server)."""
         self.archive = archive
-        self._health_status = health_status or (lambda: {})
+        self._health_gauges = health_gauges or (lambda: "")
         self.config = archive.config
         self.settings = self.config.appliance.dicom
         self.ae_title = ae_title or self.settings.ae_title
@@ -237,7 +237,7 @@ class DicomServer:
         settings = self.config.appliance.metrics
         if settings.port:
             self.metrics_endpoint = MetricsEndpoint(settings.bind_address, settings.port, self.metrics,
-                                                    self._health_status)
+                                                    self._health_gauges)
             self.metrics_endpoint.start()
         LOG.info(json.dumps({"event": "serve.started", "ae_title": self.ae_title, "port": self.port,
                              "tls": self._tls is not None}))

@@ -33,7 +33,7 @@ import io
 import os
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, NamedTuple
 
 import msgpack
 import xxhash
@@ -75,24 +75,34 @@ class _HashingWriter:
         return len(data)
 
 
-def write_pack(dst: BinaryIO, blobs: Iterable[tuple[bytes, dict, Callable[[], BinaryIO]]], *, study_uid: str,
-               data_key: bytes, key_id: bytes) -> PackInfo:
-    """Write a pack of (content address, index blob record, opener of its sealed copy).
+class PackSource(NamedTuple):
+    """A sealed blob to put in a pack: what it must read as, and how to open its copy."""
+
+    ca: bytes
+    sealed_size: int
+    xxh3: bytes
+    sop: str
+    opener: Callable[[], BinaryIO]
+
+
+def write_pack(dst: BinaryIO, blobs: Iterable[PackSource], *, study_uid: str, data_key: bytes,
+               key_id: bytes) -> PackInfo:
+    """Write a pack of sealed blobs.
 
     Every copied blob is checked against its size and sealed-bytes hash on the way:
     a rotten source copy fails the pack instead of being archived."""
     out = _HashingWriter(dst)
     entries = []
-    for ca, blob, opener in blobs:
+    for source in blobs:
         start, blob_hash = out.size, xxhash.xxh3_128()
-        with opener() as src:
+        with source.opener() as src:
             while chunk := src.read(_COPY):
                 blob_hash.update(chunk)
                 out.write(chunk)
         length = out.size - start
-        if length != blob["sealed_size"] or blob_hash.digest() != blob["xxh3"]:
-            raise IntegrityError(f"the source copy of instance {blob['sop']} does not verify; not packed")
-        entries.append(PackEntry(ca, start, length, blob["xxh3"], blob["sop"]))
+        if length != source.sealed_size or blob_hash.digest() != source.xxh3:
+            raise IntegrityError(f"the source copy of instance {source.sop} does not verify; not packed")
+        entries.append(PackEntry(source.ca, start, length, source.xxh3, source.sop))
     plaintext = msgpack.packb({"version": VERSION, "study": study_uid,
                                "entries": [{"ca": e.ca, "offset": e.offset, "length": e.length,
                                             "xxh3": e.xxh3, "sop": e.sop} for e in entries]})

@@ -2,7 +2,7 @@
 
 The stored bytes come through the archive's read API (recalled first when the study is on cold
 tiers only, verified as they stream); without a transfer syntax, or in the syntax an instance was
-stored in, it is written byte-exact; otherwise transcoded in memory (dicom/transcode.py). Each
+stored in, it is written byte-exact; otherwise transcoded in memory (format/transcode.py). Each
 file appears whole or not at all (temp file, fsync, rename), only once every byte verified.
 """
 
@@ -20,6 +20,7 @@ from appliance.format import p10
 from appliance.format.transcode import TranscodeCounts, transcode
 from appliance.fsutil import atomic_file
 from appliance.store.archive import Archive
+from appliance.store.catalog import Instance
 
 
 @dataclass
@@ -45,11 +46,12 @@ def export_study(archive: Archive, study_uid: str, dest: Path, transfer_syntax: 
         archive.recall_study(study_uid)
     result = ExportResult()
     try:
-        for sop_uid, record in instances:
+        for record in instances:
+            sop_uid = record.sop_uid
             target = dest / f"{sop_uid}.dcm"
             try:
                 with atomic_file(dest / f".{sop_uid}.dcm.partial", target) as out:
-                    _write(out, archive.open_blob(record["current"]), record, sop_uid, transfer_syntax,
+                    _write(out, archive.open_blob(record.current), record, sop_uid, transfer_syntax,
                            result.counts)
             except OutOfSpace:
                 raise
@@ -65,13 +67,13 @@ def export_study(archive: Archive, study_uid: str, dest: Path, transfer_syntax: 
     return result
 
 
-def _write(out: BinaryIO, stored: Iterator[bytes], record: dict, sop_uid: str, transfer_syntax: str | None,
+def _write(out: BinaryIO, stored: Iterator[bytes], record: Instance, sop_uid: str, transfer_syntax: str | None,
            counts: TranscodeCounts) -> None:
-    stored_ts = record["transfer_syntax"]
+    stored_ts = record.transfer_syntax
     if transfer_syntax in (None, stored_ts):
         pieces = stored
     else:
         pieces = transcode(stored, stored_ts, transfer_syntax, counts=counts)
-        out.write(p10.file_meta(record["SOPClassUID"], sop_uid, transfer_syntax))
+        out.write(p10.file_meta(record.sop_class, sop_uid, transfer_syntax))
     for piece in pieces:
         out.write(piece)

@@ -29,8 +29,8 @@ from appliance.config import Config
 from appliance.errors import ApplianceError, IntegrityError, KeyMissing, NotFound, TierUnavailable
 from appliance.format import p10, pack, sealed
 from appliance.fsutil import HomeLock
-from appliance.store import index as ix
 from appliance.store.archive import Archive, hot_backend, verify_blob_file
+from appliance.store.catalog import Catalog, Pack
 from appliance.store.index import Index
 from appliance.store.keys import Keyring
 
@@ -62,42 +62,42 @@ def check(archive: Archive, *, repair: bool) -> FsckReport:
     report = FsckReport()
     hot = archive.hot
     referenced: set[str] = set()
-    with archive.index.read() as t:
-        for ca, blob in t.items("blobs"):
+    with archive.catalog.read() as view:
+        for blob in view.blobs():
             report.versions_checked += 1
-            copy = blob["copies"].get(hot.name)
-            label = f"version {ca.hex()[:16]} of instance {blob['sop']}"
-            if not blob["copies"]:
+            copy = blob.hot(hot.name)
+            label = f"version {blob.ca.hex()[:16]} of instance {blob.sop}"
+            if not blob.copies:
                 report.errors.append(f"{label}: no copy on any tier")
-            for tier, cold in blob["copies"].items():
-                if tier != hot.name and t.get("packs", cold["pack"]) is None:
-                    report.errors.append(f"{label}: its copy on {tier} is in pack {cold['pack']}, "
+            for tier, cold in blob.copies.items():
+                if tier != hot.name and view.pack(cold.where) is None:
+                    report.errors.append(f"{label}: its copy on {tier} is in pack {cold.where}, "
                                          "which the index does not know")
             if copy is not None:
-                referenced.add(copy["name"])
+                referenced.add(copy.name)
                 try:
-                    verify_blob_file(hot, copy["name"], blob)
+                    verify_blob_file(hot, copy.name, blob)
                 except IntegrityError as exc:
                     report.errors.append(f"{label}: {exc}")
-            if not archive.keyring.has(blob["key_id"]):
+            if not archive.keyring.has(blob.key_id):
                 report.errors.append(f"{label}: its data key is not in the keyring")
-        packs = [(key.decode(), record) for key, record in t.items("packs")]
-        for sop_key, instance in t.items("instances"):
-            for ca in instance["versions"]:
-                if t.get("blobs", ca) is None:
-                    report.errors.append(f"instance {sop_key.decode()}: version {ca.hex()[:16]} is not indexed")
-    for pack_id, record in packs:
+        packs = list(view.packs())
+        for instance in view.instances():
+            for ca in instance.versions:
+                if view.blob(ca) is None:
+                    report.errors.append(f"instance {instance.sop_uid}: version {ca.hex()[:16]} is not indexed")
+    for record in packs:
         report.packs_checked += 1
         try:
-            size = archive.tier(record["tier"]).size(pack_id)
+            size = archive.tier(record.tier).size(record.id)
         except TierUnavailable as exc:
-            report.unreachable.append(f"pack {pack_id} on {record['tier']}: {exc}")
+            report.unreachable.append(f"pack {record.id} on {record.tier}: {exc}")
             continue
         except IntegrityError as exc:  # BlobMissing
-            report.errors.append(f"pack {pack_id} of study {record['study']}: {exc}")
+            report.errors.append(f"pack {record.id} of study {record.study}: {exc}")
             continue
-        if size != record["size"]:
-            report.errors.append(f"pack {pack_id} on {record['tier']} has {size} bytes, expected {record['size']}")
+        if size != record.size:
+            report.errors.append(f"pack {record.id} on {record.tier} has {size} bytes, expected {record.size}")
     for name in hot.list():
         report.files_seen += 1
         if name not in referenced:
@@ -140,6 +140,7 @@ def rebuild(config: Config) -> RebuildReport:
             report.old_index = str(aside)
         keyring = Keyring(config.keyring_path, config.key_file)
         index = Index(index_path, map_size=config.appliance.index.initial_map_size_mb << 20, create=True)
+        catalog = Catalog(index)
         try:
             archive_hot = hot_backend(config)
             # Stored order: the versions of an instance are indexed oldest first (its stored time).
@@ -147,21 +148,21 @@ def rebuild(config: Config) -> RebuildReport:
             for name in names:
                 report.blobs += 1
                 try:
-                    _reindex_blob(lambda name=name: archive_hot.open(name), name, archive_hot.name, keyring, index)
+                    reindex_blob(lambda name=name: archive_hot.open(name), name, archive_hot.name, keyring, catalog)
                     report.instances += 1
                 except KeyMissing:
                     report.shredded += 1  # its study was deleted: unreadable by design
                 except ApplianceError as exc:
                     report.errors.append(f"blob {name}: {exc}")
             for tier in config.cold_tiers:
-                _reindex_tier(open_tier(config, tier), keyring, index, report)
+                _reindex_tier(open_tier(config, tier), keyring, catalog, report)
         finally:
             index.close()
             keyring.close()
     return report
 
 
-def _reindex_tier(backend, keyring: Keyring, index: Index, report: RebuildReport) -> None:
+def _reindex_tier(backend, keyring: Keyring, catalog: Catalog, report: RebuildReport) -> None:
     try:
         names = backend.read_order(list(backend.list()))
     except TierUnavailable as exc:
@@ -176,8 +177,8 @@ def _reindex_tier(backend, keyring: Keyring, index: Index, report: RebuildReport
                 for entry in entries:
                     report.blobs += 1
                     try:
-                        if _reindex_blob(lambda e=entry: pack.Slice(fp, e.offset, e.length), pack_id, backend.name,
-                                         keyring, index):
+                        if reindex_blob(lambda e=entry: pack.Slice(fp, e.offset, e.length), pack_id, backend.name,
+                                         keyring, catalog):
                             report.instances += 1
                     except ApplianceError as exc:
                         report.errors.append(f"blob {entry.offset} of pack {pack_id} on {backend.name}: {exc}")
@@ -188,13 +189,11 @@ def _reindex_tier(backend, keyring: Keyring, index: Index, report: RebuildReport
             report.errors.append(f"pack {pack_id} on {backend.name}: {exc}")
             continue
         now = int(time.time())
-        record = {"tier": backend.name, "study": study_uid, "size": size, "xxh3": digest,
-                  "where": backend.locate(pack_id), "written": now, "verified": now,
-                  "blobs": [e.ca for e in entries]}
-        index.write(lambda t: ix.add_pack(t, pack_id, record, entries))
+        catalog.add_pack(Pack(pack_id, backend.name, study_uid, size, digest, backend.locate(pack_id), now, now, 0,
+                              tuple(e.ca for e in entries)), entries)
 
 
-def _reindex_blob(opener, name: str, tier: str, keyring: Keyring, index: Index) -> bool:
+def reindex_blob(opener, name: str, tier: str, keyring: Keyring, catalog: Catalog) -> bool:
     """Index one sealed blob (on the hot tier, or inside a pack); False if it was indexed already."""
     fd = os.memfd_create("pacs-vault-rebuild", os.MFD_CLOEXEC)
     try:
@@ -212,11 +211,4 @@ def _reindex_blob(opener, name: str, tier: str, keyring: Keyring, index: Index) 
         raise IntegrityError("decrypted bytes do not match the content address inside the blob")
     blob = {"name": name, "sealed_size": sealed_size, "xxh3": digest, "key_id": header.key_id,
             "compression": header.compression}
-
-    def record(t: ix.Txn) -> bool:
-        if t.get("study_keys", info.study_uid) is None:
-            t.put("study_keys", info.study_uid, header.key_id)
-        # A cold copy's entry is completed by add_pack once its whole pack is indexed.
-        return ix.record_instance(t, info, blob, tier) != "duplicate"
-
-    return index.write(record)
+    return catalog.reindex(info, blob, tier)

@@ -24,10 +24,9 @@ from appliance.admin.home import audit_trail
 from appliance.audit.events import EventID, event
 from appliance.errors import ApplianceError, NotFound
 from appliance.jobs.policy import Rule, StudyFacts, classify, parse_date, retention_end
-from appliance.store import index as ix
 from appliance.store import tiering
-from appliance.store.alarms import clear_alarm, raise_alarm
 from appliance.store.archive import Archive
+from appliance.store.catalog import Hold, Job, Study, View
 
 _MAX_BACKOFF_S = 6 * 3600
 _DAY = 86400
@@ -163,47 +162,51 @@ def _relieve_pressure(by_uid: dict, actions: list[Action], usage: HotUsage) -> l
 
 # -- reading the index into planner input ------------------------------------------------------
 
-def _study_date(study: dict) -> date:
+def _study_date(study: Study) -> date:
     """StudyDate, or the day the study was first stored when it has none."""
-    return parse_date(study.get("StudyDate", "")) or _day(study.get("first_stored", 0))
+    return parse_date(study.attributes.get("StudyDate", "")) or _day(study.first_stored)
 
 
-def _state(t: ix.Txn, uid: str, study: dict, last_patient_study: date, hot: str) -> StudyState:
-    patient = t.get("patients", study["patient"]) or {}
-    blobs = ix.study_blobs(t, uid)
-    tiers = set.intersection(*(set(b["copies"]) for _, b in blobs)) if blobs else set()
-    held = tuple(h["reason"] for h in (t.get("holds", f"study:{uid}"),
-                                       t.get("holds", f"patient:{patient.get('PatientID', '')}")) if h)
-    facts = StudyFacts(uid, _study_date(study), parse_date(patient.get("PatientBirthDate", "")),
-                       last_patient_study, tuple(study.get("modalities", [])), tuple(study.get("sop_classes", [])),
-                       tuple(study.get("source_aes", [])), study.get("InstitutionName", ""))
-    return StudyState(facts, max(study.get("last_access", 0), study.get("last_stored", 0)),
-                      study.get("first_stored", 0), sum(b["sealed_size"] for _, b in blobs if hot in b["copies"]),
-                      frozenset(tiers - {hot}), held)
+def _patient_id(view: View, study: Study) -> str:
+    patient = view.patient(study.patient)
+    return patient.attributes.get("PatientID", "") if patient else ""
+
+
+def _state(view: View, study: Study, last_patient_study: date, hot: str) -> StudyState:
+    patient = view.patient(study.patient)
+    attributes = patient.attributes if patient else {}
+    blobs = view.study_blobs(study.uid)
+    tiers = set.intersection(*(set(b.copies) for b in blobs)) if blobs else set()
+    held = tuple(h.reason for h in (view.hold(f"study:{study.uid}"),
+                                    view.hold(f"patient:{attributes.get('PatientID', '')}")) if h)
+    facts = StudyFacts(study.uid, _study_date(study), parse_date(attributes.get("PatientBirthDate", "")),
+                       last_patient_study, study.modalities, study.sop_classes, study.source_aes,
+                       study.attributes.get("InstitutionName", ""))
+    return StudyState(facts, max(study.last_access, study.last_stored), study.first_stored,
+                      sum(b.sealed_size for b in blobs if b.hot(hot) is not None), frozenset(tiers - {hot}), held)
 
 
 def study_states(archive: Archive) -> list[StudyState]:
     """Every study, as the planner sees it."""
-    with archive.index.read() as t:
+    with archive.catalog.read() as view:
         last_of_patient: dict[str, date] = {}
-        rows = []
-        for key, study in t.items("studies"):
+        studies = list(view.studies())
+        for study in studies:
             day = _study_date(study)
-            if day > last_of_patient.get(study["patient"], date.min):
-                last_of_patient[study["patient"]] = day
-            rows.append((key.decode(), study))
-        return [_state(t, uid, study, last_of_patient[study["patient"]], archive.hot.name) for uid, study in rows]
+            if day > last_of_patient.get(study.patient, date.min):
+                last_of_patient[study.patient] = day
+        return [_state(view, study, last_of_patient[study.patient], archive.hot.name) for study in studies]
 
 
 def study_state(archive: Archive, uid: str) -> StudyState | None:
-    """One study, as the planner sees it (its patient's other studies read through the index)."""
-    with archive.index.read() as t:
-        study = t.get("studies", uid)
+    """One study, as the planner sees it (its patient's other studies read through the catalog)."""
+    with archive.catalog.read() as view:
+        study = view.study(uid)
         if study is None:
             return None
-        last = max(_study_date(t.get("studies", other)) for other in t.dup_values("patient_studies", study["patient"])
-                   if t.get("studies", other) is not None)
-        return _state(t, uid, study, max(last, _study_date(study)), archive.hot.name)
+        others = [view.study(other) for other in view.patient_studies(study.patient)]
+        last = max((_study_date(other) for other in others if other is not None), default=date.min)
+        return _state(view, study, max(last, _study_date(study)), archive.hot.name)
 
 
 def hot_usage(archive: Archive, states: list[StudyState]) -> HotUsage | None:
@@ -233,8 +236,7 @@ def set_hold(archive: Archive, key: str, reason: str, now: int | None = None) ->
         raise ApplianceError("a hold needs a reason (--reason TEXT)")
     if key.startswith("study:"):
         archive.study(key[6:])  # NotFound for a study the archive does not hold
-    record = {"reason": reason, "by": audit_trail(archive.config).user, "since": int(now or time.time())}
-    archive.index.write(lambda t: t.put("holds", key, record))
+    archive.catalog.set_hold(Hold(key, reason, audit_trail(archive.config).user, int(now or time.time())))
     _audit_hold(archive, key, "hold set", reason)
 
 
@@ -246,32 +248,25 @@ def _audit_hold(archive: Archive, key: str, op: str, reason: str) -> None:
                                      reason=reason))
 
 
-def release_hold(archive: Archive, key: str, reason: str) -> dict:
-    with archive.index.read() as t:
-        if t.get("holds", key) is None:
+def release_hold(archive: Archive, key: str, reason: str) -> Hold:
+    with archive.catalog.read() as view:
+        if view.hold(key) is None:
             raise NotFound(f"no hold on {key.replace(':', ' ', 1)}")
     _audit_hold(archive, key, "hold release", reason)  # recorded first: no release goes unrecorded
-
-    def release(t: ix.Txn) -> dict:
-        record = t.get("holds", key)
-        if record is None:
-            raise NotFound(f"no hold on {key.replace(':', ' ', 1)}")
-        t.delete("holds", key)
-        return record
-    return archive.index.write(release)
+    return archive.catalog.release_hold(key)
 
 
 def holds(archive: Archive) -> dict[str, dict]:
-    with archive.index.read() as t:
-        return {key.decode(): value for key, value in t.items("holds")}
+    """Every legal hold: key ("study:UID", "patient:ID") -> {reason, by, since} (for people and JSON)."""
+    with archive.catalog.read() as view:
+        return {hold.key: hold.raw() for hold in view.holds()}
 
 
-def is_held(t: ix.Txn, study_uid: str) -> bool:
-    if t.get("holds", f"study:{study_uid}") is not None:
+def is_held(view: View, study_uid: str) -> bool:
+    if view.hold(f"study:{study_uid}") is not None:
         return True
-    study = t.get("studies", study_uid)
-    patient = study and t.get("patients", study["patient"])
-    return bool(patient) and t.get("holds", f"patient:{patient.get('PatientID', '')}") is not None
+    study = view.study(study_uid)
+    return study is not None and view.hold(f"patient:{_patient_id(view, study)}") is not None
 
 
 # -- executing ---------------------------------------------------------------------------------
@@ -304,45 +299,39 @@ class Lifecycle:
         runnable = [a for a in actions if a.kind in ("migrate", "evict", "expire")]
         report.planned = len(runnable)
 
-        def enqueue(t: ix.Txn) -> None:
-            for action in runnable:
-                if t.get("jobs", action.study) is None:
-                    t.put("jobs", action.study, {"kind": action.kind, "targets": list(action.targets),
-                                                 "drop_hot": action.drop_hot, "rule": action.rule,
-                                                 "reason": action.reason, "created": now, "attempts": 0,
-                                                 "next_try": 0, "error": "", "pending": {}})
-        self.archive.index.write(enqueue)
+        self.archive.catalog.enqueue_jobs([Job(a.study, a.kind, tuple(a.targets), a.drop_hot, a.rule, a.reason, now)
+                                           for a in runnable])
         report.copies_cleaned = self._retry_shred_cleanup()
-        with self.archive.index.read() as t:
-            jobs = [(key.decode(), job) for key, job in t.items("jobs")]
-            due_bytes = sum((t.get("studies", uid) or {}).get("stored_bytes", 0) * len(job["targets"])
-                            for uid, job in jobs if job["next_try"] <= now)
-        on_event("jobs", {"count": sum(1 for _, job in jobs if job["next_try"] <= now), "bytes": due_bytes})
-        for study_uid, job in jobs:
-            if job["next_try"] > now:
+        with self.archive.catalog.read() as view:
+            jobs = view.jobs()
+            due_bytes = sum((study.stored_bytes if (study := view.study(job.study)) else 0) * len(job.targets)
+                            for job in jobs if job.next_try <= now)
+        on_event("jobs", {"count": sum(1 for job in jobs if job.next_try <= now), "bytes": due_bytes})
+        for job in jobs:
+            study_uid, targets = job.study, list(job.targets)
+            if job.next_try > now:
                 report.waiting += 1
                 continue
-            on_event("job.start", {"study": study_uid, "kind": job["kind"], "targets": job["targets"]})
+            on_event("job.start", {"study": study_uid, "kind": job.kind, "targets": targets})
             try:
-                written = self._run(study_uid, job)
+                written = self._run(job)
             except ApplianceError as exc:  # tier down, full, a source copy that fails to verify
-                self._postpone(study_uid, job, exc)
-                report.failed.append({"study": study_uid, "kind": job["kind"], "error": str(exc)})
-                on_event("job.failed", {"study": study_uid, "kind": job["kind"], "error": str(exc)})
+                self._postpone(job, exc)
+                report.failed.append({"study": study_uid, "kind": job.kind, "error": str(exc)})
+                on_event("job.failed", {"study": study_uid, "kind": job.kind, "error": str(exc)})
                 continue
             report.bytes_written += written
-            if job["kind"] != "expire":
+            if job.kind != "expire":
                 self.archive.audit.record(event(
-                    EventID.INSTANCES_ACCESSED, op=job["kind"], action="U", study=study_uid,
-                    patient=self.archive.patient_id_of(study_uid), dest=",".join(job["targets"]),
+                    EventID.INSTANCES_ACCESSED, op=job.kind, action="U", study=study_uid,
+                    patient=self.archive.patient_id_of(study_uid), dest=",".join(targets),
                     instances=self._instance_count(study_uid),
-                    bytes=written, hot_copy_dropped=job["drop_hot"], rule=job["rule"]))
-            self.archive.index.write(lambda t, uid=study_uid: t.delete("jobs", uid))
-            for key in [f"tier:{tier}" for tier in job["targets"]] + [f"job:{study_uid}"]:
-                clear_alarm(self.archive.index, key)
-            report.done.append({"study": study_uid, "kind": job["kind"], "targets": job["targets"],
-                                "bytes": written})
-            on_event("job.done", {"study": study_uid, "kind": job["kind"], "bytes": written})
+                    bytes=written, hot_copy_dropped=job.drop_hot, rule=job.rule))
+            self.archive.catalog.finish_job(study_uid)
+            for key in [f"tier:{tier}" for tier in targets] + [f"job:{study_uid}"]:
+                self.archive.catalog.clear_alarm(key)
+            report.done.append({"study": study_uid, "kind": job.kind, "targets": targets, "bytes": written})
+            on_event("job.done", {"study": study_uid, "kind": job.kind, "bytes": written})
         return report
 
     def _instance_count(self, study_uid: str) -> int:
@@ -351,53 +340,42 @@ class Lifecycle:
         except NotFound:  # deleted meanwhile
             return 0
 
-    def _run(self, study_uid: str, job: dict) -> int:
-        self._clean_orphans(study_uid, job)
-        if job["kind"] == "expire":
-            self._expire(study_uid, job)
+    def _run(self, job: Job) -> int:
+        study_uid = job.study
+        self._clean_orphans(job)
+        if job.kind == "expire":
+            self._expire(study_uid)
             return 0
         try:
             self.archive.study(study_uid)
         except NotFound:
             return 0  # deleted meanwhile: nothing left to do
         written = 0
-        for tier in job["targets"]:
-            written += tiering.pack_study(self.archive, study_uid, tier,
-                                          remember_pending=lambda pack_id, tier=tier: self._pending(study_uid, tier,
-                                                                                                    pack_id))
-        if job["drop_hot"]:
-            tiering.drop_hot(self.archive, study_uid, job["targets"])
+        for tier in job.targets:
+            written += tiering.pack_study(
+                self.archive, study_uid, tier,
+                remember_pending=lambda pack_id, tier=tier: self.archive.catalog.note_pending_pack(study_uid, tier,
+                                                                                                  pack_id))
+        if job.drop_hot:
+            tiering.drop_hot(self.archive, study_uid, list(job.targets))
         return written
 
-    def _pending(self, study_uid: str, tier: str, pack_id: str | None) -> None:
-        def note(t: ix.Txn) -> None:
-            job = t.get("jobs", study_uid)
-            if job is None:
-                return
-            if pack_id is None:
-                job["pending"].pop(tier, None)
-            else:
-                job["pending"][tier] = pack_id
-            t.put("jobs", study_uid, job)
-        self.archive.index.write(note)
-
-    def _clean_orphans(self, study_uid: str, job: dict) -> None:
-        for tier, pack_id in list(job.get("pending", {}).items()):
+    def _clean_orphans(self, job: Job) -> None:
+        for tier, pack_id in job.pending.items():
             tiering.discard_if_unrecorded(self.archive, tier, pack_id)
-            self._pending(study_uid, tier, None)
+            self.archive.catalog.note_pending_pack(job.study, tier, None)
 
-    def _expire(self, study_uid: str, job: dict) -> None:
+    def _expire(self, study_uid: str) -> None:
         # Look again at the moment of deletion: a hold set or a study stored since the plan wins.
         state = study_state(self.archive, study_uid)
         if state is None:
             return
-        with self.archive.index.read() as t:
-            if is_held(t, study_uid):
+        with self.archive.catalog.read() as view:
+            if is_held(view, study_uid):
                 return
-            study = t.get("studies", study_uid)
-            patient = t.get("patients", study["patient"]) or {}
-            series = t.dup_values("study_series", study_uid)
-            instances = [sop for s in series for sop in t.dup_values("series_instances", s)]
+            patient_id = _patient_id(view, view.study(study_uid))
+            series = view.study_series(study_uid)
+            instances = [sop for s in series for sop in view.series_instances(s)]
         rule = classify(self.rules, state.facts)
         end = retention_end(rule.study_class.retention, state.facts) if rule else None
         if (rule is None or rule.study_class.at_expiry != "delete" or end.until is None
@@ -405,53 +383,53 @@ class Lifecycle:
             return  # within retention now (a new study of the patient, a policy change): kept
         _, unremoved = self.archive.delete_study(study_uid)
         record = {"time": int(self.clock()), "rule": f"{rule.name} ({rule.source})",
-                  "reason": f"retention ended {end.until.isoformat()} ({end.reason})", "by": audit_trail(self.archive.config).user,
-                  "patient_id": patient.get("PatientID", ""), "series": series, "instances": instances,
-                  "unremoved": unremoved}
-        self.archive.index.write(lambda t: t.put("deletions", study_uid, record))
+                  "reason": f"retention ended {end.until.isoformat()} ({end.reason})",
+                  "by": audit_trail(self.archive.config).user, "patient_id": patient_id, "series": series,
+                  "instances": instances, "unremoved": unremoved}
+        self.archive.catalog.record_deletion(study_uid, record)
         self.archive.audit.record(event(
             EventID.STUDY_DELETED, op="expire", action="D", study=study_uid, patient=record["patient_id"],
             instances=len(instances), rule=record["rule"], reason=record["reason"], shredded=True,
             copies_left=len(unremoved)))
         if unremoved:
-            raise_alarm(self.archive.index, "shred-cleanup", f"{len(unremoved)} copies of deleted studies remain "
+            self.archive.catalog.raise_alarm("shred-cleanup", f"{len(unremoved)} copies of deleted studies remain "
                         "(unreadable: their keys are destroyed)",
                         "load the cartridges listed by `appliance policy deletions`, then run `policy apply`")
 
     def _retry_shred_cleanup(self) -> int:
-        with self.archive.index.read() as t:
-            pending = [(key.decode(), rec) for key, rec in t.items("deletions") if rec.get("unremoved")]
+        with self.archive.catalog.read() as view:
+            pending = [(uid, rec) for uid, rec in view.deletions().items() if rec.get("unremoved")]
         cleaned = 0
         for study_uid, record in pending:
-            left = tiering.delete_packs(self.archive, {u["pack"]: u for u in record["unremoved"]})
+            left = tiering.delete_packs(self.archive, {u["pack"]: (u["tier"], u.get("where", ""))
+                                                       for u in record["unremoved"]})
             cleaned += len(record["unremoved"]) - len(left)
             record["unremoved"] = left
-            self.archive.index.write(lambda t, uid=study_uid, rec=record: t.put("deletions", uid, rec))
+            self.archive.catalog.set_unremoved(study_uid, left)
         if pending and not any(r["unremoved"] for _, r in pending):
-            clear_alarm(self.archive.index, "shred-cleanup")
+            self.archive.catalog.clear_alarm("shred-cleanup")
         return cleaned
 
-    def _postpone(self, study_uid: str, job: dict, exc: ApplianceError) -> None:
-        job["attempts"] += 1
-        delay = min(self.archive.config.appliance.lifecycle.retry_backoff_s * 2 ** (job["attempts"] - 1),
-                    _MAX_BACKOFF_S)
-        job["next_try"] = int(self.clock()) + delay
-        job["error"] = str(exc)
-        self.archive.index.write(lambda t: t.get("jobs", study_uid) is not None and t.put("jobs", study_uid, job))
+    def _postpone(self, job: Job, exc: ApplianceError) -> None:
+        delay = min(self.archive.config.appliance.lifecycle.retry_backoff_s * 2 ** job.attempts, _MAX_BACKOFF_S)
+        self.archive.catalog.postpone_job(job.study, int(self.clock()) + delay, str(exc))
         tier = getattr(exc, "tier", None)
         if tier:
-            raise_alarm(self.archive.index, f"tier:{tier}", f"tier {tier} failed: {exc}",
-                        "check the tier (network, credentials, cartridge); jobs are retried by `policy apply`")
+            self.archive.catalog.raise_alarm(
+                f"tier:{tier}", f"tier {tier} failed: {exc}",
+                "check the tier (network, credentials, cartridge); jobs are retried by `policy apply`")
         else:
-            raise_alarm(self.archive.index, f"job:{study_uid}", f"a {job['kind']} job failed: {exc}",
-                        "see `appliance policy jobs`; the job is retried by `policy apply`")
+            self.archive.catalog.raise_alarm(f"job:{job.study}", f"a {job.kind} job failed: {exc}",
+                                             "see `appliance policy jobs`; the job is retried by `policy apply`")
 
 
 def jobs(archive: Archive) -> dict[str, dict]:
-    with archive.index.read() as t:
-        return {key.decode(): value for key, value in t.items("jobs")}
+    """The job queue: study -> {kind, targets, drop_hot, rule, reason, created, attempts, next_try,
+    error, pending} (for people and JSON)."""
+    with archive.catalog.read() as view:
+        return {job.study: job.raw() for job in view.jobs()}
 
 
 def deletions(archive: Archive) -> dict[str, dict]:
-    with archive.index.read() as t:
-        return {key.decode(): value for key, value in t.items("deletions")}
+    with archive.catalog.read() as view:
+        return view.deletions()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import subprocess
 import time
 from collections import deque
@@ -38,9 +37,9 @@ from appliance.backends.wrappers import Throttled, TokenBucket
 from appliance.errors import ApplianceError, BlobMissing, IntegrityError, KeyMissing, TierUnavailable
 from appliance.format import pack, sealed
 from appliance.human import human_bytes, local_time
-from appliance.store import index as ix
 from appliance.store import tiering
 from appliance.store.archive import Archive
+from appliance.store.catalog import Blob
 
 _DAY = 86400
 _READ = 1 << 20
@@ -59,20 +58,20 @@ class Unit:
 
 def units(archive: Archive, deep: bool, tiers: Iterable[str] | None = None) -> list[Unit]:
     """Every copy on the given tiers, least recently verified first."""
-    field_name = "deep" if deep else "verified"
     wanted = set(tiers) if tiers is not None else set(archive.config.tiers)
     hot = archive.hot.name
     out = []
-    with archive.index.read() as t:
+    with archive.catalog.read() as view:
         if hot in wanted:
-            for ca, blob in t.items("blobs"):
-                copy = blob["copies"].get(hot)
+            for blob in view.blobs():
+                copy = blob.hot(hot)
                 if copy is not None:
-                    out.append(Unit("blob", hot, copy["name"], blob["sealed_size"], copy.get(field_name, 0), (ca,)))
-        for key, record in t.items("packs"):
-            if record["tier"] in wanted:
-                out.append(Unit("pack", record["tier"], key.decode(), record["size"], record.get(field_name, 0),
-                                tuple(record["blobs"])))
+                    out.append(Unit("blob", hot, copy.name, blob.sealed_size, copy.deep if deep else copy.verified,
+                                    (blob.ca,)))
+        for record in view.packs():
+            if record.tier in wanted:
+                out.append(Unit("pack", record.tier, record.id, record.size,
+                                record.deep if deep else record.verified, record.blobs))
     out.sort(key=lambda u: (u.last, u.tier, u.id))
     return out
 
@@ -183,7 +182,7 @@ class Scrubber:
         resumed = bool(current and current["deep"] == self.deep and current["tiers"] == tiers)
         if not resumed:
             current = {"id": int(now * 1e6), "deep": self.deep, "started": now, "tiers": tiers}
-            self.archive.index.write(lambda t: t.put("scrub", b"current", current))
+            self.archive.catalog.begin_scrub_run(current)
         report = ScrubReport(current["id"], self.deep, current["started"], resumed=resumed)
         todo = units(self.archive, self.deep, tiers)
         if resumed:  # what this run verified before it was stopped is done
@@ -217,21 +216,14 @@ class Scrubber:
         return report
 
     def _current(self) -> dict | None:
-        with self.archive.index.read() as t:
-            return t.get("scrub", b"current")
+        with self.archive.catalog.read() as view:
+            return view.scrub_run()
 
     def _finish(self, report: ScrubReport, tiers: list[str]) -> None:
         unreachable_tiers = {line.split(" ", 2)[1] for line in report.unreachable}
-        summary = report.as_dict()
-
-        def record(t: ix.Txn) -> None:
-            t.put("scrub_runs", struct.pack(">Q", report.id), summary)
-            for tier in tiers:
-                if tier not in unreachable_tiers:
-                    for kind in (("fast", "deep") if report.deep else ("fast",)):
-                        t.put("scrub", f"done:{tier}:{kind}", report.started)
-            t.delete("scrub", b"current")
-        self.archive.index.write(record)
+        done = [(tier, kind) for tier in tiers if tier not in unreachable_tiers
+                for kind in (("fast", "deep") if report.deep else ("fast",))]
+        self.archive.catalog.finish_scrub_run(report.id, report.as_dict(), report.started, done)
 
     # -- one unit ------------------------------------------------------------------------------
 
@@ -269,15 +261,15 @@ class Scrubber:
         marks, self._marks = self._marks, []
         self._marked_at = time.monotonic()
         if marks:
-            self.archive.index.write(lambda t: [_mark_verified(t, unit, good, now, self.deep)
-                                                for unit, good, now in marks])
+            self.archive.catalog.mark_verified([(unit.tier, unit.kind, unit.id, good, now)
+                                                for unit, good, now in marks], self.deep)
         for unit, _, _ in marks:  # reported once recorded: what a resumed run will not re-check
             self.on_event("scrub.unit", {"tier": unit.tier, "kind": unit.kind, "id": unit.id, "bytes": unit.size})
 
     def _check_blob(self, unit: Unit) -> dict[bytes, str]:
         [ca] = unit.blobs
-        with self.archive.index.read() as t:
-            blob = t.get("blobs", ca)
+        with self.archive.catalog.read() as view:
+            blob = view.blob(ca)
         if blob is None:
             return {}  # deleted meanwhile
         try:
@@ -289,12 +281,12 @@ class Scrubber:
 
     def _check_pack(self, unit: Unit) -> dict[bytes, str]:
         backend = self.archive.tier(unit.tier)
-        with self.archive.index.read() as t:
-            record = t.get("packs", unit.id)
-            blobs = {ca: t.get("blobs", ca) for ca in unit.blobs}
+        with self.archive.catalog.read() as view:
+            record = view.pack(unit.id)
+            found = [view.blob(ca) for ca in unit.blobs]
         if record is None:
             return {}
-        blobs = {ca: b for ca, b in blobs.items() if b and b["copies"].get(unit.tier, {}).get("pack") == unit.id}
+        blobs = {b.ca: b for b in found if b is not None and b.in_pack(unit.tier, unit.id)}
         try:
             raw = backend.open(unit.id)
         except BlobMissing:
@@ -303,14 +295,14 @@ class Scrubber:
             fp = self._reader(raw)
             try:
                 size, digest = pack.verify_keyless(fp)
-                whole_ok = (size, digest) == (record["size"], record["xxh3"])
+                whole_ok = (size, digest) == (record.size, record.xxh3)
             except IntegrityError:
                 whole_ok = False
             bad = {}
             if self.deep or not whole_ok:
                 for ca, blob in blobs.items():
-                    copy = blob["copies"][unit.tier]
-                    problem = self._check_copy(pack.Slice(fp, copy["offset"], copy["length"]), ca, blob)
+                    copy = blob.in_pack(unit.tier, unit.id)
+                    problem = self._check_copy(pack.Slice(fp, copy.offset, copy.length), ca, blob)
                     if problem:
                         bad[ca] = problem
             trailer = ""
@@ -325,7 +317,7 @@ class Scrubber:
                 return {ca: f"pack footer or trailer damaged{trailer}" for ca in blobs}
             return bad
 
-    def _check_copy(self, raw, ca: bytes, blob: dict) -> str:
+    def _check_copy(self, raw, ca: bytes, blob: Blob) -> str:
         """One copy of a version, read once: its sealed bytes against the index (size, xxh3-128)
         and, when deep, unsealed to its content address. Returns the problem, or ""."""
         reader = _Hashing(raw)
@@ -338,7 +330,7 @@ class Scrubber:
                 pass
         except (IntegrityError, KeyMissing) as exc:
             return str(exc)
-        if (reader.size, reader.xxh.digest()) != (blob["sealed_size"], blob["xxh3"]):
+        if (reader.size, reader.xxh.digest()) != (blob.sealed_size, blob.xxh3):
             return f"sealed bytes differ from the index ({reader.size} bytes)"
         return ""
 
@@ -346,15 +338,15 @@ class Scrubber:
 
     def _repair(self, unit: Unit, bad: dict[bytes, str]) -> list[Finding]:
         findings, recoverable = [], {}
-        with self.archive.index.read() as t:
+        with self.archive.catalog.read() as view:
             for ca, problem in bad.items():
-                blob = t.get("blobs", ca)
+                blob = view.blob(ca)
                 if blob is None:
                     continue  # deleted meanwhile
-                instance = t.get("instances", blob["sop"])
-                finding = Finding(instance["study"] if instance else "", blob["sop"], unit.tier, unit.id, problem)
+                instance = view.instance(blob.sop)
+                finding = Finding(instance.study if instance else "", blob.sop, unit.tier, unit.id, problem)
                 findings.append(finding)
-                if any(tier != unit.tier for tier in blob["copies"]):
+                if any(tier != unit.tier for tier in blob.copies):
                     recoverable[ca] = (blob, finding)
                 else:
                     self._damaged(ca, finding, "unrecoverable: no other copy; marked damaged")
@@ -369,10 +361,9 @@ class Scrubber:
             study = next(iter(recoverable.values()))[1].study
             # The pack's bytes are damaged: its good blobs move to the new pack too (those with a
             # copy elsewhere to pack from), so the old pack can go.
-            with self.archive.index.read() as t:
-                movable = [ca for ca in unit.blobs if ca not in bad and (blob := t.get("blobs", ca))
-                           and blob["copies"].get(unit.tier, {}).get("pack") == unit.id
-                           and any(tier != unit.tier for tier in blob["copies"])]
+            with self.archive.catalog.read() as view:
+                movable = [ca for ca in unit.blobs if ca not in bad and (blob := view.blob(ca))
+                           and blob.in_pack(unit.tier, unit.id) and any(tier != unit.tier for tier in blob.copies)]
             try:
                 self._rewrite_in_new_pack(list(recoverable) + movable, unit, study)
                 action = "repaired: written to a new pack on " + unit.tier
@@ -388,32 +379,25 @@ class Scrubber:
 
     def _damaged(self, ca: bytes, finding: Finding, action: str) -> None:
         finding.action = action
-        _mark_damaged(self.archive, ca, f"{finding.tier}: {finding.problem}", int(self.clock()))
+        self.archive.catalog.mark_damaged(ca, f"{finding.tier}: {finding.problem}", int(self.clock()))
 
-    def _rewrite_hot(self, ca: bytes, blob: dict, unit: Unit) -> str:
+    def _rewrite_hot(self, ca: bytes, blob: Blob, unit: Unit) -> str:
         """A new hot copy from a good cold copy, written atomically, checked again, then swapped in.
         Returns the tier it came from."""
         hot = self.archive.hot
         last_error: Exception | None = None
-        for tier in sorted(t for t in blob["copies"] if t != hot.name):
+        for tier in sorted(t for t in blob.copies if t != hot.name):
             try:
-                with self.archive.tier(tier).open(blob["copies"][tier]["pack"]) as fp:
-                    name = tiering._restore_blob(self.archive, fp, blob, tier)
+                with self.archive.tier(tier).open(blob.copies[tier].where) as fp:
+                    name = tiering.restore_blob(self.archive, fp, blob, tier)
             except (ApplianceError, OSError) as exc:
                 last_error = exc
                 continue
-            if self._check_blob(Unit("blob", hot.name, name, blob["sealed_size"], 0, (ca,))):
+            if self._check_blob(Unit("blob", hot.name, name, blob.sealed_size, 0, (ca,))):
                 hot.delete(name)
                 last_error = IntegrityError(f"the copy rewritten from {tier} does not verify")
                 continue
-            now = int(self.clock())
-
-            def swap(t: ix.Txn) -> None:
-                current = t.get("blobs", ca)
-                current["copies"][hot.name] = {"name": name, "verified": now, **({"deep": now} if self.deep else {})}
-                current.pop("damaged", None)
-                t.put("blobs", ca, current)
-            self.archive.index.write(swap)
+            self.archive.catalog.replace_hot_copy(ca, hot.name, name, int(self.clock()), self.deep)
             hot.delete(unit.id)
             return tier
         raise last_error or IntegrityError("no other copy could be read")
@@ -422,32 +406,14 @@ class Scrubber:
         """Forget the bad copies on this tier and pack those versions anew (from hot, or recalled
         from another tier); the new pack is read back and verified before it counts."""
         tier = unit.tier
-
-        def forget(t: ix.Txn) -> None:
-            for ca in cas:
-                blob = t.get("blobs", ca)
-                if blob is not None and blob["copies"].get(tier, {}).get("pack") == unit.id:
-                    del blob["copies"][tier]
-                    t.put("blobs", ca, blob)
-            record = t.get("packs", unit.id)
-            if record is not None:
-                record["blobs"] = [ca for ca in record["blobs"] if ca not in cas]
-                t.put("packs", unit.id, record)
-        self.archive.index.write(forget)
-        with self.archive.index.read() as t:
-            record = t.get("packs", unit.id)
-        if record is not None and not record["blobs"]:  # nothing in the old pack is used any more
+        record = self.archive.catalog.forget_pack_copies(unit.id, tier, cas)
+        if record is not None and not record.blobs:  # nothing in the old pack is used any more
             tiering.forget_pack(self.archive, unit.id)
         tiering.pack_study(self.archive, study_uid, tier,
                            remember_pending=lambda pack_id: self._remember_pending(tier, pack_id))
 
     def _remember_pending(self, tier: str, pack_id: str | None) -> None:
-        def note(t: ix.Txn) -> None:
-            current = t.get("scrub", b"current")
-            if current is not None:
-                current["pending"] = [tier, pack_id] if pack_id else None
-                t.put("scrub", b"current", current)
-        self.archive.index.write(note)
+        self.archive.catalog.note_scrub_pending(tier, pack_id)
 
     def _clean_pending(self, current: dict) -> None:
         """A pack a killed run was writing for a repair, never recorded: remove it."""
@@ -457,40 +423,9 @@ class Scrubber:
             self._remember_pending(tier, None)
 
 
-def _mark_verified(t: ix.Txn, unit: Unit, good: list[bytes], now: float, deep: bool) -> None:
-    for ca in good:
-        blob = t.get("blobs", ca)
-        if blob is None or unit.tier not in blob["copies"]:
-            continue
-        copy = blob["copies"][unit.tier]
-        if copy.get("pack", copy.get("name")) != unit.id:
-            continue  # its copy on this tier is elsewhere now (repaired meanwhile)
-        copy["verified"] = now
-        if deep:
-            copy["deep"] = now
-        blob.pop("damaged", None)  # a good copy was found after all
-        t.put("blobs", ca, blob)
-    if unit.kind == "pack":
-        record = t.get("packs", unit.id)
-        if record is not None:
-            record["verified"] = now
-            if deep:
-                record["deep"] = now
-            t.put("packs", unit.id, record)
-
-
-def _mark_damaged(archive: Archive, ca: bytes, reason: str, now: int) -> None:
-    def mark(t: ix.Txn) -> None:
-        blob = t.get("blobs", ca)
-        if blob is not None:
-            blob["damaged"] = {"since": now, "reason": reason}
-            t.put("blobs", ca, blob)
-    archive.index.write(mark)
-
-
 def damaged_count(archive: Archive) -> int:
-    with archive.index.read() as t:
-        return sum(1 for _, blob in t.items("blobs") if blob.get("damaged"))
+    with archive.catalog.read() as view:
+        return sum(1 for blob in view.blobs() if blob.damaged)
 
 
 # -- coverage, deadlines, history ----------------------------------------------------------------
@@ -498,9 +433,9 @@ def damaged_count(archive: Archive) -> int:
 def coverage(archive: Archive, now: int) -> dict:
     """Per tier: copies, and the share verified within the tier's fast and deep intervals."""
     out: dict[str, dict] = {}
-    with archive.index.read() as t:
-        for _, blob in t.items("blobs"):
-            for tier, copy in blob["copies"].items():
+    with archive.catalog.read() as view:
+        for blob in view.blobs():
+            for tier, copy in blob.copies.items():
                 settings = archive.config.tiers.get(tier)
                 if settings is None:
                     continue
@@ -508,10 +443,10 @@ def coverage(archive: Archive, now: int) -> dict:
                                             "fast_days": settings.scrub_fast_days,
                                             "deep_days": settings.scrub_deep_days})
                 row["copies"] += 1
-                if not settings.scrub_fast_days or now - copy.get("verified", 0) <= settings.scrub_fast_days * _DAY:
+                if not settings.scrub_fast_days or now - copy.verified <= settings.scrub_fast_days * _DAY:
                     row["fast_ok"] += 1
                 # A copy's deadline runs from its last deep check, or from when its version was stored.
-                deep = copy.get("deep") or blob.get("stored", 0)
+                deep = copy.deep or blob.stored
                 if not settings.scrub_deep_days or now - deep <= settings.scrub_deep_days * _DAY:
                     row["deep_ok"] += 1
     for row in out.values():
@@ -524,13 +459,13 @@ def overdue(archive: Archive, cover: dict) -> list[dict]:
     """Tiers whose copies are past their scrub deadline (`cover`: coverage() at the moment asked):
     the last complete run over the tier (or, before any, the oldest copy on it) is older than the interval."""
     late = []
-    with archive.index.read() as t:
+    with archive.catalog.read() as view:
         for name, tier in archive.config.tiers.items():
             if name not in cover:
                 continue
             for kind, days in (("fast", tier.scrub_fast_days), ("deep", tier.scrub_deep_days)):
                 if days and cover[name][f"{kind}_ok"] < cover[name]["copies"]:
-                    since = t.get("scrub", f"done:{name}:{kind}")
+                    since = view.scrub_done(name, kind)
                     late.append({"tier": name, "kind": kind, "days": days,
                                  "copies": cover[name]["copies"] - cover[name][f"{kind}_ok"],
                                  "last_complete_run": since})
@@ -552,5 +487,5 @@ def computed_alarms(archive: Archive, now: float, damaged: int, cover: dict) -> 
 
 
 def history(archive: Archive) -> list[dict]:
-    with archive.index.read() as t:
-        return [run for _, run in t.items("scrub_runs")]
+    with archive.catalog.read() as view:
+        return view.scrub_runs()

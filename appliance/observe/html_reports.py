@@ -157,7 +157,7 @@ def _stacked_bars(columns: list[tuple[str, dict[str, float]]], label: str, colou
              f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#999'/>",
              f"<text x='{pad - 4}' y='{pad}' font-size='11' text-anchor='end' fill='#667085'>{peak:,.3g}</text>"]
     for number, (name, values) in enumerate(columns):
-        x, base = pad + number * step, height - pad
+        x, base = pad + number * step, float(height - pad)
         for series, value in values.items():
             bar = (height - 2 * pad) * value / peak
             base -= bar

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
 
@@ -102,75 +101,15 @@ class ServerMetrics:
         return "".join(out)
 
 
-_STATES = ("ONLINE", "DEGRADED", "FAULTED")
-
-
-def _alarm_label(key: str) -> str:
-    return "job" if key.startswith("job:") else key
-
-
-def health_gauges(status: dict, now: float) -> str:
-    """The health summary (health.status) as gauges."""
-    tiers = status["tiers"]
-    last_scrub, last_copy = status.get("last_scrub_run"), status.get("last_replication_run")
-    lag = status["replication_lag_s"]
-    alarm_counts = Counter(_alarm_label(a["key"]) for a in status["alarms"])
-    families = [
-        family("up", "gauge", "1: the archive could be read for this scrape.", [({}, 1)]),
-        family("state", "gauge", "1 for the current state (ONLINE, DEGRADED, FAULTED).",
-               [({"state": s}, int(status["state"] == s)) for s in _STATES]),
-        family("instances", "gauge", "Instances held.", [({}, status["instances"])]),
-        family("studies", "gauge", "Studies held.", [({}, status["studies"])]),
-        family("received_bytes", "gauge", "Bytes of all stored versions as received.", [({}, status["received_bytes"])]),
-        family("stored_bytes", "gauge", "Bytes of all stored versions as sealed.", [({}, status["stored_bytes"])]),
-        family("tier_up", "gauge", "1: the tier could be reached for this scrape (0: see its alarm).",
-               [({"tier": n}, int("error" not in t)) for n, t in tiers.items()]),
-        family("cartridge_loaded", "gauge", "1: the tape cartridge is loaded (mounted with its label).",
-               [({"tier": n, "cartridge": c["label"]}, int(c["loaded"])) for n, t in tiers.items()
-                for c in t.get("cartridges", [])]),
-        family("tier_used_ratio", "gauge", "Share of a filesystem tier's volume in use.",
-               [({"tier": n}, t["used_percent"] / 100) for n, t in tiers.items() if "used_percent" in t]),
-        family("tier_free_bytes", "gauge", "Free bytes on a filesystem tier's volume.",
-               [({"tier": n}, t["free_bytes"]) for n, t in tiers.items() if "free_bytes" in t]),
-        family("tier_high_watermark_ratio", "gauge", "A tier's high watermark.",
-               [({"tier": n}, t["high_watermark_percent"] / 100) for n, t in tiers.items()]),
-        family("tier_pack_bytes", "gauge", "Bytes of packs on a cold tier.",
-               [({"tier": n}, t.get("pack_bytes", 0)) for n, t in tiers.items() if t["role"] == "cold"]),
-        family("tier_scrub_overdue_copies", "gauge", "Copies past their scrub interval, by tier and kind.",
-               [({"tier": n, "kind": k}, v) for n, t in tiers.items() for k, v in t.get("scrub_overdue", {}).items()]),
-        family("jobs_pending", "gauge", "Migration and expiry jobs queued.", [({}, status["jobs"]["pending"])]),
-        family("jobs_failing", "gauge", "Jobs being retried after a failure.", [({}, status["jobs"]["failing"])]),
-        family("holds", "gauge", "Legal holds.", [({}, status["holds"])]),
-        family("damaged_versions", "gauge", "Stored versions with no good copy.", [({}, status["damaged"])]),
-        family("scrub_last_finished_timestamp_seconds", "gauge", "When the last scrub finished.",
-               [({"kind": "deep" if last_scrub.get("deep") else "fast"}, last_scrub.get("finished") or 0)]
-               if last_scrub else []),
-        family("scrub_last_copies_checked", "gauge", "Copies the last scrub checked.",
-               [({}, last_scrub.get("copies_checked", 0))] if last_scrub else []),
-        family("scrub_last_problems", "gauge", "Bad copies the last scrub found (repaired or not).",
-               [({}, len(last_scrub.get("findings", [])))] if last_scrub else []),
-        family("replication_lag_seconds", "gauge",
-               "Age of the oldest instance not yet verified off-site (0: everything is).", [({}, lag or 0)]),
-        family("replication_rpo_seconds", "gauge", "The recovery point objective.", [({}, status["rpo_hours"] * 3600)]),
-        family("replication_last_success", "gauge", "1 if the last replication run verified.",
-               [({}, int(bool(last_copy and last_copy.get("verified"))))] if last_copy else []),
-        family("audit_records", "gauge", "Records in the audit trail (signed head).", [({}, status["audit"]["records"])]),
-        family("alarms", "gauge", "Open alarms.", [({}, len(status["alarms"]))]),
-        family("alarm", "gauge", "Open alarms by key (job alarms counted under \"job\": no study UID leaves).",
-               [({"key": key}, count) for key, count in sorted(alarm_counts.items())]),
-        family("scrape_timestamp_seconds", "gauge", "When these figures were read.", [({}, round(now, 3))]),
-    ]
-    return "".join(families)
-
-
 class MetricsEndpoint:
     """GET /metrics on (address, port): the server's counters and the health gauges (read at
     most every `cache_s` seconds: the health summary scans the index)."""
 
-    def __init__(self, address: str, port: int, server_metrics: ServerMetrics, read_status: Callable[[], dict],
+    def __init__(self, address: str, port: int, server_metrics: ServerMetrics, read_gauges: Callable[[], str],
                  cache_s: float = 15.0):
+        """`read_gauges()`: the health gauges as text (observe.health.gauges of a fresh summary)."""
         self._server_metrics = server_metrics
-        self._read_status = read_status
+        self._read_gauges = read_gauges
         self._cache_s = cache_s
         self._cached: tuple[float, str] = (0.0, "")
         self._lock = threading.Lock()
@@ -200,7 +139,7 @@ class MetricsEndpoint:
             at, gauges = self._cached
             if time.monotonic() - at > self._cache_s:
                 try:
-                    gauges = health_gauges(self._read_status(), time.time())
+                    gauges = self._read_gauges()
                 except Exception:  # noqa: BLE001 - a scrape must say "down", not fail
                     gauges = family("up", "gauge", "1: the archive could be read for this scrape.", [({}, 0)])
                 self._cached = (time.monotonic(), gauges)

@@ -70,7 +70,7 @@ class Caller:
     auditor: bool
 
     def may(self, role: str | None) -> bool:
-        return {ADMIN: self.admin, AUDITOR: self.auditor}.get(role, True)
+        return role is None or {ADMIN: self.admin, AUDITOR: self.auditor}.get(role, True)
 
 
 def _name(uid: int) -> str:
@@ -110,7 +110,7 @@ def identify(home: Path, admin_group: str, auditor_group: str) -> Caller:
             gids = []
         user, privileged = sudo_user, False
     else:
-        gids = set(os.getgroups()) | {os.getegid()}
+        gids = sorted(set(os.getgroups()) | {os.getegid()})
         user = runs_as
     groups = frozenset(_group_name(g) for g in gids)
     admin = privileged or admin_group in groups

@@ -30,9 +30,10 @@ from appliance.config import Config
 from appliance.errors import BlobMissing, HomeLocked, IntegrityError, InvalidInstance, NotFound, OutOfSpace
 from appliance.format import p10, sealed
 from appliance.fsutil import HomeLock
-from appliance.store import index as ix
 from appliance.store import journal as jr
 from appliance.store import tiering
+from appliance.store.catalog import Blob, Catalog, Instance, Study
+from appliance.store.catalog.records import HotCopy
 from appliance.store.index import Index
 from appliance.store.ingest import FREE_MARGIN, IMPORT_INLINE_LIMIT, INLINE_LIMIT, Ingest, PendingStore, StoreOutcome
 from appliance.store.keys import Keyring
@@ -73,7 +74,7 @@ class Archive:
         settings = config.appliance
         self.keyring = Keyring(config.keyring_path, config.key_file, create=create)
         try:
-            self.index = Index(config.index_path, map_size=settings.index.initial_map_size_mb << 20,
+            self._index = Index(config.index_path, map_size=settings.index.initial_map_size_mb << 20,
                                create=create)
         except FileNotFoundError:
             self.keyring.close()
@@ -86,7 +87,8 @@ class Archive:
         self._recall_lock = threading.Lock()
         self._journal: jr.Journal | None = None
         self._journal_lock = threading.Lock()
-        self.index.barrier = self._read_barrier
+        self._index.barrier = self._read_barrier
+        self.catalog = Catalog(self._index)
         # Stores journaled but not yet in the index: content address / SOP Instance UID -> count.
         self._in_flight: dict[bytes, int] = {}
         self._in_flight_sops: dict[str, int] = {}
@@ -113,11 +115,11 @@ class Archive:
             raise
 
     def close(self) -> None:
-        self.index.barrier = None
+        self._index.barrier = None
         if self._journal is not None:
             journal, self._journal = self._journal, None
             journal.close()
-        self.index.close()
+        self._index.close()
         self.keyring.close()
         if self._lock is not None:
             self._lock.__exit__(None, None, None)
@@ -133,13 +135,7 @@ class Archive:
     def study_key(self, study_uid: str) -> bytes:
         """The study's data key id, created (durably) on the study's first instance."""
         with self._key_lock:
-            with self.index.read(fresh=False) as t:
-                key_id = t.get("study_keys", study_uid)
-            if key_id is not None:
-                return key_id
-            new_id = self.keyring.new_data_key()
-            return self.index.write(lambda t: t.get("study_keys", study_uid)
-                                    or t.put("study_keys", study_uid, new_id) or new_id)
+            return self.catalog.study_key_for(study_uid, self.keyring.new_data_key)
 
     def tier(self, name: str):
         """The backend of a cold tier (opened on first use)."""
@@ -205,11 +201,11 @@ class Archive:
             if info.content_address in self._in_flight:
                 return "duplicate"
             pending_sop = info.sop_uid in self._in_flight_sops
-        with self.index.read(fresh=False) as t:
-            known = t.get("blobs", info.content_address)
-            if known is not None and not known.get("damaged"):
+        with self.catalog.read(fresh=False) as view:
+            known = view.blob(info.content_address)
+            if known is not None and not known.damaged:
                 return "duplicate"  # a damaged version sent again is stored anew
-            return "new_version" if pending_sop or t.get("instances", info.sop_uid) is not None else "stored"
+            return "new_version" if pending_sop or view.instance(info.sop_uid) is not None else "stored"
 
     def check_space(self, sealed_size: int) -> None:
         free = self.hot.free_bytes()
@@ -310,15 +306,19 @@ class Archive:
         """Redo journal records on the hot tier, the index and the trail (see journal.py)."""
         stores = [r for r in records if r.body["op"] == "store"]
         journal_id = records[0].journal_id
-        with self.index.read(fresh=False) as t:
-            position = t.get("meta", jr.position_key(journal_id)) or 0
+        with self.catalog.read(fresh=False) as view:
+            position = view.journal_position(journal_id)
         for record in stores:
             blob, inline = record.body["blob"], record.body["inline"]
             if inline is not None and (record.number > position
                                        or self._needs_rewrite(record.body["info"]["content_address"], blob)):
                 self.hot.write_unsynced(blob["name"], inline, record.body["stored_ns"])
                 self._unsynced_names.add(blob["name"])
-        surplus = self.index.write(lambda t: self._apply_to_index(t, stores, records[-1], replaying))
+        surplus = self.catalog.record_stores(
+            journal_id, records[-1].number,
+            [(r.number, p10.InstanceInfo(**r.body["info"]), r.body["blob"], r.body["source"]) for r in stores],
+            self.hot.name, keep_previous=self.config.appliance.store.keep_previous_versions,
+            readable=(lambda key_id: self.keyring.has(key_id)) if replaying else (lambda key_id: True))
         for name in surplus:
             self.hot.delete(name)
         if not replaying:
@@ -330,37 +330,15 @@ class Archive:
 
     def _needs_rewrite(self, ca: bytes, blob: dict) -> bool:
         """A replayed inline blob that the index names, whose hot file a crash left short or lost."""
-        with self.index.read(fresh=False) as t:
-            known = t.get("blobs", ca)
-        if known is None or known["copies"].get(self.hot.name, {}).get("name") != blob["name"]:
+        with self.catalog.read(fresh=False) as view:
+            known = view.blob(ca)
+        copy = known.hot(self.hot.name) if known is not None else None
+        if copy is None or copy.name != blob["name"]:
             return False
         try:
             return self.hot.size(blob["name"]) != blob["sealed_size"]
         except BlobMissing:
             return True
-
-    def _apply_to_index(self, t: ix.Txn, stores: list[jr.Record], last: jr.Record, replaying: bool) -> list[str]:
-        """The index part of apply, exactly once per record: the position of the last record
-        applied is kept in the same transaction. Returns hot files no longer needed."""
-        key = jr.position_key(last.journal_id)
-        position = t.get("meta", key) or 0
-        surplus = []
-        for record in stores:
-            if record.number <= position:
-                continue
-            body = record.body
-            blob = body["blob"]
-            if replaying and not self.keyring.has(blob["key_id"]):
-                surplus.append(blob["name"])  # its study was deleted (shredded) after it was stored
-                continue
-            info = p10.InstanceInfo(**body["info"])
-            status, superseded = self._record(t, info, blob, body["source"])
-            known = t.get("blobs", info.content_address)
-            if status == "duplicate" and known["copies"].get(self.hot.name, {}).get("name") != blob["name"]:
-                surplus.append(blob["name"])  # the same bytes were stored under another name first
-            surplus.extend(superseded)
-        t.put("meta", key, max(position, last.number))
-        return surplus
 
     def publish(self, staged: list[StagedFile]) -> None:
         """Make the staged hot files of a batch durable before the batch is (journal.Applier)."""
@@ -374,34 +352,13 @@ class Archive:
         self._unsynced_names -= names
 
     def forget(self, journal_id: bytes) -> None:
-        self.index.write(lambda t: t.delete("meta", jr.position_key(journal_id)))
-
-    def _record(self, t: ix.Txn, info: p10.InstanceInfo, blob: dict, source: str) -> tuple[str, list[str]]:
-        known = t.get("blobs", info.content_address)
-        if known is not None and known.get("damaged"):
-            # Its copies failed verification: the bytes just received replace them all.
-            old = known["copies"].get(self.hot.name)
-            known.update(sealed_size=blob["sealed_size"], xxh3=blob["xxh3"], key_id=blob["key_id"],
-                         compression=blob["compression"])
-            known["copies"] = {self.hot.name: {"name": blob["name"], "verified": int(time.time())}}
-            del known["damaged"]
-            t.put("blobs", info.content_address, known)
-            return "stored", [old["name"]] if old else []
-        previous = t.get("instances", info.sop_uid)
-        status = ix.record_instance(t, info, blob, self.hot.name, source)
-        superseded = []
-        if status == "new_version" and not self.config.appliance.store.keep_previous_versions:
-            for ca in previous["versions"]:
-                copies = ix.drop_version(t, info.sop_uid, ca)
-                if self.hot.name in copies:  # copies on cold tiers stay in their packs until the study goes
-                    superseded.append(copies[self.hot.name]["name"])
-        return status, superseded
+        self.catalog.forget_journal(journal_id)
 
     # -- reading -------------------------------------------------------------------------
 
-    def instance(self, sop_uid: str) -> dict:
-        with self.index.read() as t:
-            record = t.get("instances", sop_uid)
+    def instance(self, sop_uid: str) -> Instance:
+        with self.catalog.read() as view:
+            record = view.instance(sop_uid)
         if record is None:
             raise NotFound(f"no instance {sop_uid}")
         return record
@@ -422,21 +379,20 @@ class Archive:
     def _open_hot_copy(self, ca: bytes):
         """The hot copy of a stored version, open for reading; recalled first when it has none."""
         for attempt in range(3):
-            # Not a fresh read: the caller found `ca` in one, and a recall writes the index directly.
-            with self.index.read(fresh=False) as t:
-                blob = t.get("blobs", ca)
-                study_uid = blob and t.get("instances", blob["sop"])["study"]
-            if blob is None:
+            # Not a fresh read: the caller found `ca` in one, and a recall writes the catalog directly.
+            with self.catalog.read(fresh=False) as view:
+                blob = view.blob(ca)
+                instance = view.instance(blob.sop) if blob is not None else None
+            if blob is None or instance is None:
                 raise NotFound("no such stored version")
-            if blob.get("damaged"):
-                raise IntegrityError(f"instance {blob['sop']} is damaged (no good copy left: "
-                                     f"{blob['damaged']['reason']})")
-            copy = blob["copies"].get(self.hot.name)
+            if blob.damaged:
+                raise IntegrityError(f"instance {blob.sop} is damaged (no good copy left: {blob.damaged.reason})")
+            copy = blob.hot(self.hot.name)
             if copy is None:
-                self.recall_study(study_uid)
+                self.recall_study(instance.study)
                 continue
             try:
-                return self.hot.open(copy["name"])
+                return self.hot.open(copy.name)
             except BlobMissing:
                 if attempt < 2:  # evicted between the index read and the open: look again
                     continue
@@ -473,37 +429,31 @@ class Archive:
         return future
 
     def needs_recall(self, study_uid: str) -> bool:
-        with self.index.read() as t:
-            return any(self.hot.name not in blob["copies"] for _, blob in ix.study_blobs(t, study_uid))
+        with self.catalog.read() as view:
+            return any(blob.hot(self.hot.name) is None for blob in view.study_blobs(study_uid))
 
     def touch_study(self, study_uid: str) -> None:
         """Note an access (retrieve, export): policies migrate by days without access."""
-        now = int(time.time())
-
-        def touch(t: ix.Txn) -> None:
-            study = t.get("studies", study_uid)
-            if study is not None and study.get("last_access", 0) < now:
-                study["last_access"] = now
-                t.put("studies", study_uid, study)
-        self.index.write(touch)
+        self.catalog.touch_study(study_uid, int(time.time()))
 
     def _stream(self, fp, ca: bytes, chunk_size: int) -> Iterator[bytes]:
         with fp:
             yield from sealed.unseal(fp, key_for=self.keyring.data_key, content_address=ca,
                                      chunk_size=chunk_size)
 
-    def verify_current_copy(self, record: dict) -> None:
+    def verify_current_copy(self, instance: Instance) -> None:
         """Key-less check of an instance's current hot copy; raises IntegrityError or NotFound."""
-        with self.index.read() as t:
-            blob = t.get("blobs", record["current"])
-        if blob is None or not blob["copies"]:
+        with self.catalog.read() as view:
+            blob = view.blob(instance.current)
+        if blob is None or not blob.copies:
             raise NotFound("the instance has no stored copy")
-        if self.hot.name in blob["copies"]:
-            verify_blob_file(self.hot, blob["copies"][self.hot.name]["name"], blob)
+        copy = blob.hot(self.hot.name)
+        if copy is not None:
+            verify_blob_file(self.hot, copy.name, blob)
         # else: only on cold tiers, where each pack was read back and verified before it counted
 
     def open_instance(self, sop_uid: str) -> Iterator[bytes]:
-        return self.open_blob(self.instance(sop_uid)["current"])
+        return self.open_blob(self.instance(sop_uid).current)
 
     def rotate_kek(self) -> tuple[bytes, bytes, int]:
         """A new key-encryption key: every data key re-wrapped under it (no blob touched), audited.
@@ -513,37 +463,34 @@ class Archive:
                                 action="U", old_kek=old.hex(), new_kek=new.hex(), data_keys=count))
         return old, new, count
 
-    def study(self, study_uid: str) -> dict:
-        with self.index.read() as t:
-            record = t.get("studies", study_uid)
+    def study(self, study_uid: str) -> Study:
+        with self.catalog.read() as view:
+            record = view.study(study_uid)
         if record is None:
             raise NotFound(f"no study {study_uid}")
         return record
 
     def patient_id_of(self, study_uid: str) -> str:
         """The PatientID of a study ("" when unknown): for audit records."""
-        with self.index.read() as t:
-            study = t.get("studies", study_uid) if study_uid else None
-            patient = t.get("patients", study["patient"]) if study else None
-        return (patient or {}).get("PatientID", "")
+        with self.catalog.read() as view:
+            study = view.study(study_uid) if study_uid else None
+            patient = view.patient(study.patient) if study else None
+        return patient.attributes.get("PatientID", "") if patient else ""
 
     def study_uids(self) -> list[str]:
-        with self.index.read() as t:
-            return [key.decode() for key, _ in t.items("studies")]
+        with self.catalog.read() as view:
+            return [study.uid for study in view.studies()]
 
-    def instances_of_study(self, study_uid: str) -> list[tuple[str, dict]]:
-        with self.index.read() as t:
-            if t.get("studies", study_uid) is None:
+    def instances_of_study(self, study_uid: str) -> list[Instance]:
+        with self.catalog.read() as view:
+            if view.study(study_uid) is None:
                 raise NotFound(f"no study {study_uid}")
-            return [(sop, t.get("instances", sop))
-                    for series in t.dup_values("study_series", study_uid)
-                    for sop in t.dup_values("series_instances", series)]
+            return view.study_instances(study_uid)
 
     def counters(self) -> dict:
-        with self.index.read() as t:
-            counters = ix._counters(t)
-            counters.update(patients=t.count("patients"), studies=t.count("studies"),
-                            series=t.count("series"))
+        with self.catalog.read() as view:
+            counters = view.counters()
+            counters.update({kind: view.count(kind) for kind in ("patients", "studies", "series")})
         return counters
 
     # -- deleting ------------------------------------------------------------------------
@@ -553,19 +500,21 @@ class Archive:
 
         The internal primitive behind expiry; callers check retention and holds. Returns
         (versions removed, cold copies that could not be removed now: unreadable all the same)."""
-        with self.index.read() as t:
-            if t.get("studies", study_uid) is None:
+        with self.catalog.read() as view:
+            if view.study(study_uid) is None:
                 raise NotFound(f"no study {study_uid}")
-            key_ids = ix.study_key_ids(t, study_uid)
+            key_ids = view.study_key_ids(study_uid)
         # Shred first, durably: from here on no copy anywhere can be read, whatever happens next
         # (a crash before the index is updated leaves a study that fails to read; deleting again
         # finishes the job).
         self.keyring.destroy(key_ids)
-        blobs, packs = self.index.write(lambda t: ix.remove_study(t, study_uid))
+        blobs, packs = self.catalog.remove_study(study_uid)
         for copies in blobs.values():
-            if self.hot.name in copies:
-                self.hot.delete(copies[self.hot.name]["name"])
-        return len(blobs), tiering.delete_packs(self, packs)
+            copy = copies.get(self.hot.name)
+            if isinstance(copy, HotCopy):
+                self.hot.delete(copy.name)
+        return len(blobs), tiering.delete_packs(self, {pack_id: (pack.tier, pack.where)
+                                                       for pack_id, pack in packs.items()})
 
 
 def hot_backend(config: Config, create: bool = False) -> FilesystemBackend:
@@ -574,11 +523,11 @@ def hot_backend(config: Config, create: bool = False) -> FilesystemBackend:
     return FilesystemBackend(config.hot_tier.name, config.resolve(config.hot_tier.path), create=create)
 
 
-def verify_blob_file(backend: FilesystemBackend, name: str, blob: dict) -> None:
+def verify_blob_file(backend: FilesystemBackend, name: str, blob: Blob) -> None:
     """Key-less check of one copy: size and xxh3-128 of the sealed bytes."""
     with backend.open(name) as fp:
         size, digest = sealed.sealed_digest(fp)
-    if size != blob["sealed_size"]:
-        raise IntegrityError(f"copy {name} on {backend.name} has {size} bytes, expected {blob['sealed_size']}")
-    if digest != blob["xxh3"]:
+    if size != blob.sealed_size:
+        raise IntegrityError(f"copy {name} on {backend.name} has {size} bytes, expected {blob.sealed_size}")
+    if digest != blob.xxh3:
         raise IntegrityError(f"copy {name} on {backend.name} does not match its sealed-bytes hash")

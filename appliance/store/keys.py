@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from appliance.errors import KeyFileError, KeyMissing
 from appliance.fsutil import fsync_dir, write_file_atomic
+from appliance.store.index import data_file
 
 _FIRST_LINE = "pacs-vault key-encryption key v1"
 _CHECK_LABEL = b"pacs-vault kek check v1"
@@ -131,7 +132,7 @@ class Keyring:
 
     def __init__(self, path: Path, kek_file: Path, *, create: bool = False):
         self._path, self._kek_file = Path(path), Path(kek_file)
-        if not create and not (self._path / "data.mdb").exists():
+        if not create and not data_file(self._path).exists():
             raise KeyFileError(f"keyring {self._path} is missing")
         self._path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(self._path), max_dbs=4, map_size=_KEYRING_MAP_SIZE, sync=True,

@@ -28,9 +28,8 @@ from appliance.config import Config
 from appliance.errors import ApplianceError, CartridgeOffline, IntegrityError, NotFound, TierUnavailable
 from appliance.format import pack
 from appliance.fsutil import raise_if_out_of_space
-from appliance.store import index as ix
-from appliance.store.alarms import clear_alarm, raise_alarm
-from appliance.store.index import Index
+from appliance.store.catalog import Blob, Catalog, Pack
+from appliance.store.catalog.records import PackCopy
 from appliance.store.keys import Keyring
 
 
@@ -40,7 +39,7 @@ class Archive(Protocol):
 
     config: Config
     hot: FilesystemBackend
-    index: Index
+    catalog: Catalog
     keyring: Keyring
 
     def tier(self, name: str) -> Backend: ...
@@ -62,14 +61,14 @@ def _tier_error(exc: ApplianceError, tier: str) -> ApplianceError:
     return exc
 
 
-def _groups(blobs: list[tuple[bytes, dict]], limit: int) -> list[list[tuple[bytes, dict]]]:
+def _groups(blobs: list[Blob], limit: int) -> list[list[Blob]]:
     groups, current, size = [], [], 0
-    for ca, blob in blobs:
-        if current and size + blob["sealed_size"] > limit:
+    for blob in blobs:
+        if current and size + blob.sealed_size > limit:
             groups.append(current)
             current, size = [], 0
-        current.append((ca, blob))
-        size += blob["sealed_size"]
+        current.append(blob)
+        size += blob.sealed_size
     if current:
         groups.append(current)
     return groups
@@ -82,14 +81,14 @@ def pack_study(archive: "Archive", study_uid: str, tier_name: str, *,
     `remember_pending(pack_id)` durably notes the pack about to be written (None: done)."""
     tier = archive.config.tiers[tier_name]
     backend = archive.tier(tier_name)
-    with archive.index.read() as t:
-        if t.get("studies", study_uid) is None:
+    with archive.catalog.read() as view:
+        if view.study(study_uid) is None:
             raise NotFound(f"no study {study_uid}")
-        todo = [(ca, blob) for ca, blob in ix.study_blobs(t, study_uid) if tier_name not in blob["copies"]]
-        key_id = t.get("study_keys", study_uid)
+        todo = [blob for blob in view.study_blobs(study_uid) if tier_name not in blob.copies]
+        key_id = view.study_key(study_uid)
     if not todo:
         return 0
-    if any(archive.hot.name not in blob["copies"] for _, blob in todo):
+    if any(blob.hot(archive.hot.name) is None for blob in todo):
         archive.recall_study(study_uid)
         return pack_study(archive, study_uid, tier_name, remember_pending=remember_pending)
     written = 0
@@ -100,8 +99,9 @@ def pack_study(archive: "Archive", study_uid: str, tier_name: str, *,
         remember_pending(pack_id)
         try:
             with tempfile.TemporaryFile(dir=spool) as staged:  # sealed bytes only, gone on close or crash
-                sources = [(ca, blob, lambda blob=blob: archive.hot.open(blob["copies"][archive.hot.name]["name"]))
-                           for ca, blob in group]
+                sources = [pack.PackSource(blob.ca, blob.sealed_size, blob.xxh3, blob.sop,
+                                           lambda blob=blob: archive.hot.open(blob.hot(archive.hot.name).name))
+                           for blob in group]
                 info = pack.write_pack(staged, sources, study_uid=study_uid,
                                        data_key=archive.keyring.data_key(key_id), key_id=key_id)
                 staged.flush()
@@ -114,10 +114,8 @@ def pack_study(archive: "Archive", study_uid: str, tier_name: str, *,
             raise _tier_error(exc, tier_name)
         verify_pack(archive, tier_name, pack_id, info.size, info.xxh3)
         now = int(time.time())
-        record = {"tier": tier_name, "study": study_uid, "size": info.size, "xxh3": info.xxh3,
-                  "where": backend.locate(pack_id), "written": now, "verified": now,
-                  "blobs": [e.ca for e in info.entries]}
-        archive.index.write(lambda t: ix.add_pack(t, pack_id, record, info.entries))
+        archive.catalog.add_pack(Pack(pack_id, tier_name, study_uid, info.size, info.xxh3, backend.locate(pack_id), now,
+                                      now, 0, tuple(e.ca for e in info.entries)), info.entries)
         remember_pending(None)
         written += info.size
     return written
@@ -126,8 +124,8 @@ def pack_study(archive: "Archive", study_uid: str, tier_name: str, *,
 def discard_if_unrecorded(archive: "Archive", tier_name: str, pack_id: str) -> None:
     """A pack noted as pending but never recorded in the index is the remains of a killed
     write (a migration or a scrub repair): remove it from its tier."""
-    with archive.index.read() as t:
-        if t.get("packs", pack_id) is not None:
+    with archive.catalog.read() as view:
+        if view.pack(pack_id) is not None:
             return
     try:
         archive.tier(tier_name).delete(pack_id)
@@ -150,18 +148,7 @@ def verify_pack(archive: "Archive", tier_name: str, pack_id: str, size: int, dig
 def drop_hot(archive: "Archive", study_uid: str, required: list[str]) -> int:
     """Forget and delete the study's hot copies, if every version has a copy on each `required`
     tier (at least one cold copy when `required` is empty). Returns the number dropped."""
-    hot = archive.hot.name
-
-    def forget(t: ix.Txn) -> list[str]:
-        for _, blob in ix.study_blobs(t, study_uid):
-            cold = set(blob["copies"]) - {hot}
-            if not cold or not set(required) <= cold:
-                raise ApplianceError(f"instance {blob['sop']} has no verified copy on "
-                                     f"{', '.join(sorted(set(required) - cold)) or 'any cold tier'}; "
-                                     "its hot copy stays")
-        return ix.drop_tier_copies(t, study_uid, hot)
-
-    names = archive.index.write(forget)
+    names = archive.catalog.drop_hot_copies(study_uid, archive.hot.name, required)
     for name in names:
         archive.hot.delete(name)
     return len(names)
@@ -182,7 +169,7 @@ def recall(archive: "Archive", study_uid: str, *, on_wait: Callable[[str], None]
             # The alarm stays until a recall that needed the cartridge succeeds.
             if waited_for != exc.label:
                 waited_for = exc.label
-                raise_alarm(archive.index, f"recall:{exc.label}", f"a recall needs cartridge {exc.label}",
+                archive.catalog.raise_alarm(f"recall:{exc.label}", f"a recall needs cartridge {exc.label}",
                             f"load cartridge {exc.label} (tier {getattr(exc, 'tier', '?')})")
             if time.monotonic() >= deadline:
                 raise
@@ -191,40 +178,42 @@ def recall(archive: "Archive", study_uid: str, *, on_wait: Callable[[str], None]
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
             continue
         for label in cartridges:  # the cartridge a recall asked for has been loaded
-            clear_alarm(archive.index, f"recall:{label}")
+            archive.catalog.clear_alarm(f"recall:{label}")
         return count
 
 
 def _recall_once(archive: "Archive", study_uid: str) -> tuple[int, set[str]]:
     """(versions restored, cartridges read)"""
     hot = archive.hot.name
-    with archive.index.read() as t:
-        if t.get("studies", study_uid) is None:
+    with archive.catalog.read() as view:
+        if view.study(study_uid) is None:
             raise NotFound(f"no study {study_uid}")
-        missing = {ca: blob for ca, blob in ix.study_blobs(t, study_uid) if hot not in blob["copies"]}
-        pack_ids = {copy["pack"] for blob in missing.values() for copy in blob["copies"].values() if "pack" in copy}
-        packs = {pack_id: t.get("packs", pack_id) for pack_id in pack_ids}
+        missing = {blob.ca: blob for blob in view.study_blobs(study_uid) if blob.hot(hot) is None}
+        pack_ids = {copy.pack for blob in missing.values() for copy in blob.copies.values()
+                    if isinstance(copy, PackCopy)}
+        packs = {pack_id: view.pack(pack_id) for pack_id in pack_ids}
     restored: dict[bytes, str] = {}
     cartridges: set[str] = set()
     errors: list[ApplianceError] = []
-    tiers = by_read_preference(archive.config, {rec["tier"] for rec in packs.values() if rec})
+    tiers = by_read_preference(archive.config, {rec.tier for rec in packs.values() if rec})
     for tier_name in tiers:
-        wanted = {ca: blob for ca, blob in missing.items() if ca not in restored and tier_name in blob["copies"]}
+        wanted = {ca: blob for ca, blob in missing.items() if ca not in restored and tier_name in blob.copies}
         if not wanted:
             continue
         backend = archive.tier(tier_name)
         by_pack: dict[str, list[bytes]] = {}
         for ca, blob in wanted.items():
-            by_pack.setdefault(blob["copies"][tier_name]["pack"], []).append(ca)
+            by_pack.setdefault(blob.copies[tier_name].where, []).append(ca)
         for pack_id in backend.read_order(by_pack):
+            where = packs[pack_id].where if packs.get(pack_id) else ""
             try:
                 with backend.open(pack_id) as fp:
                     for ca in by_pack[pack_id]:
-                        restored[ca] = _restore_blob(archive, fp, wanted[ca], tier_name)
-                if (packs.get(pack_id) or {}).get("where"):
-                    cartridges.add(packs[pack_id]["where"])
+                        restored[ca] = restore_blob(archive, fp, wanted[ca], tier_name)
+                if where:
+                    cartridges.add(where)
             except CartridgeOffline as exc:
-                where = (packs.get(pack_id) or {}).get("where") or exc.label
+                where = where or exc.label
                 errors.append(_tier_error(CartridgeOffline(
                     f"load cartridge {where} (tier {tier_name}) to recall study {study_uid}", where), tier_name))
             except (TierUnavailable, IntegrityError) as exc:  # BlobMissing included: try the next tier
@@ -243,68 +232,45 @@ def _recall_once(archive: "Archive", study_uid: str) -> tuple[int, set[str]]:
     return len(restored), cartridges
 
 
-def _restore_blob(archive: "Archive", fp, blob: dict, tier_name: str) -> str:
-    copy = blob["copies"][tier_name]
+def restore_blob(archive: "Archive", fp, blob: Blob, tier_name: str) -> str:
+    """Copy a version out of its pack (`fp`, open) into a new hot file, checked against its
+    sealed-bytes hash on the way; returns the file's name (not yet in the catalog)."""
+    copy = blob.copies[tier_name]
+    if not isinstance(copy, PackCopy):
+        raise IntegrityError(f"the copy of instance {blob.sop} on {tier_name} is not in a pack")
     name = os.urandom(16).hex()
-    source = pack.Slice(fp, copy["offset"], copy["length"])
+    source = pack.Slice(fp, copy.offset, copy.length)
     digest, size = xxhash.xxh3_128(), 0
     with archive.hot.create(name) as dst:
         while chunk := source.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
             dst.write(chunk)
-        if (size, digest.digest()) != (blob["sealed_size"], blob["xxh3"]):
-            raise IntegrityError(f"the copy of instance {blob['sop']} on {tier_name} does not verify")
+        if (size, digest.digest()) != (blob.sealed_size, blob.xxh3):
+            raise IntegrityError(f"the copy of instance {blob.sop} on {tier_name} does not verify")
     return name
 
 
 def _record_hot_copies(archive: "Archive", study_uid: str, restored: dict[bytes, str]) -> None:
-    hot, now = archive.hot.name, int(time.time())
-
-    def record(t: ix.Txn) -> list[str]:
-        surplus = []
-        for ca, name in restored.items():
-            blob = t.get("blobs", ca)
-            if blob is None or hot in blob["copies"]:  # deleted, or recalled by another process meanwhile
-                surplus.append(name)
-                continue
-            blob["copies"][hot] = {"name": name, "verified": now}
-            t.put("blobs", ca, blob)
-        study = t.get("studies", study_uid)
-        if study is not None:
-            study["recalled"] = now
-            t.put("studies", study_uid, study)
-        return surplus
-
-    for name in archive.index.write(record):
+    for name in archive.catalog.record_recalled(study_uid, archive.hot.name, restored, int(time.time())):
         archive.hot.delete(name)
 
 
 def forget_pack(archive: "Archive", pack_id: str) -> None:
     """Drop a pack nothing refers to any more: from the index, then from its tier (a tier that
     cannot be reached now keeps an unindexed object; nothing reads it)."""
-    def forget(t: ix.Txn) -> dict | None:
-        record = t.get("packs", pack_id)
-        if record is None:
-            return None
-        t.delete("packs", pack_id)
-        study = t.get("studies", record["study"])
-        if study is not None and pack_id in study.get("packs", {}).get(record["tier"], []):
-            study["packs"][record["tier"]].remove(pack_id)
-            t.put("studies", record["study"], study)
-        return record
-    record = archive.index.write(forget)
+    record = archive.catalog.forget_pack(pack_id)
     if record is not None:
-        delete_packs(archive, {pack_id: record})
+        delete_packs(archive, {pack_id: (record.tier, record.where)})
 
 
-def delete_packs(archive: "Archive", packs: dict[str, dict]) -> list[dict]:
-    """Delete packs from their tiers; return those that could not be removed now."""
+def delete_packs(archive: "Archive", packs: dict[str, tuple[str, str]]) -> list[dict]:
+    """Delete packs (id -> (tier, where: cartridge label or "")) from their tiers; return those
+    that could not be removed now: {tier, pack, where, error}."""
     unremoved = []
-    for pack_id, record in packs.items():
+    for pack_id, (tier, where) in packs.items():
         try:
-            archive.tier(record["tier"]).delete(pack_id)
+            archive.tier(tier).delete(pack_id)
         except (TierUnavailable, OSError) as exc:
-            unremoved.append({"tier": record["tier"], "pack": pack_id, "where": record.get("where", ""),
-                              "error": str(exc)})
+            unremoved.append({"tier": tier, "pack": pack_id, "where": where, "error": str(exc)})
     return unremoved

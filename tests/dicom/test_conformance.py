@@ -7,7 +7,7 @@ import re
 
 import pytest
 from conftest import REPO
-from dicom_server import CLIENT_AE, Server, free_port, register
+from support.dicom_server import CLIENT_AE, Server, free_port, register
 
 from appliance.dicom import conformance
 from appliance.dicom.negotiation import UNCOMPRESSED, Proposed

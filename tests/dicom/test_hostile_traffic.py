@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_study, run_cli, set_config
-from dicom_server import CLIENT_AE, Server, free_port, register
+from support.dicom_server import CLIENT_AE, Server, free_port, register
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pynetdicom import AE

@@ -15,7 +15,7 @@ import pytest
 
 import corpus
 from conftest import run_cli
-from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
+from support.dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 
 COMMENT = "CANARY-COMMENT-7f3a91 not in the index"
 MARKER = b"PV-PIXEL-CANARY-c4e2"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_server import CLIENT_AE, DEST_AE, Server, corpus_study, free_port, retrieving_home, send_as_is, storable
+from support.dicom_server import CLIENT_AE, DEST_AE, Server, corpus_study, free_port, retrieving_home, send_as_is, storable
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 
 from appliance.format import transcode

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import dicom_test_files
-from dicom_server import (
+from support.dicom_server import (
     CLIENT_AE,
     DEST_AE,
     Server,
@@ -60,11 +60,11 @@ def stored(tmp_path_factory):
         send_as_is(srv, group)
     held = {}
     with open_archive(cfg.load(home)) as archive:
-        with archive.index.read() as t:
-            records = {key.decode(): record for key, record in t.items("instances")}
+        with archive.catalog.read() as view:
+            records = {instance.sop_uid: instance for instance in view.instances()}
         for sop, record in records.items():
             data = b"".join(archive.open_instance(sop))
-            held[sop] = (record["transfer_syntax"], record, data)
+            held[sop] = (record.transfer_syntax, record, data)
     yield srv, held, dest_port
     srv.stop()
 

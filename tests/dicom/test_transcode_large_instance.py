@@ -22,7 +22,7 @@ from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
 
 import corpus
-from dicom_server import CLIENT_AE, Server, retrieving_home, send_as_is, storable
+from support.dicom_server import CLIENT_AE, Server, retrieving_home, send_as_is, storable
 
 
 @pytest.fixture(scope="module")

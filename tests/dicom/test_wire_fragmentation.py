@@ -10,7 +10,7 @@ import struct
 
 import pytest
 from conftest import run_cli
-from dicom_server import CLIENT_AE, Server, free_port, register
+from support.dicom_server import CLIENT_AE, Server, free_port, register
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 import xxhash
@@ -33,11 +33,11 @@ from appliance.jobs.offsite.target import (
     remove_names,
     run_rsync,
 )
-from appliance.store import index as ix
 from appliance.store import tiering
-from appliance.store.alarms import clear_alarm, raise_alarm
 from appliance.store.archive import Archive
-from appliance.store.index import Index
+from appliance.store.catalog import Catalog, Replica, View
+from appliance.store.catalog.records import PackCopy
+from appliance.store.index import data_file
 
 
 @dataclass
@@ -65,22 +65,31 @@ class ReplicationReport:
                 f"{self.objects_deleted} deleted, {state}, {when}")
 
 
-def _wanted(snapshot: Index, archive: Archive) -> dict[str, tuple[str, str, dict]]:
-    """Off-site path -> (source tier, object name, record) for every stored version: its hot
-    file, or for a version with no hot copy one pack that holds it (quickest tier first)."""
+class _Wanted(NamedTuple):
+    """An object the off-site copy must hold: where it is read from, what it must read as."""
+
+    tier: str
+    name: str
+    size: int
+    xxh3: bytes
+
+
+def _wanted(snapshot: Catalog, archive: Archive) -> dict[str, _Wanted]:
+    """Off-site path -> what it holds, for every stored version: its hot file, or for a version
+    with no hot copy one pack that holds it (quickest tier first)."""
     hot_name = archive.hot.name
     wanted = {}
-    with snapshot.read() as t:
-        packs = {key.decode(): rec for key, rec in t.items("packs")}
-        for _, blob in t.items("blobs"):
-            hot = blob["copies"].get(hot_name)
+    with snapshot.read(fresh=False) as view:
+        packs = {pack.id: pack for pack in view.packs()}
+        for blob in view.blobs():
+            hot = blob.hot(hot_name)
             if hot is not None:
-                wanted[f"objects/{fanout_path(hot['name'])}"] = (hot_name, hot["name"], blob)
+                wanted[f"objects/{fanout_path(hot.name)}"] = _Wanted(hot_name, hot.name, blob.sealed_size, blob.xxh3)
                 continue
-            for tier in tiering.by_read_preference(archive.config, blob["copies"]):
-                pack_id = blob["copies"][tier].get("pack")
-                if pack_id in packs:
-                    wanted[f"packs/{fanout_path(pack_id)}"] = (tier, pack_id, packs[pack_id])
+            for tier in tiering.by_read_preference(archive.config, blob.copies):
+                pack = packs.get(blob.copies[tier].where)
+                if pack is not None:
+                    wanted[f"packs/{fanout_path(pack.id)}"] = _Wanted(tier, pack.id, pack.size, pack.xxh3)
                     break
     return wanted
 
@@ -103,7 +112,7 @@ def replicate(archive: Archive, target: Target | None = None, *, verify_all: boo
         shutil.rmtree(staging, ignore_errors=True)
         report.finished = time.time()
         report.rpo_lag_s = rpo_lag(archive, report.finished)
-        archive.index.write(lambda t: t.put("replication_runs", struct.pack(">Q", report.run), report.as_dict()))
+        archive.catalog.record_replication_run(report.run, report.as_dict())
         _rpo_alarm(archive, report)
         archive.audit.record(event(
             EventID.APPLICATION_ACTIVITY, op="replicate", action="E", outcome=0 if report.verified else 8,
@@ -118,17 +127,13 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     # 1. A consistent snapshot of the index and keyring; what it lists is what this run sends.
     (staging / "index").mkdir()
     (staging / "keyring").mkdir()
-    archive.index.copy_to(staging / "index")
+    with archive.catalog.snapshot(staging / "index") as snapshot:
+        wanted = _wanted(snapshot, archive)
     archive.keyring.copy_to(staging / "keyring")
     audit_trail(archive.config).copy_to(staging / "audit")
-    snapshot = Index(staging / "index", map_size=archive.index.map_size)
-    try:
-        wanted = _wanted(snapshot, archive)
-    finally:
-        snapshot.close()
-    with archive.index.read() as t:
-        legacy = _legacy_target(t)
-        known = {key.decode(): rec for key, rec in t.items("replicas") if _on(rec, target, legacy)}
+    with archive.catalog.read() as view:
+        legacy = _legacy_target(view)
+        known = {r.path: r for r in view.replicas() if _on(r, target, legacy)}
     todo = {path: w for path, w in wanted.items() if path not in known}
     check = {path: w for path, w in wanted.items() if verify_all or path not in known}
     on_event("replicate.start", {"objects": len(todo), "target": str(target)})
@@ -137,12 +142,12 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     sealed_dir = staging / "sealed"
     (sealed_dir / "snapshots").mkdir(parents=True)
     (sealed_dir / "manifests").mkdir()
-    seal_file(staging / "keyring" / "data.mdb", sealed_dir / "snapshots" / f"{run}.keyring", kek_id, key)
+    seal_file(data_file(staging / "keyring"), sealed_dir / "snapshots" / f"{run}.keyring", kek_id, key)
     push(target, sealed_dir, [f"snapshots/{run}.keyring"], "")
 
     # 2. Objects: hot files straight from the hot tier; packs staged as sealed bytes.
     for path in check:
-        tier, pack_id, _ = check[path]
+        tier, pack_id = check[path].tier, check[path].name
         if path.startswith("packs/"):
             dest = staging / path
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -150,11 +155,11 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
                 shutil.copyfileobj(src, out, 1 << 20)
     _send(target, archive, staging, list(todo))
     report.objects_sent = len(todo)
-    report.bytes_sent = sum(_size(w) for w in todo.values())
+    report.bytes_sent = sum(w.size for w in todo.values())
 
     # 3. Verify before anything counts (with --verify, everything off-site); what is missing or
     # differs is sent again, once.
-    expected = {path: (_size(w), _xxh3(w)) for path, w in check.items()}
+    expected = {path: (w.size, w.xxh3) for path, w in check.items()}
     sources = {"objects/": archive.hot.root, "packs/": staging / "packs",
                "snapshots/": staging / "sealed" / "snapshots"}
     bad = _verify(target, expected, staging, sources)
@@ -167,20 +172,19 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
             raise ReplicationError(f"{len(still)} objects do not verify off-site after being sent again")
     report.objects_verified = len(expected)
     now = time.time()
-    archive.index.write(lambda t: [t.put("replicas", path, {"size": size, "xxh3": digest, "verified": now,
-                                                            "run": report.run, "target": str(target)})
-                                   for path, (size, digest) in expected.items()])
+    archive.catalog.record_replicas([Replica(path, size, digest, now, report.run, str(target))
+                                     for path, (size, digest) in expected.items()])
     on_event("replicate.verified", {"objects": len(expected)})
 
     # 4. The index snapshot, then the manifest: the commit point of the run.
-    seal_file(staging / "index" / "data.mdb", sealed_dir / "snapshots" / f"{run}.index", kek_id, key)
+    seal_file(data_file(staging / "index"), sealed_dir / "snapshots" / f"{run}.index", kek_id, key)
     with tarfile.open(staging / "audit.tar", "w") as tar:
         tar.add(staging / "audit", arcname="audit")
     seal_file(staging / "audit.tar", sealed_dir / "snapshots" / f"{run}.audit", kek_id, key)
     manifest = {"version": 1, "run": report.run, "time": report.started, "kek_id": kek_id,
                 "snapshot": f"snapshots/{run}.index", "keyring": f"snapshots/{run}.keyring",
                 "audit": f"snapshots/{run}.audit",
-                "objects": {path: [_size(w), _xxh3(w)] for path, w in wanted.items()}}
+                "objects": {path: [w.size, w.xxh3] for path, w in wanted.items()}}
     with open(sealed_dir / "manifests" / f"{run}.manifest", "wb") as out:
         sealed.seal_bytes(msgpack.packb(manifest), out, data_key=key, key_id=kek_id)
     snapshot_files = [f"snapshots/{run}.index", f"snapshots/{run}.keyring", f"snapshots/{run}.audit"]
@@ -194,7 +198,7 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     # 5. What was deleted at home goes off-site too; old manifests beyond the count go.
     gone = sorted(set(known) - set(wanted))
     remove_names(target, gone)
-    archive.index.write(lambda t: [t.delete("replicas", path) for path in gone])
+    archive.catalog.forget_replicas(gone)
     report.objects_deleted = len(gone)
     manifests = list_names(target, "manifests")
     old = manifests[:-archive.config.appliance.replication.keep_manifests]
@@ -208,15 +212,6 @@ def _send(target: Target, archive: Archive, staging: Path, paths: list[str], aga
           again=again)
     push(target, staging / "packs", [p[len("packs/"):] for p in paths if p.startswith("packs/")], "packs",
           again=again)
-
-
-def _size(wanted: tuple[str, str, dict]) -> int:
-    tier, _, record = wanted
-    return record["sealed_size"] if "sealed_size" in record else record["size"]
-
-
-def _xxh3(wanted: tuple[str, str, dict]) -> bytes:
-    return wanted[2]["xxh3"]
 
 
 def _verify(target: Target, expected: dict[str, tuple[int, bytes]], staging: Path,
@@ -266,14 +261,14 @@ def _verify_by_checksum(target: Target, expected: dict[str, tuple[int, bytes]],
     return bad
 
 
-def _on(replica: dict, target: Target, legacy: str) -> bool:
+def _on(replica: Replica, target: Target, legacy: str) -> bool:
     """Whether a replica record is about this target. Records from before targets were noted
     belong to `legacy`: the target of the last run that did not note targets."""
-    return replica.get("target", legacy) == str(target)
+    return (replica.target or legacy) == str(target)
 
 
-def _legacy_target(t: ix.Txn) -> str:
-    runs = [run for _, run in t.items("replication_runs")]
+def _legacy_target(view: View) -> str:
+    runs = view.replication_runs()
     return runs[-1]["target"] if runs else ""
 
 
@@ -282,35 +277,35 @@ def rpo_lag(archive: Archive, now: float) -> float | None:
     target (None: none). After a change of target, everything counts as not yet sent."""
     oldest = None
     target = configured_target(archive.config)
-    with archive.index.read() as t:
-        legacy = _legacy_target(t)
-        replicas = {key.decode() for key, rec in t.items("replicas") if _on(rec, target, legacy)}
+    with archive.catalog.read() as view:
+        legacy = _legacy_target(view)
+        replicas = {r.path for r in view.replicas() if _on(r, target, legacy)}
         packs_on = {p.split("/")[-1] for p in replicas if p.startswith("packs/")}
-        for _, blob in t.items("blobs"):
-            hot = blob["copies"].get(archive.hot.name)
-            covered = (hot is not None and f"objects/{fanout_path(hot['name'])}" in replicas) or any(
-                copy.get("pack") in packs_on for copy in blob["copies"].values())
-            if not covered and (oldest is None or blob["stored"] < oldest):
-                oldest = blob["stored"]
+        for blob in view.blobs():
+            hot = blob.hot(archive.hot.name)
+            covered = (hot is not None and f"objects/{fanout_path(hot.name)}" in replicas) or any(
+                isinstance(copy, PackCopy) and copy.pack in packs_on for copy in blob.copies.values())
+            if not covered and (oldest is None or blob.stored < oldest):
+                oldest = blob.stored
     return None if oldest is None else max(0.0, now - oldest)
 
 
 def _rpo_alarm(archive: Archive, report: ReplicationReport) -> None:
     rpo = archive.config.appliance.replication.rpo_hours * 3600
     if report.rpo_lag_s is not None and report.rpo_lag_s > rpo:
-        raise_alarm(archive.index, "replication-rpo",
+        archive.catalog.raise_alarm("replication-rpo",
                     f"the off-site copy is {report.rpo_lag_s / 3600:.1f} h behind (RPO {rpo // 3600} h)"
                     + (f"; last run failed: {report.failure}" if report.failure else ""),
                     "check the target and run `appliance replicate`")
     else:
-        clear_alarm(archive.index, "replication-rpo")
+        archive.catalog.clear_alarm("replication-rpo")
     if report.failure:
-        raise_alarm(archive.index, "replication-failed", f"replication to {report.target} failed: {report.failure}",
-                    "check the target; the next run sends what is missing")
+        archive.catalog.raise_alarm("replication-failed", f"replication to {report.target} failed: {report.failure}",
+                                    "check the target; the next run sends what is missing")
     else:
-        clear_alarm(archive.index, "replication-failed")
+        archive.catalog.clear_alarm("replication-failed")
 
 
 def history(archive: Archive) -> list[dict]:
-    with archive.index.read() as t:
-        return [run for _, run in t.items("replication_runs")]
+    with archive.catalog.read() as view:
+        return view.replication_runs()

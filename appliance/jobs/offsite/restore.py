@@ -33,8 +33,8 @@ from appliance.jobs.offsite.target import (
     pull,
     run_rsync,
 )
-from appliance.store import index as ix
 from appliance.store.archive import Archive
+from appliance.store.index import data_file
 from appliance.store.keys import read_key_file, snapshot_key
 
 
@@ -85,7 +85,7 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
                                                                           else []), "", staging / "fetched")
         for part, name in (("index", manifest["snapshot"]), ("keyring", newest_keyring)):
             (staging / part).mkdir()
-            unseal_file(fetched / name, staging / part / "data.mdb", kek.key_id, key)
+            unseal_file(fetched / name, data_file(staging / part), kek.key_id, key)
         audit_dir = _unpack_audit(fetched / manifest["audit"], kek.key_id, key, staging) if "audit" in manifest \
             else None
         on_event("restore.snapshot", {"manifest": report.manifest, "objects": len(manifest["objects"])})
@@ -184,50 +184,22 @@ def _adopt(archive: Archive, report: RestoreReport) -> tuple[int, int]:
     present_hot = set(hot.list())
     present_packs = set(cold.list())
 
-    def adopt(t: ix.Txn) -> tuple[int, int]:
-        for key, record in list(t.items("packs")):
-            pack_id = key.decode()
-            if pack_id in present_packs:
-                record.update(tier="cold", where="")
-                t.put("packs", pack_id, record)
-            else:
-                t.delete("packs", pack_id)
-        objects = 0
-        for ca, blob in list(t.items("blobs")):
-            copies = {}
-            hot_copy = blob["copies"].get(hot.name)
-            if hot_copy is not None and hot_copy["name"] in present_hot:
-                copies[hot.name] = hot_copy
-                objects += 1
-            for tier, copy in blob["copies"].items():
-                if copy.get("pack") in present_packs and "cold" not in copies:
-                    copies["cold"] = copy
-            if not copies:
-                report.errors.append(f"version {ca.hex()[:16]} of instance {blob['sop']}: no copy off-site")
-            blob["copies"] = copies
-            t.put("blobs", ca, blob)
-        for key, study in list(t.items("studies")):
-            ids = [p for ids in study.get("packs", {}).values() for p in ids if p in present_packs]
-            study["packs"] = {"cold": ids} if ids else {}
-            t.put("studies", key, study)
-        for db in ("jobs", "alarms", "replicas", "scrub"):
-            for key, _ in list(t.items(db)):
-                t.delete(db, key)
-        return objects, len(present_packs)
-    return archive.index.write(adopt)
+    objects, problems = archive.catalog.adopt_restored(hot.name, present_hot, "cold", present_packs)
+    report.errors.extend(problems)
+    return objects, len(present_packs)
 
 
 def _index_newer(archive: Archive, report: RestoreReport) -> int:
     """Hot objects the snapshot does not know: stored after it; indexed from their own bytes."""
     from appliance.jobs import fsck
 
-    with archive.index.read() as t:
-        known = {b["copies"][archive.hot.name]["name"] for _, b in t.items("blobs") if archive.hot.name in b["copies"]}
+    with archive.catalog.read() as view:
+        known = {copy.name for blob in view.blobs() if (copy := blob.hot(archive.hot.name)) is not None}
     added = 0
     for name in sorted(set(archive.hot.list()) - known):
         try:
-            if fsck._reindex_blob(lambda name=name: archive.hot.open(name), name, archive.hot.name,
-                                  archive.keyring, archive.index):
+            if fsck.reindex_blob(lambda name=name: archive.hot.open(name), name, archive.hot.name,
+                                 archive.keyring, archive.catalog):
                 added += 1
         except KeyMissing:
             archive.hot.delete(name)  # its study was deleted (key destroyed) before the last run

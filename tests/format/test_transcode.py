@@ -1,4 +1,4 @@
-"""Transcoding (appliance/dicom/transcode.py) checked against pydicom's own reading of the originals."""
+"""Transcoding (appliance/format/transcode.py) checked against pydicom's own reading of the originals."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import dicom_test_files
-from generated_images import image, instance, j2k_frames, part10
+from support.generated_images import image, instance, j2k_frames, part10
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset

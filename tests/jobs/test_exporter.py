@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from conftest import REPO, run_cli
-from generated_images import image, instance, j2k_frames
+from support.generated_images import image, instance, j2k_frames
 from pydicom.encaps import encapsulate
 from pydicom.pixels import iter_pixels
 from pydicom.uid import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, add_tier, load_cartridge, make_study, new_bucket, run_cli, s3_tier_yaml, write_s3_credentials
-from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
+from support.dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 
 from appliance import config as cfg
 from appliance.admin.home import open_archive
@@ -97,9 +97,10 @@ def test_deep_finds_what_keeps_the_sealed_hash(two_copies):
     home, studies, _ = two_copies
     config = cfg.load(home)
     with open_archive(config, writer=True) as archive:
-        with archive.index.read() as t:
-            ca, blob = next((ca, b) for ca, b in t.items("blobs"))
-        other = archive.hot.path(blob["copies"]["hot"]["name"])
+        with archive.catalog.read() as view:
+            blob = next(view.blobs())
+        ca = blob.ca
+        other = archive.hot.path(blob.copies["hot"].name)
         sibling = next(p for p in _hot_files(home) if p != other)
         # Put another blob's bytes in place and make the index agree on the sealed hash.
         other.write_bytes(sibling.read_bytes())
@@ -109,7 +110,7 @@ def test_deep_finds_what_keeps_the_sealed_hash(two_copies):
             record = t.get("blobs", ca)
             record["sealed_size"], record["xxh3"] = size, digest
             t.put("blobs", ca, record)
-        archive.index.write(lie)
+        archive._index.write(lie)  # the index itself tampered with, below the catalog
     assert [f for f in _scrub(home, "--tier", "hot")["findings"]] == []
     deep = _scrub(home, "--deep", "--tier", "hot", check=False)
     assert len(deep["findings"]) == 1 and "another instance" in deep["findings"][0]["problem"]
@@ -135,8 +136,8 @@ def test_bad_copies_on_tape_and_s3_are_found_and_repaired(two_copies, s3_server,
     # The repaired copies are new packs, read back and verified; the bad ones are gone.
     deep = _scrub(home, "--deep")["findings"]
     assert deep == [], [(f["tier"], f["problem"], f["action"]) for f in deep]
-    with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
-        recorded = {key.decode(): rec for key, rec in t.items("packs")}
+    with open_archive(cfg.load(home)) as archive, archive.catalog.read() as view:
+        recorded = {pack.id: pack for pack in view.packs()}
     on_tape = {p.name for p in (home / "cartridges" / "PV0001L9" / "packs").iterdir()}
     on_s3 = {o["Key"].rsplit("/", 1)[1] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert on_tape | on_s3 <= set(recorded)
@@ -200,8 +201,8 @@ def test_a_killed_scrub_resumes_without_rechecking_or_missing_anything(home, tmp
     first.send_signal(signal.SIGKILL)
     first.wait()
     with open_archive(cfg.load(home)) as archive:
-        with archive.index.read() as t:
-            started = t.get("scrub", b"current")["started"]
+        with archive.catalog.read() as view:
+            started = view.scrub_run()["started"]
         everything = {u.id for u in scrub.units(archive, deep=False)}
         recorded = {u.id for u in scrub.units(archive, deep=False) if u.last >= started}
     assert set(seen) <= recorded and len(everything) == 40
@@ -246,7 +247,7 @@ def test_copies_past_their_interval_raise_an_alarm_until_scrubbed(home, tmp_path
                 blob["copies"]["hot"].update(verified=int(time.time()) - 40 * 86400, deep=0)
                 blob["stored"] = int(time.time()) - 40 * 86400
                 t.put("blobs", ca, blob)
-        archive.index.write(age)
+        archive._index.write(age)  # time passed, written below the catalog
     status = json.loads(run_cli("status", "--json", home=home).stdout)
     assert {a["key"] for a in status["alarms"]} == {"scrub-overdue:hot:fast", "scrub-overdue:hot:deep"}
     run_cli("scrub", home=home)

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
+from support.dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet, Verification

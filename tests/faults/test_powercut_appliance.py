@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from common import storescu_acknowledged
 from conftest import REPO, make_study, run_cli
-from dicom_server import CLIENT_AE, DCMTK, Server, dataset_bytes, register
+from support.dicom_server import CLIENT_AE, DCMTK, Server, dataset_bytes, register
 from support.powercut import DROP_ALL, RANDOM
 
 from appliance.config import RESTORE_MARKER

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from dicom_server import free_port, wait_for_port
+from support.dicom_server import free_port, wait_for_port
 
 
 class RsyncDaemon:

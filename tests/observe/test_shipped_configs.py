@@ -27,7 +27,7 @@ from conftest import (
     set_config,
     write_s3_credentials,
 )
-from dicom_server import free_port
+from support.dicom_server import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import make_study, prometheus_samples, run_cli, set_config, sudo_env
-from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
+from support.dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 
 
 def test_status_says_online_degraded_or_faulted_and_why(home, tmp_path):

@@ -27,8 +27,9 @@ def _blob(data: bytes, sop: str) -> tuple[bytes, dict, bytes]:
 def _pack(instances: list[bytes]) -> tuple[bytes, pack.PackInfo, list]:
     blobs = [_blob(data, f"1.2.3.{n}") for n, data in enumerate(instances)]
     out = io.BytesIO()
-    info = pack.write_pack(out, [(ca, rec, lambda raw=raw: io.BytesIO(raw)) for ca, rec, raw in blobs],
-                           study_uid="1.2.3", data_key=KEY, key_id=KEY_ID)
+    sources = [pack.PackSource(ca, rec["sealed_size"], rec["xxh3"], rec["sop"], lambda raw=raw: io.BytesIO(raw))
+               for ca, rec, raw in blobs]
+    info = pack.write_pack(out, sources, study_uid="1.2.3", data_key=KEY, key_id=KEY_ID)
     return out.getvalue(), info, blobs
 
 
@@ -97,8 +98,9 @@ def test_a_rotten_source_copy_is_not_packed():
     rotten = bytearray(raw)
     rotten[200] ^= 1
     with pytest.raises(IntegrityError, match="does not verify"):
-        pack.write_pack(io.BytesIO(), [(ca, record, lambda: io.BytesIO(bytes(rotten)))], study_uid="1.2.3",
-                        data_key=KEY, key_id=KEY_ID)
+        source = pack.PackSource(ca, record["sealed_size"], record["xxh3"], record["sop"],
+                                 lambda: io.BytesIO(bytes(rotten)))
+        pack.write_pack(io.BytesIO(), [source], study_uid="1.2.3", data_key=KEY, key_id=KEY_ID)
 
 
 def test_without_the_key_the_trailer_says_nothing():

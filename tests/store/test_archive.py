@@ -1,6 +1,7 @@
 """The archive facade: byte-exact storage of real-world files, idempotence, versions, rebuild, shredding."""
 
 
+import dataclasses
 import hashlib
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,8 @@ from appliance.store.index import Index
 
 
 def _all_versions(archive):
-    with archive.index.read() as t:
-        return {ca: blob for ca, blob in t.items("blobs")}
+    with archive.catalog.read() as view:
+        return {blob.ca: blob for blob in view.blobs()}
 
 
 def _snapshot(archive):
@@ -26,10 +27,8 @@ def _snapshot(archive):
     out = {}
     for study_uid in archive.study_uids():
         study = archive.study(study_uid)
-        instances = sorted((sop, rec["current"], tuple(rec["versions"]))
-                           for sop, rec in archive.instances_of_study(study_uid))
-        out[study_uid] = ({k: v for k, v in study.items() if k not in ("first_stored", "last_stored")},
-                          instances)
+        instances = sorted((rec.sop_uid, rec.current, rec.versions) for rec in archive.instances_of_study(study_uid))
+        out[study_uid] = (dataclasses.replace(study, first_stored=0, last_stored=0), instances)
     return out
 
 
@@ -73,7 +72,7 @@ def test_concurrent_stores_of_one_study_share_one_key_and_lose_nothing(config, c
         assert statuses.count("duplicate") == len(ct_files)
         study_uid = outcomes[0].info.study_uid
         blobs = _all_versions(archive)
-        assert len({b["key_id"] for b in blobs.values()}) == 1
+        assert len({b.key_id for b in blobs.values()}) == 1
         assert archive.keyring.count() == 1
         assert len(archive.instances_of_study(study_uid)) == len(ct_files)
         # duplicates sealed concurrently were removed again
@@ -90,10 +89,10 @@ def test_new_version_keeps_previous_and_becomes_current(config, ct_files, tmp_pa
         assert archive.store_file(original).status == "stored"
         assert archive.store_file(corrected).status == "new_version"
         record = archive.instance(ds.SOPInstanceUID)
-        assert len(record["versions"]) == 2
-        assert record["current"] == hashlib.sha256(corrected.read_bytes()).digest()
+        assert len(record.versions) == 2
+        assert record.current == hashlib.sha256(corrected.read_bytes()).digest()
         assert b"".join(archive.open_instance(ds.SOPInstanceUID)) == corrected.read_bytes()
-        assert b"".join(archive.open_blob(record["versions"][0])) == original.read_bytes()
+        assert b"".join(archive.open_blob(record.versions[0])) == original.read_bytes()
         counters = archive.counters()
         assert counters["instances"] == 1 and counters["versions"] == 2
 
@@ -109,7 +108,7 @@ def test_previous_version_dropped_when_config_says_so(home, ct_files, tmp_path):
     with open_archive(cfg.load(home), writer=True) as archive:
         archive.store_file(ct_files[0])
         assert archive.store_file(corrected).status == "new_version"
-        assert archive.instance(ds.SOPInstanceUID)["versions"] == [hashlib.sha256(corrected.read_bytes()).digest()]
+        assert archive.instance(ds.SOPInstanceUID).versions == (hashlib.sha256(corrected.read_bytes()).digest(),)
         assert len(list(archive.hot.list())) == 1
         assert fsck.check(archive, repair=False).clean
 
@@ -191,12 +190,11 @@ def test_one_failing_writer_does_not_spoil_its_batch(tmp_path):
 def test_delete_shreds_before_it_forgets(config, ct_files):
     """A delete interrupted right after the keys were destroyed leaves nothing readable, and
     deleting again finishes the job."""
-    from appliance.store import index as ix
 
     with open_archive(config, writer=True) as archive:
         info = archive.store_file(ct_files[0]).info
-        with archive.index.read() as t:
-            key_ids = ix.study_key_ids(t, info.study_uid)
+        with archive.catalog.read() as view:
+            key_ids = view.study_key_ids(info.study_uid)
         archive.keyring.destroy(key_ids)  # the state a crash after the shred leaves
         with pytest.raises(KeyMissing):
             b"".join(archive.open_instance(info.sop_uid))

@@ -16,7 +16,7 @@ import corpus
 import pydicom
 import pytest
 from conftest import dicom_test_files, run_cli, small_volume
-from dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register, send_as_is, storable
+from support.dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register, send_as_is, storable
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
@@ -186,8 +186,8 @@ def _by_syntax(files) -> dict[str, list]:
 def _indexed_instances(home) -> set[str]:
     from appliance import config as cfg
     with open_archive(cfg.load(home)) as archive:
-        with archive.index.read() as t:
-            return {key.decode() for key, _ in t.items("instances")}
+        with archive.catalog.read() as view:
+            return {instance.sop_uid for instance in view.instances()}
 
 
 def test_storescu_stores_every_test_file_in_its_own_syntax(home, server):
@@ -431,8 +431,8 @@ def _blob_path(home, sop_uid) -> Path:
     from appliance import config as cfg
     with open_archive(cfg.load(home)) as archive:
         record = archive.instance(sop_uid)
-        with archive.index.read() as t:
-            name = t.get("blobs", record["current"])["copies"]["hot"]["name"]
+        with archive.catalog.read() as view:
+            name = view.blob(record.current).copies["hot"].name
         return archive.hot.path(name)
 
 

@@ -212,10 +212,10 @@ def test_kill_9_during_apply_then_apply_again_finishes_with_nothing_lost_or_doub
     assert not list((home / "cartridges").rglob("packs/.*.tmp"))
     assert len(packs) == 3  # one per study: the pack the kill interrupted was removed, not kept twice
     assert _hot_files(home) == []
-    with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
-        recorded = {key.decode() for key, _ in t.items("packs")}
+    with open_archive(cfg.load(home)) as archive, archive.catalog.read() as view:
+        recorded = {pack.id for pack in view.packs()}
         assert recorded == {p.name for p in packs}
-        assert [k for k, _ in t.items("jobs")] == []
+        assert view.jobs() == []
     for number, (study_uid, files) in enumerate(studies):
         run_cli("export", study_uid, str(tmp_path / f"out{number}"), home=home)
         assert _sha((tmp_path / f"out{number}").iterdir()) == _sha(files)
@@ -356,7 +356,7 @@ def test_the_hot_watermark_moves_the_least_recently_used_first(home, tmp_path):
     time.sleep(1.1)  # access times are kept in whole seconds
     run_cli("export", studies[0][0], str(tmp_path / "touched"), home=home)  # now the most recently used
     with open_archive(cfg.load(home)) as archive:
-        total = sum(archive.study(uid)["stored_bytes"] for uid, _ in studies)
+        total = sum(archive.study(uid).stored_bytes for uid, _ in studies)
     # Transitions only after a year, so nothing is due: the watermark alone acts. Each study is
     # about a fifth of the capacity: usage ~85% > 50%; down to 30% takes three studies.
     _policy(home, "cold", after_days=365)

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, make_study, run_cli, set_config, small_volume, sudo_env
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from dicom_server import CLIENT_AE, DEST_AE, Server, dcmtk, free_port, register
+from support.dicom_server import CLIENT_AE, DEST_AE, Server, dcmtk, free_port, register
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

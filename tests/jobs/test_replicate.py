@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from conftest import make_study, run_cli, set_config
-from dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
-from offsite_servers import RsyncDaemon, SshServer
+from support.dicom_server import CLIENT_AE, Server, dataset_bytes, dcmtk, free_port, register
+from support.offsite_servers import RsyncDaemon, SshServer
 
 from appliance import config as cfg
 from appliance.admin.home import open_archive
@@ -143,8 +143,8 @@ def test_rsync_daemon_target_with_faults(home, tmp_path):
         daemon.kill()
         out, err = run.communicate(timeout=120)
         assert run.returncode != 0 and "replication failed" in err and "rsync" in err
-        with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
-            assert list(t.items("replicas")) == []
+        with open_archive(cfg.load(home)) as archive, archive.catalog.read() as view:
+            assert view.replicas() == []
         status = json.loads(run_cli("status", "--json", home=home).stdout)
         assert "replication-failed" in [a["key"] for a in status["alarms"]]
 
@@ -163,8 +163,8 @@ def test_rsync_daemon_target_with_faults(home, tmp_path):
         victim.write_bytes(bytes(data))
         report = json.loads(run_cli("replicate", "--verify", "--json", home=home).stdout)
         assert report["verified"] and report["resent"] == 1
-        with open_archive(cfg.load(home)) as archive, archive.index.read() as t:
-            good = {b["copies"]["hot"]["name"]: b["xxh3"] for _, b in t.items("blobs")}
+        with open_archive(cfg.load(home)) as archive, archive.catalog.read() as view:
+            good = {b.copies["hot"].name: b.xxh3 for b in view.blobs()}
         import xxhash
 
         assert xxhash.xxh3_128(victim.read_bytes()).digest() == good[victim.name]
@@ -227,7 +227,7 @@ def test_rpo_lag_raises_an_alarm_and_the_backup_report_says_why(home, tmp_path):
             for ca, blob in list(t.items("blobs")):
                 blob["stored"] -= 7200
                 t.put("blobs", ca, blob)
-        archive.index.write(age)
+        archive._index.write(age)  # time passed, written below the catalog
     result = run_cli("replicate", "--report", str(tmp_path / "backup.html"), home=home, check=False)
     assert result.returncode != 0 and "Connection refused" in result.stderr and "exit 10" in result.stderr
     page = (tmp_path / "backup.html").read_text()

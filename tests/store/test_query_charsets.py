@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import run_cli
-from dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
+from support.dicom_server import CLIENT_AE, Server, dcmtk, free_port, register
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_charset_files
@@ -85,8 +85,8 @@ def archive(tmp_path_factory):
 
 def _found(archive: Archive, identifier: Dataset) -> list[dict]:
     query = q.parse(_over_the_wire(identifier), q.STUDY_ROOT)
-    with archive.index.read() as t:
-        return list(q.find(t, query))
+    with archive.catalog.read() as view:
+        return list(q.find(view.txn, query))
 
 
 # -- the pure functions ---------------------------------------------------------------------

@@ -253,7 +253,7 @@ def test_a_swapped_blob_in_a_file_releases_nothing():
 @pytest.mark.parametrize("name", ["shuffled", "plain"])
 def test_format_version_1_blobs_still_read(name):
     """Blobs sealed before format version 2 (kept in tests/data, sealed by the version 1 writer)."""
-    data_dir = Path(__file__).parent / "data"
+    data_dir = Path(__file__).resolve().parents[1] / "data"
     plaintext = (data_dir / "sealed-v1-plaintext.bin").read_bytes()
     blob = (data_dir / f"sealed-v1-{name}.bin").read_bytes()
     assert blob[8] == 1

@@ -16,7 +16,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from conftest import run_cli
-from dicom_server import (CLIENT_AE, Server, corpus_study, dataset_bytes, free_port, register, send_as_is, storable,
+from support.dicom_server import (CLIENT_AE, Server, corpus_study, dataset_bytes, free_port, register, send_as_is, storable,
                           wait_for_port)
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"

@@ -80,8 +80,8 @@ class ArchiveModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def delete_study(self, data):
         study = data.draw(st.sampled_from(sorted(set(self.study_of.values()))))
-        with self.archive.index.read() as t:
-            keys = {ca: t.get("blobs", ca)["key_id"] for sop, s in self.study_of.items() if s == study
+        with self.archive.catalog.read() as view:
+            keys = {ca: view.blob(ca).key_id for sop, s in self.study_of.items() if s == study
                     for ca in self.versions[sop]}
         self.archive.delete_study(study)
         for sop in [sop for sop, s in self.study_of.items() if s == study]:
@@ -105,7 +105,7 @@ class ArchiveModel(RuleBasedStateMachine):
     @invariant()
     def every_version_reads_back_exactly(self):
         for sop, versions in self.versions.items():
-            assert self.archive.instance(sop)["current"] == self.current[sop]
+            assert self.archive.instance(sop).current == self.current[sop]
             for ca, data in versions.items():
                 assert b"".join(self.archive.open_blob(ca)) == data
 

@@ -167,7 +167,7 @@ class LifecycleModel(RuleBasedStateMachine):
         # (its stores' journal was applied before the crash; only its threads are stopped).
         if self.archive._journal is not None:
             self.archive._journal.close()
-        self.archive.index.close()
+        self.archive._index.close()
         self.archive.keyring.close()
         self.archive._lock.__exit__(None, None, None)
         self._open()
@@ -230,8 +230,8 @@ class LifecycleModel(RuleBasedStateMachine):
             uid = self._uid(number)
             try:
                 got = {}
-                for sop, record in self.archive.instances_of_study(uid):
-                    got[sop] = b"".join(self.archive.open_blob(record["current"]))
+                for record in self.archive.instances_of_study(uid):
+                    got[record.sop_uid] = b"".join(self.archive.open_blob(record.current))
             except CartridgeOffline:
                 assert not self.cartridge.exists()
                 continue
@@ -239,12 +239,11 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @invariant()
     def every_expired_study_is_unreadable_everywhere(self):
-        with self.archive.index.read() as t:
-            packs = {key.decode() for key, _ in t.items("packs")}
-            pending = {u["pack"] for _, rec in t.items("deletions") for u in rec["unremoved"]}
-            jobs = {p for _, job in t.items("jobs") for p in job["pending"].values()}
-            hot_names = {blob["copies"][self.archive.hot.name]["name"] for _, blob in t.items("blobs")
-                         if self.archive.hot.name in blob["copies"]}
+        with self.archive.catalog.read() as view:
+            packs = {pack.id for pack in view.packs()}
+            pending = {u["pack"] for rec in view.deletions().values() for u in rec["unremoved"]}
+            jobs = {p for job in view.jobs() for p in job.pending.values()}
+            hot_names = {copy.name for blob in view.blobs() if (copy := blob.hot(self.archive.hot.name))}
         for number, key_id in self.deleted.items():
             assert not self.archive.keyring.has(key_id)
         # Every object on every tier is an indexed copy, a copy of a deleted study still to be
