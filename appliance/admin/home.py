@@ -13,7 +13,7 @@ from appliance.fsutil import HomeLock, fsync_dir, make_dirs, sync_tree, write_fi
 from appliance.store.archive import Archive
 
 # The repository's example tiers, copied into every new home.
-EXAMPLES = Path(__file__).resolve().parent.parent
+EXAMPLES = Path(__file__).resolve().parents[2]  # the repository: tiers/ and policies/
 
 APPLIANCE_YAML = """\
 # pacs-vault appliance configuration. Paths are relative to this home unless

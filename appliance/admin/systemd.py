@@ -14,7 +14,7 @@ from pathlib import Path
 from appliance.config import Config
 from appliance.fsutil import write_file_atomic
 
-SHIPPED = Path(__file__).resolve().parent.parent / "systemd"
+SHIPPED = Path(__file__).resolve().parents[2] / "systemd"
 MODEL_HOME = "/srv/pacs-vault"
 MODEL_USER = "pacs-vault"
 MODEL_EXECUTABLE = "/opt/pacs-vault/.venv/bin/appliance"
