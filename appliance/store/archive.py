@@ -31,6 +31,7 @@ from appliance.errors import BlobMissing, HomeLocked, IntegrityError, InvalidIns
 from appliance.format import p10, sealed
 from appliance.fsutil import HomeLock
 from appliance.store import journal as jr
+from appliance.store import journal_recovery
 from appliance.store import tiering
 from appliance.store.catalog import Blob, Catalog, Instance, Study
 from appliance.store.catalog.records import HotCopy
@@ -101,7 +102,7 @@ class Archive:
             if lock is not None:
                 self.hot.sweep_incoming()
                 self.replay_journals()
-            elif jr.orphans(config.journal_dir):
+            elif journal_recovery.orphans(config.journal_dir):
                 self._replay_for_reader()
 
     @classmethod
@@ -232,7 +233,7 @@ class Archive:
         journal = self._journal
         if journal is not None:
             journal.wait_applied()
-        jr.wait_for_other_writers(self.config.journal_dir, journal.journal_id if journal else None)
+        journal_recovery.wait_for_other_writers(self.config.journal_dir, journal.journal_id if journal else None)
 
     def submit_store(self, info: p10.InstanceInfo, blob: dict, inline: bytes | None, staged: StagedFile | None,
                      source: str, audit_entry: dict | None, stored_ns: int) -> Callable[[], None]:
@@ -288,7 +289,7 @@ class Archive:
 
     def replay_journals(self) -> int:
         """Apply what the journals of processes that are gone hold (after a crash)."""
-        return jr.replay(self.config.journal_dir, self.keyring.kek_id, self.keyring.journal_key, self)
+        return journal_recovery.replay(self.config.journal_dir, self.keyring.kek_id, self.keyring.journal_key, self)
 
     def _replay_for_reader(self) -> None:
         """A reader that finds what a crash left in a journal replays it first (as a writer, for

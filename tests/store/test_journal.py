@@ -25,7 +25,7 @@ _STORE_THEN_DIE = textwrap.dedent("""
     import os, signal, sys, time
     from appliance import config as cfg
     from appliance.audit.events import EventID, event
-    from appliance.store.archive import Archive
+    from appliance.admin.home import open_archive
     from appliance.store import journal as jr
     jr.CHECKPOINT_INTERVAL_S = 3600  # no checkpoint: the journal holds everything at the kill
     archive = open_archive(cfg.load(sys.argv[1]), writer=True)
@@ -207,7 +207,7 @@ def test_records_that_cannot_be_applied_stay_in_the_journal_for_the_next_start(h
 _STORE_AND_STAY = textwrap.dedent("""
     import sys, time
     from appliance import config as cfg
-    from appliance.store.archive import Archive
+    from appliance.admin.home import open_archive
     archive = open_archive(cfg.load(sys.argv[1]), writer=True)
     original = archive.apply
     archive.apply = lambda records, replaying: (time.sleep(1.5), original(records, replaying))
