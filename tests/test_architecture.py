@@ -57,7 +57,8 @@ def _imports(name: str) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[:len(package.split(".")) - \
+                                node.level + 1] + ([base] if base else []))
             if not base.startswith("appliance"):
                 continue
             for alias in node.names:

@@ -135,7 +135,7 @@ class S3Backend:
     def list(self) -> Iterator[str]:
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.settings.bucket,
-                                                                            Prefix=self.settings.prefix)
+                                                                           Prefix=self.settings.prefix)
             for page in pages:
                 for item in page.get("Contents", []):
                     name = item["Key"][len(self.settings.prefix):]

@@ -82,7 +82,7 @@ def cmd_audit(args) -> int:
     subject = (f"patient {args.patient}" if args.patient else f"study {args.study}" if args.study
                else f"AE {args.ae}") + (f" since {since}" if since else "")
     records = [r for r in trail.records() if matches(r, patient=args.patient or "", study=args.study or "",
-                                                           ae=args.ae or "", since=since)]
+                                                     ae=args.ae or "", since=since)]
     summary = access_summary(records)
     verification = trail.verify().as_dict()
     if args.html:

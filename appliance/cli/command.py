@@ -82,8 +82,8 @@ class _Session:
         group = settings.admin_group if role == ADMIN else settings.auditor_group
         if self.trail is not None:
             self.trail.record(event(EventID.SECURITY_ALERT, type=EventType.USE_OF_RESTRICTED_FUNCTION, op="command",
-                                          outcome=4, command=self.command, reason=f"needs the {role} role",
-                                          runs_as=self.caller.runs_as), force=True)
+                                    outcome=4, command=self.command, reason=f"needs the {role} role",
+                                    runs_as=self.caller.runs_as), force=True)
         raise AccessDenied(f"`{self.args.command}{' ' + self.args.action if getattr(self.args, 'action', None) else ''}`"
                            f" needs the {role} role: user {self.caller.user} is not in group {group}")
 

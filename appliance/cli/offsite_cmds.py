@@ -42,7 +42,7 @@ def cmd_restore(args) -> int:
                                      ssh_known_hosts=args.ssh_known_hosts or "",
                                      password_file=args.password_file or "")
     report = restore.restore(home_of(args), args.source, Path(args.key_file), settings,
-                               on_event=lambda kind, data: progress.event(kind, **data))
+                             on_event=lambda kind, data: progress.event(kind, **data))
     progress.close()
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))

@@ -93,7 +93,7 @@ class Refusals:
                 return False
             self._seen[key] = _Seen(now)
         self._record(event(EventID.SECURITY_ALERT, type=EventType.NODE_AUTHENTICATION, op=op, outcome=4,
-                                 user=calling_ae or "-", host=address, reason=reason))
+                           user=calling_ae or "-", host=address, reason=reason))
         return True
 
     def flush(self, final: bool = False) -> None:

@@ -93,7 +93,7 @@ def outcome(status: int) -> str:
 def refuse(archive: Archive, peer: Peer, op: str, role: str) -> None:
     """Audit a request the calling AE has no role for."""
     archive.audit.record(event(EventID.SECURITY_ALERT, type=EventType.USE_OF_RESTRICTED_FUNCTION, op=op, outcome=4,
-                                     reason=f"calling AE has no {role} role", **peer.who()))
+                               reason=f"calling AE has no {role} role", **peer.who()))
 
 
 # -- data sets in a presentation context's transfer syntax ---------------------------------
@@ -159,7 +159,7 @@ class StoreSink:
         except InvalidInstance as exc:
             self._stats.count("C-STORE", failed=1)
             self._archive.commit_audit(event(EventID.INSTANCES_TRANSFERRED, op="c-store", action="C",
-                                                   outcome=4, reason=str(exc), **self._peer.who()))
+                                             outcome=4, reason=str(exc), **self._peer.who()))
             return STATUS_CANNOT_UNDERSTAND, str(exc)
         except OutOfSpace as exc:
             self._stats.count("C-STORE", failed=1)
@@ -181,8 +181,8 @@ class StoreSink:
     def _audit_entry(self, info: p10.InstanceInfo, status: str) -> dict:
         # Acknowledged only once its record is durable too: every Success has its audit record.
         return event(EventID.INSTANCES_TRANSFERRED, op="c-store", action="C",
-                           patient=info.patient.get("PatientID", ""), study=info.study_uid, instances=1,
-                           sop=info.sop_uid, duplicate=status == "duplicate", **self._peer.who())
+                     patient=info.patient.get("PatientID", ""), study=info.study_uid, instances=1,
+                     sop=info.sop_uid, duplicate=status == "duplicate", **self._peer.who())
 
 
 # -- C-FIND ----------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def find(archive: Archive, peer: Peer, identifier: Dataset, model: str, sop_clas
         query = q.parse(identifier, model)
     except q.QueryError as exc:
         archive.audit.record(event(EventID.QUERY, op="c-find", outcome=4, reason=str(exc), sop_class=sop_class,
-                                         **peer.who()))
+                                   **peer.who()))
         yield exc.status, str(exc), None
         return
     stats.count("C-FIND", queries=1)
@@ -204,7 +204,7 @@ def find(archive: Archive, peer: Peer, identifier: Dataset, model: str, sop_clas
         views = list(q.find(view.txn, query))
     keys = {keyword: value for keyword, (_, value) in query.keys.items()}
     archive.audit.record(event(EventID.QUERY, op="c-find", patient=keys.get("PatientID", ""), level=query.level,
-                                     sop_class=sop_class, keys=keys, matches=len(views), **peer.who()))
+                               sop_class=sop_class, keys=keys, matches=len(views), **peer.who()))
     for view in views:
         if cancelled():
             yield 0xFE00, "", None

@@ -59,11 +59,11 @@ STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 # Query/Retrieve information models: SOP class -> (model, the one service it is for)
 QUERY_RETRIEVE = {
     "1.2.840.10008.5.1.4.1.2.1.1": (PATIENT_ROOT, dimse.C_FIND_RQ), "1.2.840.10008.5.1.4.1.2.1.2": (PATIENT_ROOT,
-                                                                                                 dimse.C_MOVE_RQ),
+                                                                                                    dimse.C_MOVE_RQ),
     "1.2.840.10008.5.1.4.1.2.1.3": (PATIENT_ROOT, dimse.C_GET_RQ), "1.2.840.10008.5.1.4.1.2.2.1": (STUDY_ROOT,
-                                                                                                dimse.C_FIND_RQ),
+                                                                                                   dimse.C_FIND_RQ),
     "1.2.840.10008.5.1.4.1.2.2.2": (STUDY_ROOT, dimse.C_MOVE_RQ), "1.2.840.10008.5.1.4.1.2.2.3": (STUDY_ROOT,
-                                                                                               dimse.C_GET_RQ),
+                                                                                                  dimse.C_GET_RQ),
 }
 
 
@@ -243,7 +243,7 @@ class DicomServer:
                              "tls": self._tls is not None}))
         audit_trail(self.config).note_config_changes(self.config.files())
         self.archive.audit.record(event(EventID.APPLICATION_ACTIVITY, type=EventType.APPLICATION_START, op="serve",
-                                              ae_title=self.ae_title, port=self.port, tls=self._tls is not None))
+                                        ae_title=self.ae_title, port=self.port, tls=self._tls is not None))
 
     def _lobby(self) -> None:
         selector = selectors.DefaultSelector()
@@ -455,8 +455,8 @@ class DicomServer:
         certificate = sock.getpeercert() if tls else None
         subject = ", ".join(f"{k}={v}" for rdn in (certificate or {}).get("subject", ()) for k, v in rdn)
         self._audit(event(EventID.USER_AUTHENTICATION, type=EventType.LOGIN, op="association", **peer.who(),
-                                called_ae=request.called_ae, tls=tls, certificate=subject,
-                                user_identity=request.user_identity))
+                          called_ae=request.called_ae, tls=tls, certificate=subject,
+                          user_identity=request.user_identity))
 
     # -- storage commitment reports to an address ----------------------------------------
 

@@ -129,7 +129,7 @@ class Header:
         if version not in READABLE_VERSIONS:
             raise IntegrityError(f"sealed blob format version {version} is not supported")
         if cipher != CIPHER_AES256GCM_HKDF or compression not in (COMPRESSION_NONE, COMPRESSION_ZSTD,
-                                                                   COMPRESSION_ZSTD_SHUFFLED):
+                                                                  COMPRESSION_ZSTD_SHUFFLED):
             raise IntegrityError("sealed blob names an unknown cipher or compression")
         if seg < MIN_SEGMENT_SIZE:
             raise IntegrityError("sealed blob has an invalid segment size")

@@ -178,7 +178,7 @@ def _reindex_tier(backend, keyring: Keyring, catalog: Catalog, report: RebuildRe
                     report.blobs += 1
                     try:
                         if reindex_blob(lambda e=entry: pack.Slice(fp, e.offset, e.length), pack_id, backend.name,
-                                         keyring, catalog):
+                                        keyring, catalog):
                             report.instances += 1
                     except ApplianceError as exc:
                         report.errors.append(f"blob {entry.offset} of pack {pack_id} on {backend.name}: {exc}")

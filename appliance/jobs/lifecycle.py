@@ -244,8 +244,8 @@ def _audit_hold(archive: Archive, key: str, op: str, reason: str) -> None:
     kind, name = key.split(":", 1)
     study = name if kind == "study" else ""
     archive.audit.record(event(EventID.INSTANCES_ACCESSED, op=op, action="U", study=study,
-                                     patient=name if kind == "patient" else archive.patient_id_of(study),
-                                     reason=reason))
+                               patient=name if kind == "patient" else archive.patient_id_of(study),
+                               reason=reason))
 
 
 def release_hold(archive: Archive, key: str, reason: str) -> Hold:
@@ -355,7 +355,7 @@ class Lifecycle:
             written += tiering.pack_study(
                 self.archive, study_uid, tier,
                 remember_pending=lambda pack_id, tier=tier: self.archive.catalog.note_pending_pack(study_uid, tier,
-                                                                                                  pack_id))
+                                                                                                   pack_id))
         if job.drop_hot:
             tiering.drop_hot(self.archive, study_uid, list(job.targets))
         return written
@@ -393,8 +393,8 @@ class Lifecycle:
             copies_left=len(unremoved)))
         if unremoved:
             self.archive.catalog.raise_alarm("shred-cleanup", f"{len(unremoved)} copies of deleted studies remain "
-                        "(unreadable: their keys are destroyed)",
-                        "load the cartridges listed by `appliance policy deletions`, then run `policy apply`")
+                                             "(unreadable: their keys are destroyed)",
+                                             "load the cartridges listed by `appliance policy deletions`, then run `policy apply`")
 
     def _retry_shred_cleanup(self) -> int:
         with self.archive.catalog.read() as view:

@@ -480,10 +480,10 @@ def computed_alarms(archive: Archive, now: float, damaged: int, cover: dict) -> 
                "action": "store them again from the sender or a backup; `appliance scrub --json` lists them",
                "since": now}] if damaged else []
     return alarms + [{"key": f"scrub-overdue:{row['tier']}:{row['kind']}",
-             "message": f"{row['copies']} copies on {row['tier']} are past their {row['kind']} scrub interval "
-                        f"({row['days']} days)",
-             "action": f"run `appliance scrub{' --deep' if row['kind'] == 'deep' else ''}` (or check its timer)",
-             "since": row["last_complete_run"] or now} for row in overdue(archive, cover)]
+                      "message": f"{row['copies']} copies on {row['tier']} are past their {row['kind']} scrub interval "
+                      f"({row['days']} days)",
+                      "action": f"run `appliance scrub{' --deep' if row['kind'] == 'deep' else ''}` (or check its timer)",
+                      "since": row["last_complete_run"] or now} for row in overdue(archive, cover)]
 
 
 def history(archive: Archive) -> list[dict]:

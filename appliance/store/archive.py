@@ -76,7 +76,7 @@ class Archive:
         self.keyring = Keyring(config.keyring_path, config.key_file, create=create)
         try:
             self._index = Index(config.index_path, map_size=settings.index.initial_map_size_mb << 20,
-                               create=create)
+                                create=create)
         except FileNotFoundError:
             self.keyring.close()
             raise NotFound(f"index {config.index_path} is missing: run `appliance fsck --rebuild-index`") from None
@@ -417,8 +417,8 @@ class Archive:
                 count = tiering.recall(self, study_uid, on_wait=on_wait)
                 if count:
                     self.audit.record(event(EventID.INSTANCES_ACCESSED, op="recall", action="U",
-                                                  study=study_uid, patient=self.patient_id_of(study_uid),
-                                                  instances=count))
+                                            study=study_uid, patient=self.patient_id_of(study_uid),
+                                            instances=count))
                 future.set_result(count)
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                 future.set_exception(exc)

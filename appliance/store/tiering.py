@@ -170,7 +170,7 @@ def recall(archive: "Archive", study_uid: str, *, on_wait: Callable[[str], None]
             if waited_for != exc.label:
                 waited_for = exc.label
                 archive.catalog.raise_alarm(f"recall:{exc.label}", f"a recall needs cartridge {exc.label}",
-                            f"load cartridge {exc.label} (tier {getattr(exc, 'tier', '?')})")
+                                            f"load cartridge {exc.label} (tier {getattr(exc, 'tier', '?')})")
             if time.monotonic() >= deadline:
                 raise
             if on_wait is not None:

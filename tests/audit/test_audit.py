@@ -49,7 +49,7 @@ def trail_files(tmp_path_factory):
     trail = AuditTrail.create(root / "audit", root / "audit.key")
     for number in range(30):
         trail.record(event(EventID.QUERY, op="c-find", user=f"AE{number % 3}", keys={"PatientID": f"P{number}"},
-                                 matches=number))
+                           matches=number))
     lines = [line for _, line in trail.lines()]
     return lines, trail.head(), trail.checkpoint_lines()
 
@@ -92,7 +92,7 @@ def _tamper(lines: list[bytes], how: tuple) -> list[bytes]:
         at, text = how[1], how[2]
         prev = link(lines[at - 1]) if at else GENESIS
         forged = canonical({"seq": at + 1, "time": "2026-01-01T00:00:00.000000Z", "prev": prev,
-                                  "event": "Query", "op": "c-find", "action": "E", "outcome": 0, "user": text})
+                            "event": "Query", "op": "c-find", "action": "E", "outcome": 0, "user": text})
         lines.insert(at, forged + b"\n")
     elif kind == "swap":
         a, b = how[1], how[2]
@@ -393,7 +393,7 @@ def test_a_full_workflow_leaves_its_events_in_order_and_no_secret_anywhere(home,
     run_cli("replicate", "--report", str(tmp_path / "backup.html"), home=home)
     run_cli("audit", "report", "--patient", "PID-KEEP", "--html", str(tmp_path / "access.html"), home=home)
     exports = [run_cli("audit", "export", "--format", form, home=home).stdout for form in ("json", "syslog",
-                                                                                          "atna-xml")]
+                                                                                           "atna-xml")]
     assert run_cli("audit", "verify", home=home).returncode == 0
 
     records = _records(home)
@@ -421,7 +421,7 @@ def test_a_full_workflow_leaves_its_events_in_order_and_no_secret_anywhere(home,
     assert moved["dest"] == f"{DEST_AE}@127.0.0.1:{dest_port}"
     deleted = next(r for r in records if r["event"] == "DICOM Study Deleted")
     assert (deleted["study"], deleted["patient"], deleted["instances"], deleted["action"]) == (old_uid, "PID-OLD",
-                                                                                              2, "D")
+                                                                                               2, "D")
     rejected = next(r for r in records if r["op"] == "association" and r["event"] == "Security Alert")
     assert (rejected["user"], rejected["detail"]["reason"]) == ("STRANGER", "calling AE title not registered")
     refusal = next(r for r in records if r["op"] == "c-find" and r["event"] == "Security Alert")

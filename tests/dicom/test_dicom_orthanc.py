@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 
 from conftest import run_cli
 from support.dicom_server import (CLIENT_AE, Server, corpus_study, dataset_bytes, free_port, register, send_as_is, storable,
-                          wait_for_port)
+                                  wait_for_port)
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
@@ -51,7 +51,8 @@ class OrthancPeer:
         self.process.wait(30)
 
 
-needs_orthanc = pytest.mark.skipif(not Path(ORTHANC).exists(), reason="Orthanc (Debian package orthanc) is not installed")
+needs_orthanc = pytest.mark.skipif(not Path(ORTHANC).exists(
+), reason="Orthanc (Debian package orthanc) is not installed")
 
 
 @needs_orthanc
@@ -106,7 +107,7 @@ def test_a_study_moved_to_an_orthanc_taking_little_endian_only_arrives_whole_and
         send_as_is(vault, storable(files))
         study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
         orthanc.call("POST", "/modalities/vault/move", {"Level": "Study", "TargetAet": "ORTHANC",
-                                                         "Resources": [{"StudyInstanceUID": study_uid}]})
+                                                        "Resources": [{"StudyInstanceUID": study_uid}]})
         instances = orthanc.call("GET", "/instances")
         assert len(instances) == len(files)
         received = {}

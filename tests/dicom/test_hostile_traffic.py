@@ -253,7 +253,8 @@ def test_malformed_messages_on_an_association_end_it_cleanly(under_attack, items
         head = _exactly(sock, 6)
         assert head[:1] == b"\x02"
         _exactly(sock, struct.unpack(">I", head[2:])[0])  # the rest of the A-ASSOCIATE-AC
-        body = b"".join(struct.pack(">IBB", length, context, control) + data for length, context, control, data in items)
+        body = b"".join(struct.pack(">IBB", length, context, control) + \
+                        data for length, context, control, data in items)
         sock.sendall(_HEADER.pack(4, 0, len(body)) + body)
         answer = _answer(sock)
     assert srv.process.poll() is None

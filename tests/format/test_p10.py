@@ -143,7 +143,7 @@ _TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\\\x00", exclud
        syntax=st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"]),
        padded=st.booleans())
 def test_generated_values_read_as_pydicom_reads_them(tmp_path_factory, name, other_name, description, ids,
-                                                      number, rows, charset, syntax, padded):
+                                                     number, rows, charset, syntax, padded):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import generate_uid
     if charset == "ISO_IR 100":  # Latin-1 cannot carry everything: keep what it can
@@ -196,7 +196,7 @@ _FRAGMENTED = ["MR_small_bigendian.dcm", "ExplVR_BigEndNoMeta.dcm", "image_dfl.d
 def _outcome(chunks) -> object:
     try:
         return _as_inspected(info := p10.inspect_stream(chunks)) | {"ca": info.content_address,
-                                                                  "syntax": info.transfer_syntax}
+                                                                    "syntax": info.transfer_syntax}
     except InvalidInstance as exc:
         return str(exc)
 

@@ -128,7 +128,7 @@ def test_tampered_copy_is_never_exported(tmp_path, ct_files, damage):
     check = run_cli("fsck", home=home, check=False)
     assert check.returncode != 0
     assert ("missing" in check.stdout) if damage == "deleted" else ("sealed-bytes hash" in check.stdout
-                                                                     or "bytes, expected" in check.stdout)
+                                                                    or "bytes, expected" in check.stdout)
 
 
 def test_blob_from_another_home_is_refused(tmp_path, ct_files):

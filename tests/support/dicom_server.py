@@ -56,7 +56,8 @@ class Server:
 
     def start(self) -> "Server":
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "--home", str(self.home), "serve", "--port", str(self.port), *self.extra],
+            [sys.executable, "-m", "appliance", "--home",
+                str(self.home), "serve", "--port", str(self.port), *self.extra],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), cwd=REPO)
         with open(self.log) as log:
             self.process.stderr = log  # for wait_for_port's message

@@ -203,15 +203,15 @@ def _replicate(archive: Archive, target: Target, staging: Path, report: Replicat
     manifests = list_names(target, "manifests")
     old = manifests[:-archive.config.appliance.replication.keep_manifests]
     stale = [f"manifests/{m}" for m in old] + [f"snapshots/{m.split('.')[0]}.{kind}" for m in old
-                                                for kind in ("index", "keyring", "audit")]
+                                               for kind in ("index", "keyring", "audit")]
     remove_names(target, stale)
 
 
 def _send(target: Target, archive: Archive, staging: Path, paths: list[str], again: bool = False) -> None:
     push(target, archive.hot.root, [p[len("objects/"):] for p in paths if p.startswith("objects/")], "objects",
-          again=again)
+         again=again)
     push(target, staging / "packs", [p[len("packs/"):] for p in paths if p.startswith("packs/")], "packs",
-          again=again)
+         again=again)
 
 
 def _verify(target: Target, expected: dict[str, tuple[int, bytes]], staging: Path,
@@ -254,7 +254,7 @@ def _verify_by_checksum(target: Target, expected: dict[str, tuple[int, bytes]],
             continue
         with files_from(files) as listing:
             out = run_rsync(target, "-a", "--dry-run", "--checksum", "--itemize-changes", listing, f"{source}/",
-                         target.url(prefix.rstrip("/")))
+                            target.url(prefix.rstrip("/")))
         for line in out.splitlines():
             if len(line) > 12 and line[1] == "f":
                 bad.append(prefix + line[12:].strip())
@@ -294,9 +294,9 @@ def _rpo_alarm(archive: Archive, report: ReplicationReport) -> None:
     rpo = archive.config.appliance.replication.rpo_hours * 3600
     if report.rpo_lag_s is not None and report.rpo_lag_s > rpo:
         archive.catalog.raise_alarm("replication-rpo",
-                    f"the off-site copy is {report.rpo_lag_s / 3600:.1f} h behind (RPO {rpo // 3600} h)"
-                    + (f"; last run failed: {report.failure}" if report.failure else ""),
-                    "check the target and run `appliance replicate`")
+                                    f"the off-site copy is {report.rpo_lag_s / 3600:.1f} h behind (RPO {rpo // 3600} h)"
+                                    + (f"; last run failed: {report.failure}" if report.failure else ""),
+                                    "check the target and run `appliance replicate`")
     else:
         archive.catalog.clear_alarm("replication-rpo")
     if report.failure:

@@ -82,7 +82,7 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
         keyrings = [f"snapshots/{n}" for n in list_names(target, "snapshots") if n.endswith(".keyring")]
         newest_keyring = max(keyrings + [manifest["keyring"]])
         fetched = pull(target, [manifest["snapshot"], newest_keyring] + ([manifest["audit"]] if "audit" in manifest
-                                                                          else []), "", staging / "fetched")
+                                                                         else []), "", staging / "fetched")
         for part, name in (("index", manifest["snapshot"]), ("keyring", newest_keyring)):
             (staging / part).mkdir()
             unseal_file(fetched / name, data_file(staging / part), kek.key_id, key)

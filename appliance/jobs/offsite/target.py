@@ -96,7 +96,7 @@ def push(target: Target, source: Path, files: list[str], dest: str, *, again: bo
         return
     with files_from(files) as listing:
         run_rsync(target, "-a", "--mkpath", f"--partial-dir={PARTIAL_DIR}", "--delay-updates",
-               *(["--ignore-times"] if again else []), listing, f"{source}/", target.url(dest))
+                  *(["--ignore-times"] if again else []), listing, f"{source}/", target.url(dest))
     if target.kind == "local":
         _sync_pushed(Path(target.location), dest, files)
 

@@ -173,8 +173,8 @@ class Study:
     attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # StudyDate, AccessionNumber, ...
 
     _OWN: ClassVar[frozenset[str]] = frozenset({"patient", "series", "instances", "modalities", "sop_classes", "received_bytes",
-                      "stored_bytes", "first_stored", "last_stored", "last_access", "recalled", "source_aes",
-                      "packs"})
+                                                "stored_bytes", "first_stored", "last_stored", "last_access", "recalled", "source_aes",
+                                                "packs"})
 
     @classmethod
     def from_raw(cls, uid: str, raw: dict) -> "Study":
@@ -190,7 +190,8 @@ class Study:
 class Patient:
     key: str
     studies: int
-    attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # PatientID, PatientName, PatientBirthDate, ...
+    # PatientID, PatientName, PatientBirthDate, ...
+    attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
     @classmethod
     def from_raw(cls, key: str, raw: dict) -> "Patient":
@@ -216,7 +217,8 @@ class Job:
     @classmethod
     def from_raw(cls, study: str, raw: dict) -> "Job":
         return cls(study, raw["kind"], tuple(raw.get("targets", ())), bool(raw.get("drop_hot")), raw.get("rule", ""),
-                   raw.get("reason", ""), raw.get("created", 0), raw.get("attempts", 0), raw.get("next_try", 0), raw.get("error", ""),
+                   raw.get("reason", ""), raw.get("created", 0), raw.get(
+                       "attempts", 0), raw.get("next_try", 0), raw.get("error", ""),
                    MappingProxyType(dict(raw.get("pending", {}))))
 
     def raw(self) -> dict:
