@@ -103,10 +103,11 @@ def restore(new_home: Path, source: str, key_file: Path, settings: cfg.Replicati
                 report.errors.append(f"{path}: missing off-site")
         config = home_mod.init(new_home, (Path(key_file).read_bytes(), staging / "keyring", staging / "index",
                                           audit_dir))
+        cold = _pack_tier(config)
         _place(staging / "objects", config.resolve(config.hot_tier.path))
-        _place(staging / "packs", config.resolve(config.tiers["cold"].path))
+        _place(staging / "packs", config.resolve(cold.path))
         with open_archive(config, writer=True) as archive:
-            report.objects, report.packs = _adopt(archive, report)
+            report.objects, report.packs = _adopt(archive, cold.name, report)
             report.newer_than_snapshot = _index_newer(archive, report)
             archive.audit.record(event(
                 EventID.APPLICATION_ACTIVITY, op="restore", action="C", outcome=4 if report.errors else 0,
@@ -177,14 +178,22 @@ def _place(source: Path, tier_root: Path) -> None:
             fsync_dir(dest.parent)
 
 
-def _adopt(archive: Archive, report: RestoreReport) -> tuple[int, int]:
-    """Point the snapshot's index at what was restored: hot files on the hot tier, packs on the
-    `cold` tier; forget jobs, alarms and replica records of the lost home."""
-    hot, cold = archive.hot, archive.tier("cold")
-    present_hot = set(hot.list())
-    present_packs = set(cold.list())
+def _pack_tier(config: cfg.Config) -> cfg.TierConfig:
+    """Where the restored packs go: the new home's first filesystem cold tier (`cold` in the
+    home `init` makes)."""
+    for tier in config.cold_tiers:
+        if tier.kind == "filesystem":
+            return tier
+    raise ApplianceError("the new home has no filesystem cold tier to put the restored packs on")
 
-    objects, problems = archive.catalog.adopt_restored(hot.name, present_hot, "cold", present_packs)
+
+def _adopt(archive: Archive, cold: str, report: RestoreReport) -> tuple[int, int]:
+    """Point the snapshot's catalog at what was restored: hot files on the hot tier, packs on the
+    `cold` tier; forget jobs, alarms and replica records of the lost home."""
+    hot = archive.hot
+    present_hot = set(hot.list())
+    present_packs = set(archive.tier(cold).list())
+    objects, problems = archive.catalog.adopt_restored(hot.name, present_hot, cold, present_packs)
     report.errors.extend(problems)
     return objects, len(present_packs)
 
