@@ -268,16 +268,27 @@ class Scrubber:
 
     def _check_blob(self, unit: Unit) -> dict[bytes, str]:
         [ca] = unit.blobs
+        blob = self._listed(unit, ca)
+        if blob is None:
+            return {}  # deleted, or its hot copy dropped or replaced meanwhile (a migration, a repair)
+        problem = self._check_hot_file(unit.id, ca, blob)
+        if problem == "missing" and self._listed(unit, ca) is None:
+            return {}  # dropped between the look at the catalog and the open: not a loss
+        return {ca: problem} if problem else {}
+
+    def _listed(self, unit: Unit, ca: bytes) -> Blob | None:
+        """The version, while its hot copy is still the file the unit names."""
         with self.archive.catalog.read() as view:
             blob = view.blob(ca)
-        if blob is None:
-            return {}  # deleted meanwhile
+        copy = blob.hot(unit.tier) if blob is not None else None
+        return blob if copy is not None and copy.name == unit.id else None
+
+    def _check_hot_file(self, name: str, ca: bytes, blob: Blob) -> str:
         try:
-            with self.archive.hot.open(unit.id) as raw:
-                problem = self._check_copy(self._reader(raw), ca, blob)
+            with self.archive.hot.open(name) as raw:
+                return self._check_copy(self._reader(raw), ca, blob)
         except BlobMissing:
-            return {ca: "missing"}
-        return {ca: problem} if problem else {}
+            return "missing"
 
     def _check_pack(self, unit: Unit) -> dict[bytes, str]:
         backend = self.archive.tier(unit.tier)
@@ -393,7 +404,7 @@ class Scrubber:
             except (ApplianceError, OSError) as exc:
                 last_error = exc
                 continue
-            if self._check_blob(Unit("blob", hot.name, name, blob.sealed_size, 0, (ca,))):
+            if self._check_hot_file(name, ca, blob):
                 hot.delete(name)
                 last_error = IntegrityError(f"the copy rewritten from {tier} does not verify")
                 continue

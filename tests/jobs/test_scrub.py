@@ -255,3 +255,21 @@ def test_copies_past_their_interval_raise_an_alarm_until_scrubbed(home, tmp_path
         ["scrub-overdue:hot:deep"]
     run_cli("scrub", "--deep", home=home)
     assert json.loads(run_cli("status", "--json", home=home).stdout)["alarms"] == []
+
+
+def test_a_hot_copy_a_migration_drops_while_scrub_runs_is_not_lost_or_brought_back(config, ct_files, monkeypatch):
+    """Scrub lists the copies, then `policy apply` drops the hot ones (their cold copies
+    verified): the files scrub no longer finds are not "missing", and nothing is repaired."""
+    from appliance.store import tiering
+
+    with open_archive(config, writer=True) as archive:
+        for path in ct_files[:3]:
+            archive.store_file(path)
+        [study] = archive.study_uids()
+        listed = scrub.units(archive, deep=False, tiers=["hot"])
+        tiering.pack_study(archive, study, "cold", remember_pending=lambda pack_id: None)
+        assert tiering.drop_hot(archive, study, ["cold"]) == 3
+        monkeypatch.setattr(scrub, "units", lambda *args, **kwargs: listed)  # what the run listed before
+        report = scrub.Scrubber(archive, deep=False, tiers=["hot"]).run()
+        assert report.findings == [] and report.unrecoverable == 0
+        assert list(archive.hot.list()) == [] and archive.needs_recall(study)
