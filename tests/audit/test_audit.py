@@ -149,6 +149,8 @@ def test_problems_name_the_record(trail_files):
 _WRITER = """
 import sys
 from pathlib import Path
+from appliance.audit.events import EventID, event
+from appliance.audit.trail import AuditTrail
 trail = AuditTrail(Path(sys.argv[1]), Path(sys.argv[2]))
 for number in range(int(sys.argv[3])):
     trail.record(event(EventID.QUERY, op="c-find", user=sys.argv[4], matches=number))

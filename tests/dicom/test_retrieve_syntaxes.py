@@ -29,6 +29,7 @@ from pydicom.uid import UID
 
 from appliance import config as cfg
 from appliance.admin.home import open_archive
+from appliance.store.catalog import Instance
 from appliance.format import transcode
 
 # getscu's option that proposes each syntax first for its storage contexts. None proposes
@@ -69,11 +70,11 @@ def stored(tmp_path_factory):
     srv.stop()
 
 
-def _get(srv, out: Path, record: dict, *options: str) -> subprocess.CompletedProcess:
+def _get(srv, out: Path, record: Instance, *options: str) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     return dcmtk("getscu", "-S", "+B", *options, "-aet", CLIENT_AE, "-aec", "ARCHIVE", "127.0.0.1", str(srv.port),
-                 "-od", str(out), "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={record['study']}",
-                 "-k", f"SeriesInstanceUID={record['series']}", "-k", f"SOPInstanceUID={record['SOPInstanceUID']}",
+                 "-od", str(out), "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={record.study}",
+                 "-k", f"SeriesInstanceUID={record.series}", "-k", f"SOPInstanceUID={record.sop_uid}",
                  check=False)
 
 
@@ -148,7 +149,7 @@ def test_a_move_to_an_implicit_only_storescp_delivers_every_decodable_instance(s
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        for study in sorted({record["study"] for _, record, _ in held.values()}):
+        for study in sorted({record.study for _, record, _ in held.values()}):
             dcmtk("movescu", "-S", "-aem", DEST_AE, "-aet", CLIENT_AE, "-aec", "ARCHIVE", "127.0.0.1",
                   str(srv.port), "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", check=False)
     finally:

@@ -255,6 +255,7 @@ def test_restore_from_an_off_site_copy(vault, powercut, tmp_path):
 
 APPENDER = """
     import sys
+    from pathlib import Path
     from appliance.audit.events import EventID, event
     from appliance.audit.trail import AuditTrail
     trail = AuditTrail(Path(sys.argv[1]), Path(sys.argv[2]))
