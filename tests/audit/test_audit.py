@@ -228,7 +228,7 @@ def test_roles_are_enforced_and_every_refusal_is_audited(home, tmp_path):
     assert run_cli("audit", "verify", home=home).returncode == 0
 
 
-_WHO = "from pathlib import Path; from appliance import access; print(access.identify(Path('{home}'), 'root', 'x'))"
+_WHO = "from pathlib import Path; from appliance.security import access; print(access.identify(Path('{home}'), 'root', 'x'))"
 
 
 def test_sudo_user_is_believed_only_from_root_or_the_home_owner(tmp_path):
