@@ -90,6 +90,21 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
+class DicomWebConfig:
+    # The DICOMweb front (appliance/web/) in `serve`: QIDO-RS, WADO-RS, STOW-RS under
+    # /dicom-web, WADO-URI at /wado; 0 turns it off (`serve --dicomweb-port N` overrides).
+    port: int = field(default=0, metadata=_check(lambda v: 0 <= v <= 65535, "must be 0 (off) to 65535"))
+    bind_address: str = "127.0.0.1"
+    tls: TlsConfig = TlsConfig()
+    # Origins a browser may call from (CORS), e.g. "https://viewer.example.org"; none by default.
+    cors_origins: tuple[str, ...] = ()
+    # Serve the OHIF viewer (fetched by `make`) at /viewer, pointed at this DICOMweb root.
+    viewer: bool = False
+    # A STOW-RS request with a larger body is refused (413).
+    max_request_mb: int = field(default=16384, metadata=_check(lambda v: v >= 1, "must be at least 1"))
+
+
+@dataclass(frozen=True)
 class LifecycleConfig:
     policies_dir: str = "policies"
     # A recall that needs a cartridge loaded (or an S3 archive-class restore) waits this long,
@@ -148,6 +163,7 @@ class ApplianceConfig:
     index: IndexConfig = IndexConfig()
     store: StoreConfig = StoreConfig()
     dicom: DicomConfig = DicomConfig()
+    dicomweb: DicomWebConfig = DicomWebConfig()
     imports: ImportConfig = ImportConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     replication: ReplicationConfig = ReplicationConfig()
@@ -245,6 +261,11 @@ class Config:
         return self.home / "remote-aes.yaml"
 
     @property
+    def tokens_path(self) -> Path:
+        """DICOMweb bearer tokens (their hashes), managed by `appliance token`."""
+        return self.home / "dicomweb-tokens.yaml"
+
+    @property
     def audit_dir(self) -> Path:
         return self.home / "audit"
 
@@ -255,7 +276,7 @@ class Config:
     def files(self) -> list[Path]:
         """The configuration files whose changes the audit trail records."""
         tiers_dir = self.resolve(self.appliance.tiers_dir)
-        return sorted([self.home / CONFIG_FILE, self.remote_aes_path, *tiers_dir.glob("*.yaml"),
+        return sorted([self.home / CONFIG_FILE, self.remote_aes_path, self.tokens_path, *tiers_dir.glob("*.yaml"),
                        *self.policies_path.glob("*.yaml")])
 
     @property
@@ -390,6 +411,21 @@ def _value(kind, value: Any, default: Any, source: _Source, here: tuple) -> Any:
             raise source.error(here, "must be a non-empty text")
         value = str(value)
     return value
+
+
+def read_list(path: Path, key: str) -> list:
+    """The list under `key` of a managed YAML file (remote AEs, DICOMweb tokens); empty when
+    the file is not there."""
+    if not path.exists():
+        return []
+    try:
+        data = yaml.load(path.read_text("utf-8"), Loader=_LOADER) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key) or [], list):
+        raise ConfigError(f"{path}: expected a list under {key!r}")
+    return data.get(key) or []
 
 
 # Present while `appliance restore` builds a home: the home is not one until it goes.

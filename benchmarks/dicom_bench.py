@@ -176,7 +176,8 @@ class Storescp(Peer):
 class Orthanc(Peer):
     ae_title = "ORTHANC"
 
-    def __init__(self, work: Path, compression: bool, destination_port: int):
+    def __init__(self, work: Path, compression: bool, destination_port: int, **settings):
+        """`settings`: Orthanc options beside (or over) these (web_bench.py: the DICOMweb plugin)."""
         self.name = f"Orthanc (compression {'on' if compression else 'off'})"
         self.dir = work / f"orthanc-{'z' if compression else 'plain'}"
         self.dir.mkdir()
@@ -190,7 +191,7 @@ class Orthanc(Peer):
             "DicomModalities": {"bench": [CLIENT_AE, "127.0.0.1", free_port()],
                                 "dest": [DEST_AE, "127.0.0.1", destination_port]},
             "Plugins": [str(ORTHANC_GDCM)] if ORTHANC_GDCM.exists() else [], "HttpServerEnabled": True,
-            "HttpDescribeErrors": False,
+            "HttpDescribeErrors": False, **settings,
         }
         path = self.dir / "orthanc.json"
         path.write_text(json.dumps(config))

@@ -68,6 +68,16 @@ def bulk_load(index: Index, studies: int, batch: int = 20_000) -> float:
     return time.perf_counter() - start
 
 
+def bulk_loaded_home(home: Path, studies: int) -> float:
+    """A new home whose index holds `studies` synthetic studies; returns the load's seconds."""
+    config = home_mod.init(home)
+    index = Index(config.index_path, map_size=config.appliance.index.initial_map_size_mb << 20)
+    try:
+        return bulk_load(index, studies)
+    finally:
+        index.close()
+
+
 def queries(studies: int, rng: random.Random) -> dict[str, callable]:
     """Query shapes a PACS sends, each a function returning a fresh identifier."""
     from pydicom.dataset import Dataset
@@ -98,10 +108,7 @@ def run(work: Path, studies: int, count: int) -> dict:
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
     home = work / "home"
-    config = home_mod.init(home)
-    index = Index(config.index_path, map_size=config.appliance.index.initial_map_size_mb << 20)
-    load_seconds = bulk_load(index, studies)
-    index.close()
+    load_seconds = bulk_loaded_home(home, studies)
     subprocess.run([sys.executable, "-m", "appliance", "--home", str(home), "ae", "add", CLIENT_AE, "127.0.0.1",
                     "1", "--roles", "query"], check=True, capture_output=True, cwd=REPO)
     port = free_port()

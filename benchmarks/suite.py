@@ -6,9 +6,10 @@
 Runs, one after the other so that none disturbs another, the physical limits, the
 DICOM side-by-side (pacs-vault, Orthanc with compression off and on, dcmtk storescp),
 C-FIND over a bulk-loaded index, import against cp, scrub against reading the same
-bytes, the cold tiers, off-site replication, power cuts during C-STORE (pacs-vault and
-Orthanc, 100 cuts per archive and cut mode unless --powercut-cuts), and last the soak (30
-minutes of everything at once unless --soak-minutes). Each writes <name>.json and <name>.md into the results
+bytes, the cold tiers, off-site replication, DICOMweb against Orthanc's DICOMweb plugin,
+power cuts during C-STORE (pacs-vault and Orthanc, 100 cuts per archive and cut mode
+unless --powercut-cuts), and last the soak (30 minutes of everything at once unless
+--soak-minutes). Each writes <name>.json and <name>.md into the results
 directory (default benchmarks/results/<UTC time>/); the suite adds summary.md and
 summary.json: the machine, every goal with its measured value, and every script's table.
 `--quick` runs every path on a tiny corpus, the soak for under a minute (no meaningful numbers).
@@ -30,7 +31,8 @@ from common import describe_machine, results_dir  # noqa: E402
 
 SCRIPTS = [("limits", "limits_bench.py"), ("dicom", "dicom_bench.py"), ("find", "find_bench.py"),
            ("import", "import_bench.py"), ("scrub", "scrub_bench.py"), ("tiers", "tier_bench.py"),
-           ("replicate", "replicate_bench.py"), ("powercut", "powercut_bench.py"), ("soak", "soak_bench.py")]
+           ("replicate", "replicate_bench.py"), ("web", "web_bench.py"), ("powercut", "powercut_bench.py"),
+           ("soak", "soak_bench.py")]
 POWERCUT_CUTS = 100  # per archive and cut mode: two modes, so 200 cuts of each archive
 ORTHANC_OFF, ORTHANC_ON = "Orthanc (compression off)", "Orthanc (compression on)"
 SYNC_PEERS = ("pacs-vault", ORTHANC_OFF, "dcmtk storescp")  # dicom_bench's untimed pass under strace
@@ -56,6 +58,9 @@ def goals(results: dict) -> list[dict]:
     def acknowledged(archive: str) -> int:
         return sum(row["acknowledged"] for key, row in powercut.get("rows", {}).items()
                    if key.startswith(archive + " "))
+    web = results.get("web", {})
+    web_ratios = web.get("ratios", {})
+    web_million = max((row["median_ms"] for row in web.get("million", {}).get("queries", {}).values()), default=None)
 
     def ratio(key: str, peer: str = ORTHANC_OFF) -> float | None:
         return ratios.get(f"{key} vs {peer}")
@@ -88,6 +93,18 @@ def goals(results: dict) -> list[dict]:
            syncs.get(peer, {}).get("syncs_per_acknowledged_instance"), None, None, None) for peer in SYNC_PEERS),
         ("C-STORE CT vs Orthanc (compression on)", ratio("ct_ingest_mb_s", ORTHANC_ON), ">=", 10, None),
         ("C-FIND study level, median ms (slowest query shape)", find_median, "<", 50, None),
+        ("STOW-RS CT study, one client, vs Orthanc (DICOMweb plugin)", web_ratios.get("stow_ct_mb_s vs Orthanc"),
+         ">=", 1.0, None),
+        ("STOW-RS CT studies, 4 clients, vs Orthanc (DICOMweb plugin)",
+         web_ratios.get("stow_ct_parallel_mb_s vs Orthanc"), ">=", 1.0, None),
+        ("WADO-RS CT study vs Orthanc (DICOMweb plugin)", web_ratios.get("wado_study_mb_s vs Orthanc"), ">=", 1.0, None),
+        ("WADO-RS CT study metadata vs Orthanc (DICOMweb plugin)", web_ratios.get("wado_metadata_inst_s vs Orthanc"),
+         ">=", 1.0, None),
+        ("QIDO-RS study searches on an index both hold vs Orthanc (DICOMweb plugin)",
+         web_ratios.get("qido_time vs Orthanc"), ">=", 1.0, None),
+        ("QIDO-RS study level on the bulk-loaded index, median ms (slowest query shape)", web_million, "<", 50, None),
+        ("peak server RSS MB, DICOMweb (STOW-RS, WADO-RS, QIDO-RS)",
+         web.get("peers", {}).get("pacs-vault", {}).get("peak_rss_mb"), "<", 300, None),
         (f"acknowledged instances lost after {2 * powercut.get('cuts', 0)} power cuts during C-STORE, pacs-vault "
          f"(of {acknowledged('pacs-vault')} acknowledged)", lost("pacs-vault"), "==", 0, None),
         (f"acknowledged instances lost after {2 * powercut.get('cuts', 0)} power cuts during C-STORE, Orthanc "

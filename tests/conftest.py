@@ -149,6 +149,20 @@ def load_cartridge(path: Path, label: str) -> None:
     (path / LABEL_FILE).write_text(label_text(label))
 
 
+TAPE_TIER = "kind: ltfs\ncartridges:\n  - {label: PV0001L9, path: cartridges/PV0001L9, capacity_mb: 1000}\nretries: 0\n"
+
+
+def everything_to_tape(home: Path, recall_wait_s: int) -> None:
+    """A tape tier "tape" with cartridge PV0001L9 loaded (HOME/cartridges/PV0001L9), a policy that
+    moves every study to it at once, and recalls that wait `recall_wait_s` for a cartridge."""
+    load_cartridge(home / "cartridges" / "PV0001L9", "PV0001L9")
+    add_tier(home, "tape", TAPE_TIER)
+    set_config(home, "recall_wait_s: 300", f"recall_wait_s: {recall_wait_s}")
+    (home / "policies" / "default.yaml").write_text(
+        "classes:\n  - name: all\n    retention: {keep_forever: true}\n"
+        "    transitions:\n      - {after_days: 0, to: [tape]}\n")
+
+
 def make_study(directory: Path, count: int = 3, *, study_date: str = "20260101", birth_date: str = "19700101",
                patient_id: str = "PID1", patient_name: str = "TEST^PATIENT", modality: str = "CT",
                pixels: int = 64) -> tuple[str, list[Path]]:

@@ -131,6 +131,26 @@ dicom:
     private_key: ""
     ca_certificates: ""
     require_client_certificate: false
+
+dicomweb:
+  # QIDO-RS, WADO-RS and STOW-RS at http(s)://bind_address:port/dicom-web, WADO-URI
+  # at /wado, every request with `Authorization: Bearer TOKEN` (`appliance token add`).
+  # 0 turns it off; `appliance serve --dicomweb-port N` overrides it.
+  port: 0
+  bind_address: 127.0.0.1
+  # TLS: set certificate and private_key (PEM) to turn it on; ca_certificates and
+  # require_client_certificate ask browsers and clients for a certificate too.
+  tls:
+    certificate: ""
+    private_key: ""
+    ca_certificates: ""
+    require_client_certificate: false
+  # Web pages on these origins may call the API from a browser (CORS).
+  cors_origins: []
+  # The OHIF viewer at /viewer (fetched by `make`), reading this archive.
+  viewer: false
+  # A STOW-RS request with a larger body is refused (413 Payload Too Large).
+  max_request_mb: 16384
 """
 
 

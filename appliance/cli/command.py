@@ -25,6 +25,7 @@ from appliance.cli import (
     policy_cmds,
     scrub_cmds,
     store_cmds,
+    web_cmds,
 )
 from appliance.cli.common import home_of
 from appliance.errors import ApplianceError
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="pacs-vault medical image archive")
     parser.add_argument("--home", help="appliance home directory (default: $APPLIANCE_HOME)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (admin_cmds, dicom_cmds, store_cmds, observe_cmds, policy_cmds, scrub_cmds, offsite_cmds, audit_cmds):
+    for group in (admin_cmds, dicom_cmds, web_cmds, store_cmds, observe_cmds, policy_cmds, scrub_cmds, offsite_cmds,
+                  audit_cmds):
         group.register(sub)
     return parser
 

@@ -1,4 +1,5 @@
-"""`appliance` commands: serve, conformance, ae: the DICOM front and the peers it knows."""
+"""`appliance` commands: serve (the DICOM front, and DICOMweb beside it), conformance, ae: the
+DICOM front and the peers it knows."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from appliance.observe import health
 
 
 def cmd_serve(args) -> int:
-    from appliance.dicom.server import DicomServer  # the DICOM front's imports only where it runs
+    from appliance.dicom.server import DicomServer  # the fronts' imports only where they run
 
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
@@ -30,9 +31,15 @@ def cmd_serve(args) -> int:
     # interpreter while another thread computes (Python's default is 5 ms).
     sys.setswitchinterval(0.0005)
     with archive_of(args, writer=True) as archive:
-        DicomServer(archive, port=args.port, ae_title=args.ae_title,
-                    health_gauges=lambda: health.gauges(health.status(archive, time.time()),
-                                                        time.time())).serve_until_signalled()
+        server = DicomServer(archive, port=args.port, ae_title=args.ae_title,
+                             health_gauges=lambda: health.gauges(health.status(archive, time.time()), time.time()))
+        web_port = args.dicomweb_port if args.dicomweb_port is not None else archive.config.appliance.dicomweb.port
+        siblings = []
+        if web_port:
+            from appliance.web.server import WebServer
+
+            siblings.append(WebServer(archive, port=web_port, metrics=server.metrics))
+        server.serve_until_signalled(others=siblings)
     return 0
 
 
@@ -69,9 +76,10 @@ def cmd_ae(args) -> int:
 
 
 def register(sub) -> None:
-    serve = sub.add_parser("serve", help="run the DICOM server")
+    serve = sub.add_parser("serve", help="run the DICOM server (and DICOMweb, when its port is set)")
     serve.add_argument("--port", type=int)
     serve.add_argument("--ae-title")
+    serve.add_argument("--dicomweb-port", type=int, help="serve DICOMweb on this port (overrides dicomweb.port)")
     serve.add_argument("--debug", action="store_true",
                        help="log every PDU and DIMSE message (UIDs, but never query identifiers or patient data)")
     serve.set_defaults(func=cmd_serve)

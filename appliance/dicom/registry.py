@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from appliance.config import is_ae_title
+from appliance.config import is_ae_title, read_list
 from appliance.errors import ConfigError
 from appliance.fsutil import write_file_atomic
 
@@ -47,15 +47,8 @@ def parse_roles(text: str) -> tuple[str, ...]:
 
 
 def load(path: Path) -> dict[str, RemoteAE]:
-    if not path.exists():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML") from None
     registry: dict[str, RemoteAE] = {}
-    for number, entry in enumerate(data.get("aes") or [], 1):
+    for number, entry in enumerate(read_list(path, "aes"), 1):
         try:
             remote = RemoteAE(str(entry["ae_title"]).strip(), str(entry["host"]), int(entry["port"]),
                               tuple(entry.get("roles") or ()))

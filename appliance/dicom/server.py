@@ -30,16 +30,17 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
 
 from appliance.admin.home import audit_trail
 from appliance.audit.events import AuditError, EventID, EventType, event
+from appliance.audit.refusals import Refusals
 from appliance.config import Config
 from appliance.dicom import dimse, handlers, negotiation, pdu, registry
-from appliance.dicom.admission import Admission, Refusals
+from appliance.dicom.admission import Admission
 from appliance.dicom.association import Association, Front
 from appliance.dicom.handlers import AssociationStats, Peer
 from appliance.dicom.negotiation import UNCOMPRESSED, Proposed, Support
@@ -135,6 +136,14 @@ class _Dropped(Exception):
     def __init__(self, reason: str, silent: bool = False, op: str = "connection"):
         super().__init__(reason)
         self.silent, self.op = silent, op
+
+
+class Sibling(Protocol):
+    """A front served beside the DICOM one, started and drained with it (the DICOMweb server)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class DicomServer:
@@ -498,12 +507,23 @@ class DicomServer:
 
     # -- stopping ------------------------------------------------------------------------
 
-    def serve_until_signalled(self, drain_seconds: float = 30.0) -> None:
+    def serve_until_signalled(self, drain_seconds: float = 30.0, others: Sequence[Sibling] = ()) -> None:
+        """Serve until SIGTERM or SIGINT, then drain. `others`: fronts beside this one (the
+        DICOMweb server), started after it and drained side by side with it."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._stopping.set())
         self.start()
-        self._stopping.wait()
-        self.stop(drain_seconds)
+        try:
+            for other in others:
+                other.start()
+            self._stopping.wait()
+        finally:
+            stopping = [threading.Thread(target=other.stop, name="front-stop") for other in others]
+            for thread in stopping:
+                thread.start()
+            self.stop(drain_seconds)
+            for thread in stopping:
+                thread.join()
 
     def stop(self, drain_seconds: float = 30.0) -> None:
         """Stop accepting; wait for associations in flight, abort what is left after the drain time."""

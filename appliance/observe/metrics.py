@@ -1,7 +1,8 @@
 """Metrics in the Prometheus text format (version 0.0.4).
 
 Two sources: counters and latency histograms kept by the running server (associations,
-DIMSE requests by service and outcome, instances and bytes in and out), and gauges read
+DIMSE requests and DICOMweb requests by service and outcome, DICOMweb responses by route
+and status, instances and bytes in and out), and gauges read
 off the health summary (contents, tier usage, jobs, holds, damaged versions, scrub and
 replication state, the audit trail, alarms). `serve` answers GET /metrics on
 `metrics.port` (loopback by default); `appliance metrics --textfile FILE` writes the
@@ -56,6 +57,7 @@ class ServerMetrics:
         "received_bytes_total": "Bytes of instances stored over DICOM.",
         "sent_instances_total": "Instances sent by C-GET and C-MOVE.",
         "transcoded_instances_total": "Instances sent by C-GET and C-MOVE in another syntax than stored, by pair.",
+        "http_responses_total": "DICOMweb responses, by route (its template: no UID) and HTTP status.",
     }
 
     def __init__(self):
@@ -90,7 +92,7 @@ class ServerMetrics:
         for (service,), row in sorted(histograms.items()):
             for bound, count in zip(BUCKETS + (math.inf,), row[:len(BUCKETS)] + [row[-1]]):
                 samples.append(({"service": service, "le": _number(float(bound))}, count))
-        lines = [f"# HELP {PREFIX}request_duration_seconds Time to serve a DIMSE request, by service.",
+        lines = [f"# HELP {PREFIX}request_duration_seconds Time to serve a DIMSE or DICOMweb request, by service.",
                  f"# TYPE {PREFIX}request_duration_seconds histogram"]
         for labels, count in samples:
             lines.append(f"{PREFIX}request_duration_seconds_bucket{_labels(labels)} {count}")

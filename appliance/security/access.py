@@ -4,8 +4,8 @@ File permissions are the first gate (the home belongs to the service account; th
 file is readable by it alone). Inside, two roles:
 
 - admin: destructive and key commands: `policy apply` (it deletes expired studies),
-  `hold release`, `keys rotate`, `restore`, `ae add|remove`, `fsck --rebuild-index`,
-  `install-systemd`;
+  `hold release`, `keys rotate`, `restore`, `ae add|remove`, `token add|remove`,
+  `fsck --rebuild-index`, `install-systemd`;
 - auditor: the audit trail and what is built from it: `audit verify|export|report`, `report`.
 
 A caller is an admin when it is root, the owner of the home (the service account the
@@ -34,7 +34,8 @@ ADMIN, AUDITOR = "admin", "auditor"
 COMMAND_ROLES: dict[tuple[str, str | None], str] = {
     ("audit", None): AUDITOR, ("report", None): AUDITOR,
     ("keys", "rotate"): ADMIN, ("hold", "release"): ADMIN, ("policy", "apply"): ADMIN, ("ae", "add"): ADMIN,
-    ("ae", "remove"): ADMIN, ("restore", None): ADMIN, ("install-systemd", None): ADMIN,
+    ("ae", "remove"): ADMIN, ("token", "add"): ADMIN, ("token", "remove"): ADMIN, ("restore", None): ADMIN,
+    ("install-systemd", None): ADMIN,
 }
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import add_tier, load_cartridge, make_study, run_cli, set_config
+from conftest import everything_to_tape, make_study, run_cli
 from support.dicom_server import CLIENT_AE, DEST_AE, Server, dataset_bytes, dcmtk, free_port, register
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -21,7 +21,6 @@ from appliance.admin.home import open_archive
 from appliance.store import tiering
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
-TAPE = "kind: ltfs\ncartridges:\n  - {label: PV0001L9, path: cartridges/PV0001L9, capacity_mb: 1000}\nretries: 0\n"
 
 
 def _addr(srv) -> list[str]:
@@ -36,12 +35,7 @@ def _on_tape_only(home, study_uid) -> None:
 
 @pytest.fixture
 def taped(home, tmp_path):
-    load_cartridge(home / "cartridges" / "PV0001L9", "PV0001L9")
-    add_tier(home, "tape", TAPE)
-    set_config(home, "recall_wait_s: 300", "recall_wait_s: 5")
-    (home / "policies" / "default.yaml").write_text(
-        "classes:\n  - name: all\n    retention: {keep_forever: true}\n"
-        "    transitions:\n      - {after_days: 0, to: [tape]}\n")
+    everything_to_tape(home, recall_wait_s=5)
     register(home, CLIENT_AE, free_port(), "store,query,retrieve")
     server = Server(home).start()
     study_uid, files = make_study(tmp_path / "in", 4, pixels=256)
