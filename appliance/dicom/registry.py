@@ -22,6 +22,7 @@ import yaml
 from appliance.config import is_ae_title, read_list
 from appliance.errors import ConfigError
 from appliance.fsutil import write_file_atomic
+from appliance.security import access
 
 ROLES = ("store", "query", "retrieve", "move-destination")
 _HEADER = "# Remote DICOM application entities allowed to talk to this archive (see `appliance ae`).\n"
@@ -39,11 +40,7 @@ class RemoteAE:
 
 
 def parse_roles(text: str) -> tuple[str, ...]:
-    roles = tuple(r.strip() for r in text.split(",") if r.strip())
-    unknown = [r for r in roles if r not in ROLES]
-    if unknown or not roles:
-        raise ConfigError(f"unknown role {unknown[0] if unknown else '(none)'}: roles are {', '.join(ROLES)}")
-    return roles
+    return access.parse_roles(text, ROLES)
 
 
 def load(path: Path) -> dict[str, RemoteAE]:

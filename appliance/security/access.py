@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ConfigError
 
 ADMIN, AUDITOR = "admin", "auditor"
 
@@ -37,6 +37,16 @@ COMMAND_ROLES: dict[tuple[str, str | None], str] = {
     ("ae", "remove"): ADMIN, ("token", "add"): ADMIN, ("token", "remove"): ADMIN, ("restore", None): ADMIN,
     ("install-systemd", None): ADMIN,
 }
+
+
+def parse_roles(text: str, known: tuple[str, ...], of: str = "") -> tuple[str, ...]:
+    """The roles of a `--roles` argument (comma-separated), each one of `known`; `of` names
+    whose roles they are, in the error."""
+    roles = tuple(role.strip() for role in text.split(",") if role.strip())
+    unknown = [role for role in roles if role not in known]
+    if unknown or not roles:
+        raise ConfigError(f"unknown role {unknown[0] if unknown else '(none)'}: {of}roles are {', '.join(known)}")
+    return roles
 
 
 class AccessDenied(ApplianceError):

@@ -27,6 +27,7 @@ import yaml
 from appliance.config import read_list
 from appliance.errors import ConfigError
 from appliance.fsutil import write_file_atomic
+from appliance.security.access import parse_roles
 
 ROLES = ("store", "query", "retrieve")
 _HEADER = "# DICOMweb bearer tokens (see `appliance token`): only their SHA-256 is kept.\n"
@@ -49,11 +50,7 @@ def digest(secret: str) -> str:
 
 def web_roles(text: str) -> tuple[str, ...]:
     """The roles of a `--roles` argument: the DICOM roles a web client can use."""
-    roles = tuple(role.strip() for role in text.split(",") if role.strip())
-    other = [role for role in roles if role not in ROLES]
-    if other or not roles:
-        raise ConfigError(f"unknown role {other[0] if other else '(none)'}: DICOMweb roles are {', '.join(ROLES)}")
-    return roles
+    return parse_roles(text, ROLES, "DICOMweb ")
 
 
 def load(path: Path) -> dict[str, Token]:

@@ -43,7 +43,7 @@ def test_status_says_online_degraded_or_faulted_and_why(home, tmp_path):
 
 def test_metrics_endpoint_counts_what_the_server_does(home, tmp_path):
     port = free_port()
-    set_config(home, "  port: 0\n  bind_address: 127.0.0.1", f"  port: {port}\n  bind_address: 127.0.0.1")
+    set_config(home, "textfile collector.\n  port: 0", f"textfile collector.\n  port: {port}")
     register(home, CLIENT_AE, free_port(), "store,query")
     uid, files = make_study(tmp_path / "s", 4, patient_id="PID-M")
     srv = Server(home).start()
