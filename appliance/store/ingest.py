@@ -12,8 +12,9 @@ Archive is it): plaintext only ever in memory, what reaches a disk is sealed.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 from appliance.backends.filesystem import FilesystemBackend, StagedFile
 from appliance.config import Config
@@ -112,6 +113,7 @@ class Ingest:
                                      segment_size=settings.segment_size_kb << 10)
         self._key_id: bytes | None = None
         self._unsealable = False  # no study in the data set: refused at the end, nothing sealed
+        self._sealed: tuple[p10.InstanceInfo, sealed.SealResult] | None = None
 
     def write(self, data) -> None:
         self.inspector.feed(data)
@@ -140,29 +142,11 @@ class Ingest:
     def abort(self) -> None:
         self._sink.discard()
 
-    def finish(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None) -> StoreOutcome:
-        """Complete the instance and commit it with its audit record (`audit_entry(info,
-        status)`); returns once durable. Raises InvalidInstance or OutOfSpace, and then
-        nothing of it is stored (the refusal's audit record is the caller's)."""
-        return self.finish_later(audit_entry).result()
-
-    def finish_later(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None
-                     ) -> "PendingStore":
-        """`finish`, except that it returns once the commit is queued: the result says when
-        it is durable (an importer seals the next file meanwhile)."""
+    @contextmanager
+    def _discarded_on_failure(self) -> Iterator[None]:
+        """What was sealed goes when the block fails (a full disk said as OutOfSpace)."""
         try:
-            info = self.inspector.finish()
-            if not self._sealer.started:
-                self._start()
-            result = self._sealer.finish()
-            info.content_address = result.content_address
-            status = self._archive.known_status(info)
-            entry = audit_entry(info, status) if audit_entry else None
-            if status == "duplicate":
-                self._sink.discard()
-                return PendingStore(StoreOutcome(status, info), self._archive.submit_audit(entry), lambda: None)
-            self._archive.check_space(result.sealed_size)
-            inline, staged = self._sink.inline(), self._sink.staged
+            yield
         except OSError as exc:
             self._sink.discard()
             raise_if_out_of_space(exc)
@@ -170,6 +154,43 @@ class Ingest:
         except BaseException:
             self._sink.discard()
             raise
+
+    def finish(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None) -> StoreOutcome:
+        """Complete the instance and commit it with its audit record (`audit_entry(info,
+        status)`); returns once durable. Raises InvalidInstance or OutOfSpace, and then
+        nothing of it is stored (the refusal's audit record is the caller's)."""
+        return self.finish_later(audit_entry).result()
+
+    def seal(self) -> None:
+        """Complete the sealing now, on this thread (whose compressor sealed what was written);
+        `finish` then only commits. Raises as `finish` does, and then nothing of it is kept."""
+        self._sealed_instance()
+
+    def _sealed_instance(self) -> tuple[p10.InstanceInfo, sealed.SealResult]:
+        if self._sealed is not None:
+            return self._sealed
+        with self._discarded_on_failure():
+            info = self.inspector.finish()
+            if not self._sealer.started:
+                self._start()
+            result = self._sealer.finish()
+        info.content_address = result.content_address
+        self._sealed = (info, result)
+        return self._sealed
+
+    def finish_later(self, audit_entry: Callable[[p10.InstanceInfo, str], dict | None] | None = None
+                     ) -> "PendingStore":
+        """`finish`, except that it returns once the commit is queued: the result says when
+        it is durable (an importer seals the next file meanwhile)."""
+        info, result = self._sealed_instance()
+        with self._discarded_on_failure():
+            status = self._archive.known_status(info)
+            entry = audit_entry(info, status) if audit_entry else None
+            if status == "duplicate":
+                self._sink.discard()
+                return PendingStore(StoreOutcome(status, info), self._archive.submit_audit(entry), lambda: None)
+            self._archive.check_space(result.sealed_size)
+            inline, staged = self._sink.inline(), self._sink.staged
         blob = {"name": self.name, "sealed_size": result.sealed_size, "xxh3": result.sealed_xxh3,
                 "key_id": self._key_id, "compression": result.compression}
         stored_ns = time.time_ns()

@@ -35,14 +35,17 @@ from appliance.audit.refusals import Refusals
 from appliance.errors import (ApplianceError, CartridgeOffline, IntegrityError, NotFound, TierUnavailable,
                               TranscodeError)
 from appliance.observe.metrics import ServerMetrics
-from appliance.store.archive import Archive
 from appliance.security.tokens import Token, TokenFile
+from appliance.store.archive import Archive
+from appliance.web.cache import MetadataCache
 
 LOG = logging.getLogger("appliance.web")
 BASE = "/dicom-web"
 SOURCE = "DICOMweb"  # the archive's `source` of what STOW-RS stores, and the audit records' channel
 REFUSALS_INTERVAL_S = 60.0
 RETRY_AFTER_S = 60
+# Instance metadata (DICOM JSON) kept for the next request: ~10,000 CT instances.
+METADATA_CACHE_BYTES = 32 << 20
 
 
 class HttpError(Exception):
@@ -73,7 +76,8 @@ def run(fn, *args):
 
 
 class WebFront:
-    """What every request needs: the archive, the tokens, the counters, the refusals."""
+    """What every request needs: the archive, the tokens, the counters, the refusals, the
+    instance metadata computed lately."""
 
     def __init__(self, archive: Archive, metrics: ServerMetrics):
         self.archive = archive
@@ -81,6 +85,7 @@ class WebFront:
         self.metrics = metrics
         self.tokens = TokenFile(archive.config.tokens_path)
         self.refusals = Refusals(self.audit, REFUSALS_INTERVAL_S)
+        self.metadata = MetadataCache(METADATA_CACHE_BYTES)
 
     def audit(self, entry: dict) -> None:
         """Record from a request (a failing trail is said in the log; the request goes on only

@@ -86,11 +86,12 @@ class _Gate:
 class Transaction:
     """The parts of one STOW-RS request.
 
-    Their bytes are written by one thread of the request's own (`writer`): the sealer's zstd
-    stream belongs to that thread's compressor until the part is sealed, so a part is sealed
-    whole before the next one starts. A part whose last byte is written is finished by a
-    thread of `_finishers`, which seals it and then waits at the gate; the gate opens (commit) once the body has ended well-formed, or once
-    MAX_WAITING parts or COMMIT_AHEAD_BYTES wait, and closes (abandon) when it does not."""
+    Their bytes are written and sealed by one thread of the request's own (`writer`), with
+    that thread's zstd compressor (a compressor holds a few MB: one per request, not one per
+    part waiting). A sealed part is committed by a thread of `_finishers`, which waits at the
+    gate; the gate opens (commit) once the body has ended well-formed, or once MAX_WAITING
+    parts or COMMIT_AHEAD_BYTES wait, and closes (abandon) when it does not. A settled part
+    keeps only what the response needs."""
 
     def __init__(self, archive: Archive, caller: Caller, study_uid: str | None):
         self.archive, self.caller, self.study_uid = archive, caller, study_uid
@@ -143,11 +144,12 @@ class Transaction:
         if self.study_uid and ingest.inspector.study_uid != self.study_uid:
             self._fail(part, OTHER_STUDY, "the instance belongs to another study than the URL's")
             return
-        sealed = threading.Event()
-        future = self._finishers.submit(ingest.finish, self._entry_at(self._gate, sealed))
-        future.add_done_callback(lambda _: sealed.set())
-        sealed.wait()  # its zstd stream is done with this thread's compressor: the next part may start
-        self._waiting.append((part, future))
+        try:
+            ingest.seal()  # here: this thread's compressor sealed the part (one per request, not per part)
+        except ApplianceError as exc:
+            self._refused(part, exc)
+            return
+        self._waiting.append((part, self._finishers.submit(ingest.finish, self._entry_at(self._gate))))
         self._waiting_bytes += self._written
         if len(self._waiting) >= MAX_WAITING or self._waiting_bytes > COMMIT_AHEAD_BYTES:
             self._settle(commit=True)
@@ -156,12 +158,22 @@ class Transaction:
         self._open = None
         if part.ingest is not None:
             part.ingest.abort()
+        part.ingest = None
         part.failure, part.reason = reason, text
 
-    def _entry_at(self, gate: _Gate, sealed: threading.Event):
+    def _refused(self, part: _Received, exc: ApplianceError) -> None:
+        if isinstance(exc, InvalidInstance):
+            part.failure, part.reason = NOT_DICOM, str(exc)
+            self.archive.commit_audit(event(EventID.INSTANCES_TRANSFERRED, op="stow-rs", action="C",
+                                            outcome=4, reason=str(exc), **self.caller.who()))
+        else:
+            part.failure, part.reason = _failure_reason(exc), str(exc)
+            LOG.error(json.dumps({"event": "stow.failed", "error": str(exc)}))
+        part.ingest = None
+
+    def _entry_at(self, gate: _Gate):
         def entry(info: p10.InstanceInfo, status: str) -> dict:
             record = self._audit_entry(info, status)
-            sealed.set()
             gate.wait()
             return record
         return entry
@@ -188,15 +200,11 @@ class Transaction:
                 outcome = future.result()
             except _Abandoned:
                 part.failure, part.reason = PROCESSING_FAILURE, "abandoned: the body did not arrive whole"
-            except InvalidInstance as exc:
-                part.failure, part.reason = NOT_DICOM, str(exc)
-                self.archive.commit_audit(event(EventID.INSTANCES_TRANSFERRED, op="stow-rs", action="C",
-                                                outcome=4, reason=str(exc), **self.caller.who()))
             except ApplianceError as exc:
-                part.failure, part.reason = _failure_reason(exc), str(exc)
-                LOG.error(json.dumps({"event": "stow.failed", "error": str(exc)}))
+                self._refused(part, exc)
             else:
                 part.info, part.duplicate = outcome.info, outcome.status == "duplicate"
+            part.ingest = None  # settled: its sealed bytes go (a body of many parts stays small)
         self._gate, self._waiting, self._waiting_bytes = _Gate(), [], 0
 
     def _audit_entry(self, info: p10.InstanceInfo, status: str) -> dict:

@@ -129,7 +129,8 @@ def test_dicomweb_side_by_side_has_every_ratio(quick_suite):
     web = quick_suite[0]["web"]
     assert set(web["peers"]) == {"pacs-vault", "Orthanc"}
     assert set(web["ratios"]) == {"stow_ct_mb_s vs Orthanc", "stow_ct_parallel_mb_s vs Orthanc",
-                                  "wado_study_mb_s vs Orthanc", "wado_metadata_inst_s vs Orthanc",
+                                  "wado_study_mb_s vs Orthanc", "wado_metadata_first_inst_s vs Orthanc",
+                                  "wado_metadata_inst_s vs Orthanc",
                                   "qido_time vs Orthanc"}
     assert all(value > 0 for value in web["ratios"].values())
     assert web["million"]["queries"] and web["peers"]["pacs-vault"]["peak_rss_mb"] > 0

@@ -157,10 +157,11 @@ def test_metadata_is_pydicoms_json_of_the_stored_instance_bulk_data_aside(stocke
     client = server.client(token)
     for sop, path in current.items():
         ds = pydicom.dcmread(io.BytesIO(as_sent(path)))
-        metadata = client.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID, sop)
         expected = json.loads(json.dumps(ds.to_json_dict()))
-        mine, theirs = _without_bulk(metadata, expected)
-        assert mine == theirs, path.name
+        for answer in ("computed", "from the cache"):
+            metadata = client.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID, sop)
+            mine, theirs = _without_bulk(metadata, expected)
+            assert mine == theirs, (path.name, answer)
     ct_uid = pydicom.dcmread(stocked[3][0]).StudyInstanceUID
     assert len(client.retrieve_study_metadata(ct_uid)) == 3
 

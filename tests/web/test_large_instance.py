@@ -1,15 +1,18 @@
 """A large instance goes in by STOW-RS and out by WADO-RS in bounded server memory, byte-exact:
-the body streams part piece by piece into the sealer, the response streams from the sealed store."""
+the body streams part piece by piece into the sealer, the response streams from the sealed store.
+Bodies of many instances, several at once, stay in bounded memory too: a part committed keeps
+only what the response needs, and one compressor seals a whole body."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import corpus
 from appliance.web.multipart import MultipartReader
 
-from support.dicomweb import BOUNDARY, MULTIPART, WebServer, add_token
+from support.dicomweb import BOUNDARY, MULTIPART, WebServer, add_token, multipart
 
 MEGABYTES = 400
 
@@ -51,3 +54,23 @@ def test_a_large_instance_is_stored_and_retrieved_in_bounded_memory(home, tmp_pa
             original.update(chunk)
     assert digest.hexdigest() == original.hexdigest()  # byte-exact
     assert peak_mb < 300, peak_mb  # neither the body nor the instance was ever whole in memory
+
+
+def test_many_instances_by_several_clients_at_once_in_bounded_memory(home, tmp_path):
+    bodies = [multipart([path.read_bytes() for path in corpus.ct_study(tmp_path / f"ct{n}", 30, patient_id=f"MANY{n}",
+                                                                       seed=40 + n)]) for n in range(4)]
+    token = add_token(home, "modality", "store")
+    server = WebServer(home).start()
+    answers: list[int] = []
+    try:
+        threads = [threading.Thread(target=lambda body=body: answers.append(
+            server.post("/dicom-web/studies", token, body, MULTIPART).status_code)) for body in bodies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        peak_mb = server.peak_rss_kb() / 1024
+    finally:
+        assert server.stop() == 0
+    assert answers == [200] * 4
+    assert peak_mb < 250, peak_mb  # was ~310 MB while every part kept its sealed bytes and a compressor
