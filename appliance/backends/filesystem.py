@@ -193,7 +193,7 @@ class FilesystemBackend:
         path = self.path(name)
         for stale in self._incoming.glob(f"{name}.*.tmp"):  # a killed writer's partial put
             pid = stale.name.split(".")[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not _writer_alive(int(pid), stale):
                 stale.unlink(missing_ok=True)
         try:
             path.unlink()
@@ -215,7 +215,7 @@ class FilesystemBackend:
         for entry in os.listdir(self._incoming):
             parts = entry.split(".")
             pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            if pid is not None and (pid == os.getpid() or _alive(pid)):
+            if pid is not None and (pid == os.getpid() or _writer_alive(pid, self._incoming / entry)):
                 continue
             (self._incoming / entry).unlink(missing_ok=True)
             removed += 1
@@ -233,11 +233,25 @@ def _fdatasync_if_there(path: Path) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def _writer_alive(pid: int, temp: Path) -> bool:
+    """Whether the process that wrote `temp` may still be writing it: process `pid` runs (a
+    zombie does not: a killed import worker waits as one until something reaps it) and
+    started before the file was last written (pids wrap: a newer process with the same pid
+    is not its writer)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        written = temp.stat().st_mtime
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
+    fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    if fields[0] in ("Z", "X"):
+        return False
+    return _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK") <= written + 1
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
     return True

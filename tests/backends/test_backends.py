@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -343,3 +345,27 @@ def test_an_unmounted_cold_disk_means_retry_later(tmp_path):
         with pytest.raises(TierUnavailable, match="not mounted"):
             call()
     assert not (tmp_path / "not-mounted").exists()  # nothing written on the root file system
+
+
+def test_sweeping_incoming_keeps_live_writers_and_removes_the_dead_a_zombie_and_a_reused_pid(tmp_path):
+    hot = FilesystemBackend("hot", tmp_path / "hot")
+    hot.put("ab" * 16, io.BytesIO(b"x"))  # makes the tier and its .incoming/
+    incoming = tmp_path / "hot" / ".incoming"
+    own = incoming / f"{'01' * 16}.{os.getpid()}.tmp"
+    writer = subprocess.Popen(["sleep", "60"])  # a live writer, started before it wrote its file
+    zombie = subprocess.Popen(["true"])  # dead, not reaped yet: kill(pid, 0) still succeeds
+    while not Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+        time.sleep(0.01)
+    live, dead = incoming / f"{'02' * 16}.{writer.pid}.tmp", incoming / f"{'03' * 16}.{zombie.pid}.tmp"
+    gone = incoming / f"{'04' * 16}.999999999.tmp"
+    reused = incoming / f"{'05' * 16}.{writer.pid}.tmp"  # last written before that process started
+    for path in (own, live, dead, gone, reused):
+        path.write_bytes(b"partial")
+    os.utime(reused, (time.time() - 3600, time.time() - 3600))
+    try:
+        assert hot.sweep_incoming() == 3
+        assert sorted(p.name for p in incoming.iterdir()) == sorted([own.name, live.name])
+    finally:
+        writer.kill()
+        writer.wait()
+        zombie.wait()
