@@ -142,8 +142,8 @@ def part10(archive: Archive, record: Instance, syntax: str) -> Iterator[bytes]:
     chunks = archive.open_blob(record.current)
     if syntax == stored:
         first = next(chunks, b"")
-        if first[128:132] != b"DICM":  # stored as a bare data set (imported so): framed as a file
-            yield p10.file_meta(record.sop_class, record.sop_uid, stored)
+        if framing := _framing(record, first):
+            yield framing
         yield first
         yield from chunks
         return
@@ -155,9 +155,15 @@ def _whole(archive: Archive, record: Instance, syntax: str) -> bytes:
     if syntax != record.transfer_syntax:
         return b"".join(part10(archive, record, syntax))
     stored = archive.read_blob(record.current)  # one pass: half the CPU of the stream
-    if stored[128:132] != b"DICM":  # stored as a bare data set (imported so): framed as a file
-        return p10.file_meta(record.sop_class, record.sop_uid, record.transfer_syntax) + bytes(stored)
-    return bytes(stored)
+    return _framing(record, stored) + bytes(stored)
+
+
+def _framing(record: Instance, head: bytes | memoryview) -> bytes:
+    """What goes before the stored bytes to make them a Part 10 file: the file meta when they
+    are a bare data set (imported so), else nothing."""
+    if head[128:132] == b"DICM":
+        return b""
+    return p10.file_meta(record.sop_class, record.sop_uid, record.transfer_syntax)
 
 
 def _multipart(archive: Archive, records: list[Instance], syntaxes: list[str], boundary: str) -> Iterator[bytes]:
